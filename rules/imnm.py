@@ -1,0 +1,217 @@
+"""IMNM suspicion: the ENMC 2017 paths, a Bayesian post-test probability, dermatomyositis and polymyositis pointers."""
+
+from durable.lang import c, m, pri, when_all
+
+from rules.bayes import likelihood_ratio, update
+from rules.match import antibody, clinical, finding, of_type
+
+DERMATOMYOSITIS_ANTIBODIES = ("anti-tif1g", "anti-nxp2", "anti-mda5", "anti-mi2", "anti-sae1")
+IMNM_ANTIBODIES = ("anti-hmgcr", "anti-srp")
+
+
+def define(k, emit):
+    """Register the IMNM rules in the active ruleset."""
+    raised = k.value("imnm.ck.raised")
+
+    # Stage 1: base facts -> findings.
+
+    @when_all(pri(1), c.ck << (of_type("ck") & (m.peak_x_uln > raised)))
+    def ck_raised(c):
+        emit.finding(c, "ck-raised", c.ck, peak=c.ck.peak, x_uln=c.ck.peak_x_uln)
+
+    @when_all(pri(1), c.w << (clinical("proximal-weakness") & (m.state == "present")))
+    def proximal_weakness(c):
+        emit.finding(c, "proximal-weakness", c.w)
+
+    @when_all(pri(1), c.bx << (of_type("biopsy") & (m.necrosis == "present") & (m.endomysial_invasion != "present")))
+    def necrotizing_biopsy(c):
+        emit.finding(c, "necrotizing-biopsy", c.bx)
+
+    @when_all(pri(1), c.bx << (of_type("biopsy") & (m.endomysial_invasion == "present")))
+    def inflammatory_biopsy(c):
+        emit.finding(c, "inflammatory-biopsy", c.bx)
+
+    @when_all(pri(1), c.r << (clinical("dermatomyositis-rash") & (m.state != "unknown")))
+    def dermatomyositis_rash(c):
+        emit.finding(c, "dermatomyositis-rash", c.r)
+
+    # Stage 2: findings -> conclusions. Every IMNM conclusion joins both antibody summaries, the biopsy
+    # and the rash, so that its probability always comes from the same evidence.
+
+    def evidence(hmgcr=None, srp=None, biopsy=None, rash=None):
+        return (
+            c.hmgcr << (antibody("anti-hmgcr") & (hmgcr if hmgcr is not None else +m.state)),
+            c.srp << (antibody("anti-srp") & (srp if srp is not None else +m.state)),
+            c.bx << (of_type("biopsy") & (biopsy if biopsy is not None else +m.reported)),
+            c.rash << (clinical("dermatomyositis-rash") & (rash if rash is not None else +m.state)),
+            c.dx << (clinical("diagnosis-imnm") & (m.state == "unknown")),
+        )
+
+    def presentation():
+        return c.ck << finding("ck-raised"), c.w << finding("proximal-weakness")
+
+    @when_all(pri(2), *presentation(), *evidence(hmgcr=m.state == "positive"))
+    def seropositive_hmgcr(c):
+        suspect(c, "imnm-seropositive", antibody=positive_antibodies(c))
+
+    @when_all(pri(2), *presentation(), *evidence(srp=m.state == "positive"))
+    def seropositive_srp(c):
+        suspect(c, "imnm-seropositive", antibody=positive_antibodies(c))
+
+    @when_all(
+        pri(2),
+        c.ck << finding("ck-raised"),
+        c.wk << (clinical("proximal-weakness") & (m.state == "unknown")),
+        c.ab << (of_type("antibody") & (m.state == "positive") & any_name(IMNM_ANTIBODIES)),
+        *evidence(),
+    )
+    def seropositive_weakness_unknown(c):
+        emit.card(
+            c,
+            "imnm-seropositive-weakness-unknown",
+            c.ck,
+            c.ab,
+            antibody=positive_antibodies(c),
+            ck_peak=c.ck.peak,
+            ck_x_uln=c.ck.x_uln,
+        )
+
+    @when_all(
+        pri(2),
+        *presentation(),
+        c.nb << finding("necrotizing-biopsy"),
+        *evidence(hmgcr=m.state == "negative", srp=m.state == "negative"),
+    )
+    def seronegative(c):
+        suspect(c, "imnm-seronegative", c.nb)
+
+    # Work-up prompts only where no skin rash points to dermatomyositis instead.
+
+    @when_all(
+        pri(2), *presentation(), *evidence(hmgcr=unresulted(), srp=m.state != "positive", rash=m.state == "unknown")
+    )
+    def workup_hmgcr_missing(c):
+        workup(c)
+
+    @when_all(
+        pri(2), *presentation(), *evidence(hmgcr=m.state != "positive", srp=unresulted(), rash=m.state == "unknown")
+    )
+    def workup_srp_missing(c):
+        workup(c)
+
+    @when_all(
+        pri(2),
+        *presentation(),
+        *evidence(
+            hmgcr=m.state == "negative",
+            srp=m.state == "negative",
+            biopsy=m.reported == False,  # noqa: E712
+            rash=m.state == "unknown",
+        ),
+    )
+    def seronegative_without_biopsy(c):
+        suspect(c, "imnm-seronegative-possible")
+
+    def muscle_involvement():
+        return (
+            c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised"))),
+            c.dx << (clinical("diagnosis-dermatomyositis") & (m.state == "unknown")),
+        )
+
+    @when_all(pri(2), c.df << finding("dermatomyositis-rash"), *muscle_involvement())
+    def dermatomyositis_pointer_rash(c):
+        emit.card(c, "dermatomyositis-pointer", c.df, c.mu, features=["heliotrope rash or Gottron papules/sign"])
+
+    @when_all(
+        pri(2),
+        c.ab << (of_type("antibody") & (m.state == "positive") & any_name(DERMATOMYOSITIS_ANTIBODIES)),
+        *muscle_involvement(),
+    )
+    def dermatomyositis_pointer_antibody(c):
+        emit.card(c, "dermatomyositis-pointer", c.ab, c.mu, features=[k.text(f"labels.concepts.{c.ab.name}") + " positive"])
+
+    @when_all(
+        pri(2),
+        c.ib << finding("inflammatory-biopsy"),
+        c.dx << (clinical("diagnosis-polymyositis") & (m.state == "unknown")),
+    )
+    def polymyositis_pointer(c):
+        emit.card(c, "polymyositis-pointer", c.ib)
+
+    def workup(c):
+        missing = [n for n, f in (("anti-hmgcr", c.hmgcr), ("anti-srp", c.srp)) if f.state in ("not-tested", "indeterminate")]
+        labels = " and ".join(k.text(f"labels.concepts.{n}") for n in missing)
+        suspect(c, "imnm-workup", missing_tests=labels, orders=[*missing, "mri-thighs"])
+
+    def suspect(c, key, *basis, **params):
+        """Ask for an IMNM card whose probability comes from the joined evidence."""
+        emit.card(
+            c,
+            key,
+            c.ck,
+            c.w,
+            *basis,
+            c.hmgcr,
+            c.srp,
+            c.bx,
+            ck_peak=c.ck.peak,
+            ck_x_uln=c.ck.x_uln,
+            **probability(c),
+            **params,
+        )
+
+    def probability(c) -> dict:
+        """Return the pre-test probability and each Bayesian step; nothing where no pre-test applies."""
+        if c.rash.state != "unknown":
+            return {}
+        pretest_key = "imnm.pretest.weakness-raised-ck-no-rash"
+        found, cited = [], [pretest_key]
+        # The anti-HMGCR and anti-SRP subtypes exclude each other: once one is positive, the other's
+        # negative result says nothing more, so counting it would break the independence assumed.
+        subtype_found = "positive" in (c.hmgcr.state, c.srp.state)
+        for test, state in (
+            ("anti-hmgcr", c.hmgcr.state),
+            ("anti-srp", c.srp.state),
+            ("necrotizing-biopsy", biopsy_result(c.bx)),
+        ):
+            if state not in ("positive", "negative") or (subtype_found and test in IMNM_ANTIBODIES and state == "negative"):
+                continue
+            sensitivity, specificity = f"imnm.tests.{test}.sensitivity", f"imnm.tests.{test}.specificity"
+            ratio = likelihood_ratio(k.value(sensitivity), k.value(specificity), state == "positive")
+            found.append((k.text(f"imnm.tests.{test}.{state}"), ratio))
+            cited += [sensitivity, specificity]
+        pretest = k.value(pretest_key)
+        steps = update(pretest, found)
+        return {
+            "pretest": pretest,
+            "presentation": k.param(pretest_key).attributes["presentation"],
+            "probability": steps[-1].probability if steps else pretest,
+            "steps": steps,
+            "cited": cited,
+        }
+
+    def positive_antibodies(c) -> str:
+        positive = [n for n, f in (("anti-hmgcr", c.hmgcr), ("anti-srp", c.srp)) if f.state == "positive"]
+        return " and ".join(k.text(f"labels.concepts.{n}") for n in positive)
+
+
+def biopsy_result(bx) -> str | None:
+    """Read a biopsy as a test for IMNM: positive (necrotizing pattern), negative (no necrosis), else unknown."""
+    if bx.necrosis == "present" and bx.endomysial_invasion != "present":
+        return "positive"
+    if bx.necrosis == "absent":
+        return "negative"
+    return None
+
+
+def unresulted():
+    """Match an antibody summary with no usable result."""
+    return (m.state == "not-tested") | (m.state == "indeterminate")
+
+
+def any_name(names):
+    """Match a fact whose name is any of these."""
+    expression = m.name == names[0]
+    for name in names[1:]:
+        expression = expression | (m.name == name)
+    return expression

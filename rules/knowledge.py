@@ -1,0 +1,453 @@
+"""Load and check the clinical knowledge in rules/: sources, cited parameters, value sets, wording, orders."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+
+from fhir.resources.R4B.servicerequest import ServiceRequest
+from fhir.resources.R4B.valueset import ValueSet as FhirValueSet
+
+PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels")
+VERIFICATION = ("verified", "partial", "unverified", "local")
+TOPICS = (
+    "imnm-suspected",
+    "statin-muscle-symptoms",
+    "statin-toxic-myopathy",
+    "statin-autoimmune-pattern",
+    "statin-rechallenge-risk",
+    "cancer-screening",
+    "severity-red-flag",
+    "alternative-diagnosis",
+    "treatment-escalation",
+)
+INDICATORS = ("info", "warning", "critical")
+SUMMARY_LIMIT = 140
+PLACEHOLDER_WIDTH = 16
+EXTENSION = "urn:imnm-cds:StructureDefinition:"
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+# Systems as EHRs also send them: HL7 OIDs and SNOMED CT edition URIs.
+SYSTEM_ALIASES = {
+    "urn:oid:2.16.840.1.113883.6.1": LOINC,
+    "urn:oid:2.16.840.1.113883.6.96": SNOMED,
+    "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
+    "urn:oid:2.16.840.1.113883.6.88": RXNORM,
+}
+
+
+class KnowledgeError(ValueError):
+    """The knowledge in rules/, or a local override of it, is inconsistent."""
+
+
+def normalise_system(system: str | None) -> str:
+    """Return the canonical URI for a code system as sent by an EHR."""
+    system = (system or "").strip()
+    if system.startswith(SNOMED + "/"):
+        return SNOMED
+    return SYSTEM_ALIASES.get(system, system)
+
+
+def normalise_code(system: str, code: str | None) -> str:
+    """Return a code in the form value sets list it (ICD-10-CM without dots, upper case)."""
+    code = (code or "").strip()
+    return code.replace(".", "").upper() if system == ICD10CM else code
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str
+    label: str
+    verification: str
+    url: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    key: str
+    value: object
+    source: Source
+    unit: str = ""
+    note: str = ""
+    bounds: tuple[float, float] | None = None
+    attributes: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ValueSet:
+    id: str
+    title: str
+    codes: Mapping[tuple[str, str], str]  # (system, code) -> verification level
+    is_a: tuple[tuple[str, str, str], ...]  # (system, low, high) prefix ranges
+    text: re.Pattern | None
+    exclude_text: re.Pattern | None
+
+    def has_code(self, system: str | None, code: str | None) -> bool:
+        """Tell whether the coding is in this value set."""
+        system = normalise_system(system)
+        code = normalise_code(system, code)
+        if not code:
+            return False
+        if (system, code) in self.codes:
+            return True
+        return any(s == system and low <= code[: len(low)] <= high for s, low, high in self.is_a)
+
+    def has_text(self, text: str | None) -> bool:
+        """Tell whether free text names this concept (the fallback for uncoded results)."""
+        if not text or self.text is None or not self.text.search(text):
+            return False
+        return self.exclude_text is None or not self.exclude_text.search(text)
+
+    def matches(self, codings: Iterable[tuple[str | None, str | None]], texts: Iterable[str | None]) -> bool:
+        """Tell whether any coding, or failing that any text, names this concept."""
+        return any(self.has_code(s, c) for s, c in codings) or any(self.has_text(t) for t in texts)
+
+
+@dataclass(frozen=True)
+class Order:
+    key: str
+    label: str
+    text: str
+    reason: str
+    coding: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class CardText:
+    key: str
+    topic: str
+    topic_display: str
+    indicator: str
+    source: Source
+    links: tuple[Source, ...]
+    suggestions: tuple[Order, ...]
+    summary: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    sources: Mapping[str, Source]
+    parameters: Mapping[str, Parameter]
+    texts: Mapping[str, str]
+    valuesets: Mapping[str, ValueSet]
+    cards: Mapping[str, CardText]
+    orders: Mapping[str, Order]
+    override_reasons: Mapping[str, str]
+
+    def value(self, key: str):
+        """Return the value of a cited parameter."""
+        return self.param(key).value
+
+    def param(self, key: str) -> Parameter:
+        """Return a cited parameter by its dotted key, e.g. 'imnm.ck.raised'."""
+        try:
+            return self.parameters[key]
+        except KeyError:
+            raise KnowledgeError(f"no parameter {key!r} in rules/") from None
+
+    def text(self, key: str) -> str:
+        """Return a plain text entry by its dotted key, e.g. 'imnm.tests.anti-hmgcr.label'."""
+        try:
+            return self.texts[key]
+        except KeyError:
+            raise KnowledgeError(f"no text {key!r} in rules/") from None
+
+    def valueset(self, id_: str) -> ValueSet:
+        """Return a value set by id."""
+        try:
+            return self.valuesets[id_]
+        except KeyError:
+            raise KnowledgeError(f"no value set {id_!r} in rules/valuesets") from None
+
+    def children(self, prefix: str) -> list[str]:
+        """List the immediate sub-keys under a dotted prefix, in file order."""
+        seen: dict[str, None] = {}
+        for key in [*self.parameters, *self.texts]:
+            if key.startswith(prefix + "."):
+                seen.setdefault(key[len(prefix) + 1 :].split(".")[0], None)
+        return list(seen)
+
+
+def load(overrides: Path | None = None) -> Knowledge:
+    """Load every knowledge file in rules/, apply local overrides, and check them all."""
+    root = resources.files("rules")
+    sources = _load_sources(_read_toml(root / "sources.toml"))
+    parameters: dict[str, Parameter] = {}
+    texts: dict[str, str] = {}
+    for name in PARAMETER_FILES:
+        _flatten(name, _read_toml(root / f"{name}.toml"), sources, parameters, texts)
+    if overrides is not None:
+        _apply_overrides(overrides, parameters)
+    for param in parameters.values():
+        _check_pattern(param)
+    valuesets = _load_valuesets(root / "valuesets")
+    orders = _load_orders(_read_toml(root / "orders.toml"))
+    wording = _read_toml(root / "cards.toml")
+    return Knowledge(
+        sources=MappingProxyType(sources),
+        parameters=MappingProxyType(parameters),
+        texts=MappingProxyType(texts),
+        valuesets=MappingProxyType(valuesets),
+        cards=MappingProxyType(_load_cards(wording, sources, orders)),
+        orders=MappingProxyType(orders),
+        override_reasons=MappingProxyType(dict(wording.get("override-reasons", {}))),
+    )
+
+
+def _read_toml(path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise KnowledgeError(f"{getattr(path, 'name', path)}: {exc}") from exc
+
+
+def _load_sources(table: dict) -> dict[str, Source]:
+    sources = {}
+    for id_, entry in table.items():
+        if entry.get("verification") not in VERIFICATION[:3]:
+            raise KnowledgeError(f"source {id_}: verification must be one of {VERIFICATION[:3]}")
+        if not entry.get("label"):
+            raise KnowledgeError(f"source {id_}: a label is required")
+        sources[id_] = Source(
+            id=id_,
+            label=entry["label"],
+            verification=entry["verification"],
+            url=entry.get("url"),
+            note=entry.get("note", ""),
+        )
+    return sources
+
+
+def _flatten(prefix: str, table: dict, sources, parameters: dict, texts: dict) -> None:
+    for key, value in table.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, dict) and "value" in value:
+            parameters[path] = _parameter(path, value, sources)
+        elif isinstance(value, dict):
+            _flatten(path, value, sources, parameters, texts)
+        elif isinstance(value, str):
+            texts[path] = value
+        else:
+            raise KnowledgeError(f"{path}: a value outside a cited parameter (give it a value and a source)")
+
+
+def _parameter(path: str, entry: dict, sources: Mapping[str, Source]) -> Parameter:
+    source = sources.get(entry.get("source", ""))
+    if source is None:
+        raise KnowledgeError(f"{path}: source {entry.get('source')!r} is not in sources.toml")
+    bounds = entry.get("range")
+    if bounds is not None and not (
+        isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int | float) for b in bounds)
+    ):
+        raise KnowledgeError(f"{path}: range must be [low, high]")
+    known = {"value", "source", "unit", "note", "range"}
+    param = Parameter(
+        key=path,
+        value=entry["value"],
+        source=source,
+        unit=entry.get("unit", ""),
+        note=entry.get("note", ""),
+        bounds=tuple(bounds) if bounds else None,
+        attributes=MappingProxyType({k: v for k, v in entry.items() if k not in known}),
+    )
+    _check_bounds(param, param.value)
+    return param
+
+
+def _check_bounds(param: Parameter, value) -> None:
+    if param.bounds is None:
+        return
+    low, high = param.bounds
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise KnowledgeError(f"{param.key}: {value!r} is outside the allowed range [{low}, {high}]")
+
+
+def _check_pattern(param: Parameter) -> None:
+    if isinstance(param.value, str):
+        try:
+            re.compile(param.value)
+        except re.error as exc:
+            raise KnowledgeError(f"{param.key}: not a valid regular expression ({exc})") from exc
+
+
+def _apply_overrides(path: Path, parameters: dict[str, Parameter]) -> None:
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise KnowledgeError(f"knowledge overrides {path}: {exc}") from exc
+    found: dict[str, Parameter] = {}
+    _flatten_overrides("", table, found, parameters)
+    parameters.update(found)
+
+
+def _flatten_overrides(prefix: str, table: dict, found: dict, parameters: dict) -> None:
+    for key, value in table.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if not isinstance(value, dict):
+            raise KnowledgeError(f"override {path}: expected a table with value and source")
+        if "value" not in value:
+            _flatten_overrides(path, value, found, parameters)
+            continue
+        current = parameters.get(path)
+        if current is None:
+            raise KnowledgeError(f"override {path}: no such parameter")
+        if set(value) - {"value", "source"} or not isinstance(value.get("source"), str) or not value["source"]:
+            raise KnowledgeError(f"override {path}: give exactly a value and a source (who decided it, and why)")
+        if type(value["value"]) is not type(current.value) and not (
+            isinstance(value["value"], int | float) and isinstance(current.value, int | float)
+        ):
+            raise KnowledgeError(f"override {path}: expected a {type(current.value).__name__}")
+        _check_bounds(current, value["value"])
+        local = Source(id="local", label=value["source"], verification="local")
+        found[path] = Parameter(
+            key=path,
+            value=value["value"],
+            source=local,
+            unit=current.unit,
+            note=current.note,
+            bounds=current.bounds,
+            attributes=current.attributes,
+        )
+
+
+def _load_valuesets(folder) -> dict[str, ValueSet]:
+    valuesets = {}
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        try:
+            raw = json.loads(entry.read_text(encoding="utf-8"))
+            FhirValueSet.model_validate(raw)
+        except ValueError as exc:
+            raise KnowledgeError(f"valuesets/{entry.name}: not a valid FHIR R4 ValueSet ({exc})") from exc
+        if raw["id"] != entry.name.removesuffix(".json"):
+            raise KnowledgeError(f"valuesets/{entry.name}: id {raw['id']!r} does not match the file name")
+        valuesets[raw["id"]] = _valueset(raw)
+    return valuesets
+
+
+def _extension(element: dict, name: str) -> str | None:
+    for ext in element.get("extension", []):
+        if ext.get("url") == EXTENSION + name:
+            return ext.get("valueString") or ext.get("valueCode")
+    return None
+
+
+def _valueset(raw: dict) -> ValueSet:
+    codes: dict[tuple[str, str], str] = {}
+    is_a: list[tuple[str, str, str]] = []
+    for include in raw.get("compose", {}).get("include", []):
+        system = include["system"]
+        for concept in include.get("concept", []):
+            level = _extension(concept, "verification")
+            if level not in ("A", "B", "C"):
+                raise KnowledgeError(f"valueset {raw['id']}: {concept['code']} lacks a verification level A-C")
+            codes[(system, normalise_code(system, concept["code"]))] = level
+        for flt in include.get("filter", []):
+            if flt["property"] != "concept" or flt["op"] != "is-a":
+                raise KnowledgeError(f"valueset {raw['id']}: only 'concept is-a' filters are supported")
+            low, _, high = flt["value"].partition("-")
+            is_a.append((system, normalise_code(system, low), normalise_code(system, high or low)))
+    text, exclude = _extension(raw, "text-pattern"), _extension(raw, "exclude-text-pattern")
+    if not codes and not is_a and not text:
+        raise KnowledgeError(f"valueset {raw['id']}: neither codes nor a text pattern")
+    return ValueSet(
+        id=raw["id"],
+        title=raw["title"],
+        codes=MappingProxyType(codes),
+        is_a=tuple(is_a),
+        text=re.compile(text, re.IGNORECASE) if text else None,
+        exclude_text=re.compile(exclude, re.IGNORECASE) if exclude else None,
+    )
+
+
+def _load_orders(table: dict) -> dict[str, Order]:
+    orders = {}
+    for key, entry in table.items():
+        coding = entry.get("coding")
+        if coding is not None and coding.get("verification") not in ("A", "B"):
+            raise KnowledgeError(f"order {key}: only codes verified at level A or B may be ordered")
+        order = Order(
+            key=key,
+            label=entry["label"],
+            text=entry["text"],
+            reason=entry["reason"],
+            coding=MappingProxyType({k: v for k, v in coding.items() if k != "verification"}) if coding else None,
+        )
+        ServiceRequest.model_validate(service_request(order, "example"))
+        orders[key] = order
+    return orders
+
+
+def service_request(order: Order, patient_id: str) -> dict:
+    """Return the FHIR R4 ServiceRequest a suggestion proposes for this order."""
+    code = {"text": order.text}
+    if order.coding:
+        code["coding"] = [dict(order.coding)]
+    return {
+        "resourceType": "ServiceRequest",
+        "status": "draft",
+        "intent": "proposal",
+        "code": code,
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "reasonCode": [{"text": order.reason}],
+    }
+
+
+def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[str, Order]) -> dict:
+    topics = wording.get("topics", {})
+    if set(topics) != set(TOPICS):
+        raise KnowledgeError(f"cards.toml [topics] must name exactly {TOPICS}")
+    cards = {}
+    for key, entry in wording.get("cards", {}).items():
+        card = CardText(
+            key=key,
+            topic=entry["topic"],
+            topic_display=topics.get(entry["topic"], ""),
+            indicator=entry["indicator"],
+            source=_card_source(key, entry["source"], sources),
+            links=tuple(_card_source(key, s, sources) for s in entry.get("links", [])),
+            suggestions=tuple(_order(key, o, orders) for o in entry.get("suggestions", [])),
+            summary=entry["summary"].strip(),
+            detail=entry["detail"].strip(),
+        )
+        if card.topic not in TOPICS or card.indicator not in INDICATORS:
+            raise KnowledgeError(f"card {key}: unknown topic or indicator")
+        widest = _render_widest(card.summary)
+        if len(widest) >= SUMMARY_LIMIT:
+            raise KnowledgeError(f"card {key}: summary may reach {len(widest)} characters (limit < {SUMMARY_LIMIT})")
+        cards[key] = card
+    return cards
+
+
+def _card_source(card: str, id_: str, sources: Mapping[str, Source]) -> Source:
+    source = sources.get(id_)
+    if source is None or not source.url:
+        raise KnowledgeError(f"card {card}: source {id_!r} must exist and have a url")
+    return source
+
+
+def _order(card: str, key: str, orders: Mapping[str, Order]) -> Order:
+    if key not in orders:
+        raise KnowledgeError(f"card {card}: unknown order {key!r}")
+    return orders[key]
+
+
+def _render_widest(template: str) -> str:
+    return template.format(**dict.fromkeys(placeholders(template), "X" * PLACEHOLDER_WIDTH))
+
+
+def placeholders(template: str) -> set[str]:
+    """Return the names a wording template needs."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}

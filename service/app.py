@@ -1,0 +1,130 @@
+"""The HTTP surface: CDS Hooks discovery and services, Bundle evaluation, health; failures as OperationOutcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from service import hooks, logs
+from service.config import Settings
+from service.outcome import ApiError, Issue, error, operation_outcome
+from service.pipeline import Evaluation, Evaluator
+
+log = logging.getLogger("service.http")
+
+JSON_TYPES = ("application/json", "application/fhir+json")
+HTTP_ISSUE = {404: "not-found", 405: "not-supported", 413: "too-long", 415: "not-supported"}
+
+
+def create_app(config: Settings | Mapping | None = None) -> Flask:
+    """Build the app: settings checked, knowledge loaded and rules compiled now, so bad ones fail the start."""
+    settings = config if isinstance(config, Settings) else Settings.from_env(**dict(config or {}))
+    logs.configure(settings.log_level)
+    evaluator = Evaluator(settings)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["imnm_cds"] = evaluator
+
+    @app.get("/cds-services")
+    def discovery():
+        return _json(hooks.discovery())
+
+    @app.post("/cds-services/<service_id>")
+    def call_service(service_id: str):
+        service = hooks.SERVICES.get(service_id)
+        if service is None:
+            raise error(404, "not-found", "no CDS service with this id; see GET /cds-services")
+        evaluation = evaluator.hook(service, _body(settings), datetime.now(UTC))
+        _log_evaluation(service.id, evaluation)
+        return _json(evaluation.response())
+
+    @app.post("/evaluate")
+    def evaluate_bundle():
+        if request.args.get("hook", "patient-view") != "patient-view":
+            raise error(400, "not-supported", "this Bundle evaluation supports hook=patient-view", "hook")
+        evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"))
+        _log_evaluation("evaluate", evaluation)
+        return _json(evaluation.response())
+
+    @app.get("/health")
+    def health():
+        return _json({"status": "ok"})
+
+    @app.get("/health/ready")
+    def ready():
+        problem = evaluator.readiness_problem()
+        if problem:
+            raise error(503, "transient", problem)
+        return _json({"status": "ready", "rules": len(evaluator.engine.rule_ids)})
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return _outcome(exc.status, exc.issues)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return _outcome(exc.code or 500, [Issue(HTTP_ISSUE.get(exc.code, "processing"), exc.description or exc.name)])
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.error("unhandled error", exc_info=exc, extra={"fields": {"path": request.path}})
+        return _outcome(500, [Issue("exception", "internal error; no advice was produced")])
+
+    return app
+
+
+def _body(settings: Settings):
+    """Read the request body as JSON: right content type, within size and nesting limits."""
+    if request.mimetype not in JSON_TYPES:
+        raise error(415, "not-supported", "send the body as application/json or application/fhir+json")
+    raw = request.get_data(cache=False)
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise error(400, "structure", "the JSON is nested too deeply") from None
+    except ValueError:
+        raise error(400, "structure", "the body is not valid JSON (UTF-8)") from None
+    if _depth_exceeds(body, settings.max_json_depth):
+        raise error(400, "structure", f"the JSON is nested deeper than {settings.max_json_depth} levels")
+    return body
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+    return False
+
+
+def _json(payload: dict, status: int = 200, mimetype: str = "application/json") -> Response:
+    return Response(json.dumps(payload, ensure_ascii=False), status=status, mimetype=mimetype)
+
+
+def _outcome(status: int, issues) -> Response:
+    return _json(operation_outcome(issues), status, "application/fhir+json")
+
+
+def _log_evaluation(service_id: str, evaluation: Evaluation) -> None:
+    log.info(
+        "evaluated",
+        extra={
+            "fields": {
+                "service": service_id,
+                "hookInstance": evaluation.hook_instance,
+                "cards": len(evaluation.cards),
+                "rules": list(evaluation.rules),
+                "ms": evaluation.timings,
+            }
+        },
+    )

@@ -1,0 +1,173 @@
+"""Turn the rules' conclusions into CDS Hooks 2.0 cards, worded and cited from rules/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+
+from rules.knowledge import SUMMARY_LIMIT, service_request
+from service.engine import Conclusion, Outcome
+from service.facts import FactSet
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:imnm-cds")
+TOPIC_SYSTEM = "urn:imnm-cds:CodeSystem:card-topic"
+OVERRIDE_SYSTEM = "urn:imnm-cds:CodeSystem:override-reason"
+SEVERITY = {"critical": 0, "warning": 1, "info": 2}
+CAUTION = {"partial": "partly verified", "unverified": "not verified", "local": "set locally"}
+
+
+def build(k, outcome: Outcome, facts: FactSet, patient_id: str) -> list[dict]:
+    """Return one card per conclusion, most severe first, in a stable order."""
+    cards = [card(k, conclusion, facts, patient_id) for conclusion in outcome.conclusions]
+    return sorted(cards, key=lambda c: (SEVERITY[c["indicator"]], c["source"]["topic"]["code"], c["summary"]))
+
+
+def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
+    """Build one card; the same patient, rules and evidence always give the same uuid."""
+    text = k.cards[conclusion.key]
+    params = conclusion.params
+    values = template_values(params)
+    references = sorted({ref for id_ in conclusion.basis for ref in facts.basis[id_].references})
+    identity = uuid.uuid5(NAMESPACE, json.dumps([patient_id, conclusion.key, conclusion.rules, references]))
+    opening = text.detail.format_map(values)
+    detail = [
+        opening[:1].upper() + opening[1:],
+        probability_section(k, params),
+        basis_section("Evidence", [facts.basis[i] for i in conclusion.basis if facts.basis[i].references]),
+        basis_section("Not known", [facts.basis[i] for i in conclusion.basis if not facts.basis[i].references]),
+        list_section("Data not used", facts.notes),
+        certainty_section(k, text.source, params.get("cited", ())),
+    ]
+    result = {
+        "uuid": str(identity),
+        "summary": fit(text.summary.format_map(values)),
+        "indicator": text.indicator,
+        "detail": "\n\n".join(part for part in detail if part),
+        "source": {
+            "label": text.source.label,
+            "url": text.source.url,
+            "topic": {"system": TOPIC_SYSTEM, "code": text.topic, "display": text.topic_display},
+        },
+        "overrideReasons": [
+            {"code": code, "system": OVERRIDE_SYSTEM, "display": display}
+            for code, display in k.override_reasons.items()
+        ],
+        "extension": {"rules": list(conclusion.rules), "evidence": references, **probability_extension(params)},
+    }
+    chosen = params.get("orders")
+    suggestions = [
+        {
+            "label": order.label,
+            "uuid": str(uuid.uuid5(identity, order.key)),
+            "actions": [
+                {"type": "create", "description": order.label, "resource": service_request(order, patient_id)}
+            ],
+        }
+        for order in text.suggestions
+        if chosen is None or order.key in chosen
+    ]
+    if suggestions:
+        result["suggestions"] = suggestions
+        result["selectionBehavior"] = "any"
+    if text.links:
+        result["links"] = [{"label": s.label, "url": s.url, "type": "absolute"} for s in text.links]
+    return result
+
+
+def template_values(params: Mapping) -> dict:
+    """Format rule parameters for wording templates: counts with separators, multiples, percentages."""
+    values = {}
+    for name, value in params.items():
+        if isinstance(value, list):
+            values[name] = ", ".join(str(v) for v in value)
+        elif name.endswith("_x_uln"):
+            values[name] = f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+        elif isinstance(value, float) and name.startswith("ck_"):
+            values[name] = f"{value:,.0f}"
+        else:
+            values[name] = value
+    probability = params.get("probability")
+    stage = "post-test" if params.get("steps") else "pre-test"
+    values["probability_note"] = f" ({stage} {percent(probability)})" if probability is not None else ""
+    return values
+
+
+def percent(p: float) -> str:
+    """Show a probability as a percentage, with a decimal below 10%."""
+    return f"{p * 100:.1f}%" if p < 0.1 else f"{p * 100:.0f}%"
+
+
+def fit(summary: str) -> str:
+    """Keep a summary under the spec's 140 characters, cutting at a word if a value was unusually long."""
+    if len(summary) < SUMMARY_LIMIT:
+        return summary
+    log.warning("card summary shortened", extra={"fields": {"length": len(summary)}})
+    return summary[: SUMMARY_LIMIT - 2].rsplit(" ", 1)[0] + "…"
+
+
+def probability_section(k, params: Mapping) -> str:
+    """Explain the Bayesian update step by step, with the assumptions it makes."""
+    if params.get("probability") is None:
+        return ""
+    opening = f"**Probability of IMNM:** pre-test {percent(params['pretest'])} ({params['presentation']})"
+    if not params["steps"]:
+        return opening + "; no test result is available yet to update it."
+    lines = [f"{opening} → post-test {percent(params['probability'])}."]
+    lines += ["", "| Evidence | Likelihood ratio | Probability after |", "|---|---|---|"]
+    lines += [f"| {s.evidence} | {s.likelihood_ratio:.3g} | {percent(s.probability)} |" for s in params["steps"]]
+    tests = sorted({key.rsplit(".", 2)[1] for key in params["cited"] if key.startswith("imnm.tests.")})
+    described = "; ".join(
+        f"{k.text(f'labels.concepts.{t}')}: sensitivity {k.value(f'imnm.tests.{t}.sensitivity'):.0%}, "
+        f"specificity {k.value(f'imnm.tests.{t}.specificity'):.0%} for {k.text(f'imnm.tests.{t}.target')}"
+        for t in tests
+    )
+    lines += ["", f"Test characteristics: {described}. The tests are assumed independent given the disease."]
+    return "\n".join(lines)
+
+
+def probability_extension(params: Mapping) -> dict:
+    if params.get("probability") is None:
+        return {}
+    return {"probability": round(params["probability"], 4), "pretestProbability": round(params["pretest"], 4)}
+
+
+def basis_section(title: str, items) -> str:
+    lines = [f"- {b.text}" + (f" ({', '.join(b.references)})" if b.references else "") for b in items]
+    return list_section(title, lines, bullets=False)
+
+
+def list_section(title: str, lines, bullets: bool = True) -> str:
+    if not lines:
+        return ""
+    return f"**{title}:**\n" + "\n".join(f"- {line}" if bullets else line for line in lines)
+
+
+def certainty_section(k, source, cited) -> str:
+    """Say how sure the sources behind this card are, naming each value that is not verified or set locally."""
+    used: dict[str, list[str]] = {source.id: []}
+    sources = {source.id: source}
+    for key in cited:
+        param = k.param(key)
+        used.setdefault(param.source.id, []).append(parameter_name(k, key))
+        sources[param.source.id] = param.source
+    lines = []
+    for id_, names in used.items():
+        src = sources[id_]
+        if src.verification != "verified":
+            values = f" — {', '.join(names)}" if names else ""
+            lines.append(f"{CAUTION[src.verification]}: {src.label}{values}. {src.note}".rstrip())
+    return list_section("How sure", lines)
+
+
+def parameter_name(k, key: str) -> str:
+    """Name a cited parameter as a clinician would, e.g. 'anti-HMGCR sensitivity'."""
+    parts = key.split(".")
+    if parts[1] == "tests":
+        return f"{k.text(f'labels.concepts.{parts[2]}')} {parts[3]}"
+    if parts[1] == "pretest":
+        return "pre-test probability"
+    return parts[-1].replace("-", " ")

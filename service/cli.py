@@ -1,0 +1,140 @@
+"""The imnm-cds command: serve under gunicorn, evaluate files offline, replay fixtures against a server."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the imnm-cds command line."""
+    parser = argparse.ArgumentParser(prog="imnm-cds", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service under gunicorn (gthread workers)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--threads", type=int, default=8)
+    serve.add_argument("--timeout", type=int, default=30, help="seconds before gunicorn restarts a stuck worker")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate CDS Hooks requests or Bundles offline; print cards")
+    evaluate.add_argument("files", nargs="+", type=Path)
+
+    replay = commands.add_parser("replay", help="post every fixture to a server and diff against expected.json")
+    replay.add_argument("directory", type=Path)
+    replay.add_argument("--url", required=True, help="base URL of a running service, e.g. http://127.0.0.1:8080")
+    replay.add_argument("--timeout", type=float, default=10.0)
+
+    args = parser.parse_args(argv)
+    return {"serve": run_serve, "evaluate": run_evaluate, "replay": run_replay}[args.command](args)
+
+
+def run_serve(args) -> int:
+    """Serve the app factory under gunicorn with threaded workers."""
+    from gunicorn.app.base import BaseApplication
+
+    from service.app import create_app
+
+    class Server(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", args.workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("timeout", args.timeout)
+            self.cfg.set("accesslog", None)
+
+        def load(self):
+            return create_app()
+
+    Server().run()
+    return 0
+
+
+def run_evaluate(args) -> int:
+    """Print the response for each file: one JSON document for one file, an object keyed by path for several."""
+    from service import hooks
+    from service.config import Settings
+    from service.outcome import ApiError, operation_outcome
+    from service.pipeline import Evaluator
+
+    evaluator = Evaluator(Settings.from_env())
+    results, failed = {}, False
+    for path in args.files:
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+            now = datetime.now(UTC)
+            if isinstance(body, dict) and body.get("resourceType") == "Bundle":
+                evaluation = evaluator.bundle(body, now)
+            else:
+                hook = body.get("hook") if isinstance(body, dict) else None
+                evaluation = evaluator.hook(hooks.service_for(hook), body, now)
+            results[str(path)] = evaluation.response()
+        except (OSError, ValueError) as exc:
+            failed = True
+            results[str(path)] = {"error": f"cannot read {path}: {type(exc).__name__}"}
+        except ApiError as exc:
+            failed = True
+            results[str(path)] = {"status": exc.status, **operation_outcome(exc.issues)}
+    output = next(iter(results.values())) if len(results) == 1 else results
+    print(json.dumps(output, indent=2, ensure_ascii=False))
+    return 1 if failed else 0
+
+
+def scenario_target(request: dict, base_url: str) -> str:
+    """Return where a fixture request goes: a Bundle to /evaluate, a hook request to its service."""
+    from service import hooks
+
+    if request.get("resourceType") == "Bundle":
+        return f"{base_url}/evaluate"
+    return f"{base_url}/cds-services/{hooks.service_for(request.get('hook')).id}"
+
+
+def run_replay(args) -> int:
+    """Post each <scenario>/request.json and compare the answer with <scenario>/expected.json."""
+    base = args.url.rstrip("/")
+    scenarios = sorted(p.parent for p in args.directory.glob("*/request.json"))
+    if not scenarios:
+        print(f"no scenarios (*/request.json) under {args.directory}", file=sys.stderr)
+        return 2
+    different = 0
+    with requests.Session() as http:
+        for scenario in scenarios:
+            request = json.loads((scenario / "request.json").read_text(encoding="utf-8"))
+            expected = json.loads((scenario / "expected.json").read_text(encoding="utf-8"))
+            response = http.post(scenario_target(request, base), json=request, timeout=args.timeout)
+            try:
+                actual = response.json()
+            except ValueError:
+                actual = {"non-json response": response.text[:500], "status": response.status_code}
+            diff = list(
+                difflib.unified_diff(
+                    canonical(expected).splitlines(),
+                    canonical(actual).splitlines(),
+                    f"{scenario.name}/expected.json",
+                    f"{scenario.name} (HTTP {response.status_code})",
+                    lineterm="",
+                )
+            )
+            if diff:
+                different += 1
+                print("\n".join(diff))
+            print(f"{'DIFFERENT' if diff else 'same     '} {scenario.name}", file=sys.stderr)
+    print(f"{len(scenarios) - different} same, {different} different", file=sys.stderr)
+    return 1 if different else 0
+
+
+def canonical(document) -> str:
+    """Render JSON the same way every time, so diffs show only real differences."""
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

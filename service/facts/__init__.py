@@ -1,0 +1,108 @@
+"""Map gathered FHIR R4 resources to the flat facts the rules match, and what each fact rests on.
+
+Every evaluation asserts the same fact ids: one patient, one CK summary, one result per antibody,
+one state per clinical concept, one biopsy and one statin exposure. A concept with no data is
+asserted as unknown or not-tested, so rules join on facts that always exist and never rely on the
+engine's order-dependent negation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+
+from service.facts import biopsy, clinical, labs, medications
+from service.facts.fhir import InvalidResource, Resource, day, parse_time, validate
+
+__all__ = ["Basis", "FactSet", "InvalidData", "Resource", "build"]
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What a fact rests on, for the card: a sentence and the resources it came from."""
+
+    text: str
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FactSet:
+    facts: tuple[dict, ...]
+    basis: Mapping[str, Basis]
+    notes: tuple[str, ...]  # data that was sent but could not be used, in words
+
+
+class InvalidData(ValueError):
+    """Resources that matter to the rules are not valid FHIR R4."""
+
+    def __init__(self, problems: list[InvalidResource]):
+        super().__init__(f"{len(problems)} resource(s) are not valid FHIR R4")
+        self.problems = problems
+
+
+def build(k, resources: Iterable[Resource], *, now: datetime, available: frozenset[str]) -> FactSet:
+    """Select the resources that can matter, validate them, and map them to facts."""
+    by_type: dict[str, list[Resource]] = {}
+    for resource in resources:
+        by_type.setdefault(resource.type, []).append(resource)
+    observations = by_type.get("Observation", [])
+    lab_results = [r for r in observations if labs.relevant(k, r.data)]
+    taken = {id(r) for r in lab_results}
+    findings = [r for r in observations if id(r) not in taken and clinical.relevant(k, r)]
+    conditions = [r for r in by_type.get("Condition", []) if clinical.relevant(k, r)]
+    reports = [r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)]
+    drugs = medications.Medications(k, by_type.get("Medication", []))
+    statins = [
+        r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, []) if drugs.is_statin(r.data)
+    ]
+    patients = by_type.get("Patient", [])
+    _validate([*patients, *lab_results, *findings, *conditions, *reports, *statins])
+
+    notes: list[str] = []
+    entries = [patient_fact(patients[0] if patients else None, now)]
+    entries.append(labs.ck_fact(k, labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes), now))
+    antibody_results = labs.antibody_results(k, lab_results, notes)
+    entries += [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
+    entries += [
+        clinical.clinical_fact(k, name, clinical.mentions(k, name, conditions, findings), now)
+        for name in clinical.CONCEPTS
+    ]
+    entries.append(biopsy.biopsy_fact(k, reports, now))
+    exposures = [e for e in (medications.exposure(drugs, r) for r in statins) if e]
+    available_medications = any(kind in available for kind in medications.MEDICATION_TYPES)
+    entries.append(medications.statin_fact(exposures, available_medications, now))
+    return FactSet(
+        facts=tuple(fact for fact, _, _ in entries),
+        basis=MappingProxyType({fact["id"]: Basis(text, refs) for fact, text, refs in entries}),
+        notes=tuple(dict.fromkeys(notes)),
+    )
+
+
+def _validate(resources: list[Resource]) -> None:
+    problems = []
+    for resource in resources:
+        try:
+            validate(resource)
+        except InvalidResource as exc:
+            problems.append(exc)
+    if problems:
+        raise InvalidData(problems)
+
+
+def patient_fact(resource: Resource | None, now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+    """Return the patient's age at now (years) and sex; either may be unknown."""
+    fact: dict = {"id": "patient", "t": "patient", "sex": "unknown", "adult": "unknown"}
+    if resource is None:
+        return fact, "patient: no demographics", ()
+    data = resource.data
+    if data.get("gender") in ("female", "male", "other"):
+        fact["sex"] = data["gender"]
+    birth = parse_time(data.get("birthDate"))
+    text = f"patient: {fact['sex']}"
+    if birth:
+        fact["age"] = round((now - birth).days / 365.25, 1)
+        fact["adult"] = "yes" if fact["age"] >= 18 else "no"
+        text += f", born {day(birth)[:4]}"
+    return fact, text, (resource.reference,)

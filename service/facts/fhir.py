@@ -1,0 +1,158 @@
+"""Read FHIR R4 elements from resource JSON safely, and validate resources with fhir.resources.R4B."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+# Results that count: final, and final results corrected later. Registered and preliminary results
+# may still change; cancelled, entered-in-error and unknown never count.
+FINAL_RESULT = frozenset({"final", "amended", "corrected", "appended"})
+TEXT_LIMIT = 100_000
+PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One resource as gathered, with the fullUrl its Bundle entry gave it."""
+
+    data: dict
+    full_url: str | None = None
+    location: str = ""  # where the request carried it, e.g. prefetch.labs.entry[3].resource
+
+    @property
+    def type(self) -> str:
+        return self.data.get("resourceType", "")
+
+    @property
+    def reference(self) -> str:
+        """Return how cards cite it: Type/id, else the entry's fullUrl, else the bare type."""
+        id_ = self.data.get("id")
+        if isinstance(id_, str) and id_:
+            return f"{self.type}/{id_}"
+        return self.full_url or self.type
+
+
+class InvalidResource(ValueError):
+    """A resource that matters to the rules does not validate as FHIR R4."""
+
+    def __init__(self, resource: Resource, problems: list[tuple[str, str]]):
+        super().__init__(f"{resource.reference} is not valid FHIR R4")
+        self.resource = resource
+        self.problems = problems  # (element path within the resource, what is wrong), never the values
+
+
+def validate(resource: Resource) -> None:
+    """Validate a resource against its fhir.resources R4B model, raising InvalidResource."""
+    try:
+        model = get_fhir_model_class(resource.type)
+    except KeyError:
+        raise InvalidResource(resource, [("resourceType", "unknown resource type")]) from None
+    try:
+        model.model_validate(resource.data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False, include_context=False):
+            path = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+            # Custom validators may quote the offending value in their message; built-in ones do not.
+            message = "invalid value" if error["type"] in ("value_error", "assertion_error") else error["msg"]
+            problems.append((path, message))
+        raise InvalidResource(resource, problems[:20]) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidResource(resource, [("", type(exc).__name__)]) from None
+
+
+def as_dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def as_str(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def as_number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def codings(concept) -> list[tuple[str | None, str | None]]:
+    """Return (system, code) of every coding in a CodeableConcept."""
+    return [
+        (as_str(coding.get("system")), as_str(coding.get("code")))
+        for coding in map(as_dict, as_list(as_dict(concept).get("coding")))
+    ]
+
+
+def texts(concept) -> list[str]:
+    """Return the text and coding displays of a CodeableConcept."""
+    concept = as_dict(concept)
+    found = [as_str(concept.get("text"))]
+    found += [as_str(as_dict(coding).get("display")) for coding in as_list(concept.get("coding"))]
+    return [t for t in found if t]
+
+
+def matches(valueset, concept) -> bool:
+    """Tell whether a CodeableConcept names the value set's concept, by code or by text."""
+    return valueset.matches(codings(concept), texts(concept))
+
+
+def parse_time(value) -> datetime | None:
+    """Parse a FHIR date, dateTime or instant; a partial date means its first day (UTC)."""
+    value = as_str(value)
+    if not value:
+        return None
+    partial = PARTIAL_DATE.match(value)
+    try:
+        if partial:
+            year, month, day = partial.groups()
+            return datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def effective_time(data: dict) -> datetime | None:
+    """Return when an observation or report applies: effective[x], else issued."""
+    return (
+        parse_time(data.get("effectiveDateTime"))
+        or parse_time(data.get("effectiveInstant"))
+        or parse_time(as_dict(data.get("effectivePeriod")).get("start"))
+        or parse_time(as_dict(data.get("effectivePeriod")).get("end"))
+        or parse_time(data.get("issued"))
+    )
+
+
+def days_before(moment: datetime | None, now: datetime) -> float | None:
+    """Return how many days before now a moment was (negative if after now), to one decimal."""
+    if moment is None:
+        return None
+    return round((now - moment).total_seconds() / 86400.0, 1)
+
+
+def day(moment: datetime | None) -> str:
+    """Return the calendar date of a moment as a clinician reads it."""
+    return moment.date().isoformat() if moment else "undated"
+
+
+def attachment_text(attachment) -> str:
+    """Return the text of a plain-text attachment (inline base64 data), else nothing."""
+    attachment = as_dict(attachment)
+    if not (as_str(attachment.get("contentType")) or "").startswith("text/plain"):
+        return ""
+    data = as_str(attachment.get("data")) or ""
+    try:
+        return base64.b64decode(data[: TEXT_LIMIT * 2], validate=True).decode("utf-8", "replace")[:TEXT_LIMIT]
+    except (binascii.Error, ValueError):
+        return ""

@@ -1,0 +1,246 @@
+"""Map laboratory Observations to facts: the total-CK summary and one result per myositis antibody."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from service.facts.fhir import (
+    FINAL_RESULT,
+    Resource,
+    as_dict,
+    as_list,
+    as_number,
+    as_str,
+    codings,
+    day,
+    days_before,
+    effective_time,
+    matches,
+    texts,
+)
+
+ANTIBODIES = (
+    "anti-hmgcr",
+    "anti-srp",
+    "anti-jo1",
+    "anti-pl7",
+    "anti-pl12",
+    "anti-ej",
+    "anti-oj",
+    "anti-tif1g",
+    "anti-nxp2",
+    "anti-mda5",
+    "anti-mi2",
+    "anti-sae1",
+    "anti-pmscl",
+    "anti-u1rnp",
+)
+RESULTS = ("positive", "negative", "indeterminate")
+INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+COUNTING_UNITS = frozenset({"u", "units", "unit", "cu"})
+
+
+@dataclass(frozen=True)
+class CkResult:
+    resource: Resource
+    time: datetime
+    value: float  # U/L
+    uln: float  # U/L
+    uln_assumed: bool
+
+    @property
+    def x_uln(self) -> float:
+        return self.value / self.uln
+
+
+@dataclass(frozen=True)
+class AntibodyResult:
+    resource: Resource
+    time: datetime | None
+    state: str
+    shown: str  # the result as the lab gave it, for the card
+
+
+def is_ck(k, data: dict) -> bool:
+    """Tell whether an Observation is a total CK (never CK-MB)."""
+    code = data.get("code")
+    return matches(k.valueset("ck-total"), code) and not matches(k.valueset("ck-mb"), code)
+
+
+def antibody_names(k, concept) -> list[str]:
+    """Name the antibodies a code names: by code if any matches, else by unambiguous text."""
+    by_code = [n for n in ANTIBODIES if any(k.valueset(n).has_code(s, c) for s, c in codings(concept))]
+    if by_code:
+        return by_code
+    return [n for n in ANTIBODIES if any(k.valueset(n).has_text(t) for t in texts(concept))]
+
+
+def ck_results(k, observations: list[Resource], notes: list[str]) -> list[CkResult]:
+    """Read every final total-CK value in U/L with its upper limit of normal."""
+    factors = {unit.casefold(): factor for unit, factor in k.value("labs.ck.unit-factors").items()}
+    default_uln = k.value("labs.ck.default-uln")
+    results = []
+    for resource in observations:
+        data = resource.data
+        quantity = as_dict(data.get("valueQuantity"))
+        value, time = as_number(quantity.get("value")), effective_time(data)
+        if value is None:
+            continue
+        unit = as_str(quantity.get("code")) or as_str(quantity.get("unit")) or ""
+        factor = factors.get(unit.casefold())
+        if factor is None:
+            notes.append(f"CK result {resource.reference} is in an unknown unit ({unit or 'none'}) and was not used.")
+            continue
+        if time is None:
+            notes.append(f"CK result {resource.reference} has no date and was not used.")
+            continue
+        uln = _reference_high(data, unit, factors)
+        results.append(
+            CkResult(resource, time, value * factor, uln if uln else default_uln, uln_assumed=uln is None)
+        )
+    return sorted(results, key=lambda r: (r.time, r.resource.reference))
+
+
+def _reference_high(data: dict, unit: str, factors: dict) -> float | None:
+    for ref in map(as_dict, as_list(data.get("referenceRange"))):
+        high = as_dict(ref.get("high"))
+        value = as_number(high.get("value"))
+        factor = factors.get((as_str(high.get("code")) or as_str(high.get("unit")) or unit).casefold())
+        if value is not None and value > 0 and factor is not None:
+            return value * factor
+    return None
+
+
+def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+    """Return the CK summary fact, its description and the references behind it."""
+    if not results:
+        return {"id": "ck", "t": "ck", "tested": False, "count": 0, "trend": "none"}, "CK: no result", ()
+    peak = max(results, key=lambda r: (r.x_uln, r.time))
+    latest = results[-1]
+    trend = "single"
+    if len(results) > 1:
+        ratio = latest.x_uln / results[-2].x_uln
+        change = k.value("labs.ck.trend-change")
+        trend = "rising" if ratio >= 1 + change else "falling" if ratio <= 1 - change else "stable"
+    fact = {
+        "id": "ck",
+        "t": "ck",
+        "tested": True,
+        "count": len(results),
+        "peak": round(peak.value, 1),
+        "peak_x_uln": round(peak.x_uln, 2),
+        "peak_days_ago": days_before(peak.time, now),
+        "latest": round(latest.value, 1),
+        "latest_x_uln": round(latest.x_uln, 2),
+        "latest_days_ago": days_before(latest.time, now),
+        "uln": round(peak.uln, 1),
+        "uln_assumed": peak.uln_assumed,
+        "trend": trend,
+    }
+    text = f"CK peak {peak.value:,.0f} U/L ({peak.x_uln:.1f}× ULN) on {day(peak.time)}"
+    if peak.uln_assumed:
+        text += f" (ULN {peak.uln:,.0f} U/L assumed: the lab sent no range)"
+    if latest is not peak:
+        text += f"; latest {latest.value:,.0f} U/L on {day(latest.time)} ({trend})"
+    references = tuple(dict.fromkeys([peak.resource.reference, latest.resource.reference]))
+    return fact, text, references
+
+
+def antibody_results(k, observations: list[Resource], notes: list[str]) -> dict[str, list[AntibodyResult]]:
+    """Read every final antibody result, from whole Observations and from panel components."""
+    found: dict[str, list[AntibodyResult]] = {name: [] for name in ANTIBODIES}
+    for resource in observations:
+        data = resource.data
+        time = effective_time(data)
+        for part in [data, *map(as_dict, as_list(data.get("component")))]:
+            names = antibody_names(k, part.get("code"))
+            if len(names) > 1:
+                if part is not data or not as_list(data.get("component")):
+                    notes.append(f"{resource.reference} names several antibodies in one result and was not used.")
+                continue
+            if names:
+                state, shown = read_result(k, names[0], part)
+                if state is None:
+                    notes.append(f"{resource.reference}: the {names[0]} result could not be read.")
+                    state, shown = "indeterminate", "unreadable result"
+                found[names[0]].append(AntibodyResult(resource, time, state, shown))
+    return found
+
+
+def read_result(k, name: str, part: dict) -> tuple[str | None, str]:
+    """Read one antibody result: interpretation, coded value, text, boolean, then quantity against a range."""
+    for concept in map(as_dict, as_list(part.get("interpretation"))):
+        for system, code in codings(concept):
+            state = k.value("labs.interpretation").get(code or "")
+            if state and system in (None, INTERPRETATION_SYSTEM):
+                return state, _shown(part)
+    if "valueCodeableConcept" in part:
+        for state in RESULTS:
+            if matches(k.valueset(f"result-{state}"), part["valueCodeableConcept"]):
+                return state, ""
+    text = as_str(part.get("valueString"))
+    if text:
+        for state in RESULTS:
+            if k.valueset(f"result-{state}").has_text(text):
+                return state, text[:40]
+    if isinstance(part.get("valueBoolean"), bool):
+        return ("positive" if part["valueBoolean"] else "negative"), ""
+    return _read_quantity(k, name, part)
+
+
+def _read_quantity(k, name: str, part: dict) -> tuple[str | None, str]:
+    quantity = as_dict(part.get("valueQuantity"))
+    value = as_number(quantity.get("value"))
+    if value is None:
+        return None, ""
+    unit = as_str(quantity.get("unit")) or as_str(quantity.get("code")) or ""
+    comparator = as_str(quantity.get("comparator")) or ""
+    shown = f"{comparator}{value:g} {unit}".strip()
+    high = next(
+        (as_number(as_dict(r.get("high")).get("value")) for r in map(as_dict, as_list(part.get("referenceRange")))),
+        None,
+    )
+    if high is None and f"labs.antibody-cutoffs.{name}" in k.parameters and unit.casefold() in COUNTING_UNITS:
+        # The published cut-off is "negative below": a value at the cut-off is positive.
+        cutoff = k.value(f"labs.antibody-cutoffs.{name}")
+        return ("positive" if value >= cutoff and comparator not in ("<", "<=") else "negative"), shown
+    if high is None:
+        return None, shown
+    if comparator in ("<", "<=") and value <= high:
+        return "negative", shown
+    return ("positive" if value > high else "negative"), shown
+
+
+def _shown(part: dict) -> str:
+    """Show the lab's own value beside an interpretation, when it gave one."""
+    quantity = as_dict(part.get("valueQuantity"))
+    value = as_number(quantity.get("value"))
+    return "" if value is None else f"{value:g} {as_str(quantity.get('unit')) or ''}".strip()
+
+
+def antibody_fact(k, name: str, results: list[AntibodyResult], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+    """Return one antibody's fact from its latest result(s): discordant same-day results are indeterminate."""
+    label = k.text(f"labels.concepts.{name}")
+    fact = {"id": f"antibody:{name}", "t": "antibody", "name": name, "state": "not-tested"}
+    if not results:
+        return fact, f"{label}: not tested", ()
+    dated = sorted(results, key=lambda r: (r.time is not None, r.time or datetime.min, r.resource.reference))
+    last_time = dated[-1].time
+    latest = [r for r in dated if r.time == last_time]
+    states = {r.state for r in latest}
+    fact["state"] = states.pop() if len(states) == 1 else "indeterminate"
+    if last_time is not None:
+        fact["days_ago"] = days_before(last_time, now)
+    shown = "; ".join(dict.fromkeys(r.shown for r in latest if r.shown))
+    text = f"{label} {fact['state']} ({shown + ', ' if shown else ''}{day(last_time)})"
+    return fact, text, tuple(dict.fromkeys(r.resource.reference for r in latest))
+
+
+def relevant(k, data: dict) -> bool:
+    """Tell whether a laboratory Observation can matter to a rule (cheap, before validation)."""
+    if data.get("status") not in FINAL_RESULT:
+        return False
+    if is_ck(k, data) or antibody_names(k, data.get("code")):
+        return True
+    return any(antibody_names(k, as_dict(part).get("code")) for part in as_list(data.get("component")))

@@ -1,0 +1,126 @@
+"""Map medication records to the statin-exposure fact: current or past, with start, last exposure and intensity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from service.facts.fhir import (
+    Resource,
+    as_dict,
+    as_list,
+    as_str,
+    day,
+    days_before,
+    matches,
+    parse_time,
+)
+
+MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense")
+INTENSITIES = ("high", "moderate", "low")  # strongest first
+# Which statuses mean the patient is on the drug now, and which mean they were on it before.
+CURRENT = {
+    "MedicationRequest": {"active", "on-hold"},
+    "MedicationStatement": {"active", "on-hold"},
+}
+PAST = {
+    "MedicationRequest": {"completed", "stopped"},
+    "MedicationStatement": {"completed", "stopped"},
+    "MedicationAdministration": {"completed", "in-progress"},
+    "MedicationDispense": {"completed"},
+}
+
+
+@dataclass(frozen=True)
+class Exposure:
+    resource: Resource
+    current: bool
+    start: datetime | None
+    last: datetime | None  # the last day known or inferred to be on the drug
+    last_known: bool  # an explicit end or dose date, not an inference
+    intensity: str | None
+
+
+class Medications:
+    """Resolve a medication record's drug, inline, contained or referenced, and tell whether it is a statin."""
+
+    def __init__(self, k, medications: list[Resource]):
+        self._k = k
+        self._by_reference = {}
+        for resource in medications:
+            self._by_reference[resource.reference] = resource.data
+            if resource.full_url:
+                self._by_reference[resource.full_url] = resource.data
+
+    def concepts(self, data: dict) -> list:
+        """Return the drug's CodeableConcepts: the code itself and, for a Medication, its ingredients."""
+        if "medicationCodeableConcept" in data:
+            return [data["medicationCodeableConcept"]]
+        reference = as_str(as_dict(data.get("medicationReference")).get("reference")) or ""
+        if reference.startswith("#"):
+            contained = [as_dict(r) for r in as_list(data.get("contained"))]
+            medication = next((r for r in contained if r.get("id") == reference[1:]), {})
+        else:
+            medication = self._by_reference.get(reference, {})
+        ingredients = [as_dict(i).get("itemCodeableConcept") for i in as_list(medication.get("ingredient"))]
+        return [medication.get("code"), *ingredients]
+
+    def is_statin(self, data: dict) -> bool:
+        """Tell whether a medication record is for a statin (ingredient, product, ATC class or name)."""
+        sets = ["statin-ingredients", *(f"statin-{i}-intensity" for i in INTENSITIES)]
+        return any(matches(self._k.valueset(s), concept) for s in sets for concept in self.concepts(data))
+
+    def intensity(self, data: dict) -> str | None:
+        """Return the statin intensity where the product tells it."""
+        for level in INTENSITIES:
+            if any(matches(self._k.valueset(f"statin-{level}-intensity"), c) for c in self.concepts(data)):
+                return level
+        return None
+
+
+def exposure(medications: Medications, resource: Resource) -> Exposure | None:
+    """Read one statin record as an exposure, or None when its status means it was never taken."""
+    data, kind = resource.data, resource.type
+    status = data.get("status")
+    current = status in CURRENT.get(kind, ())
+    if not current and status not in PAST.get(kind, ()):
+        return None
+    period = as_dict(data.get("effectivePeriod"))
+    validity = as_dict(as_dict(data.get("dispenseRequest")).get("validityPeriod"))
+    if kind == "MedicationStatement":
+        start = parse_time(period.get("start")) or parse_time(data.get("effectiveDateTime"))
+        end, known = parse_time(period.get("end")), True
+    elif kind == "MedicationRequest":
+        start = parse_time(data.get("authoredOn")) or parse_time(validity.get("start"))
+        end, known = parse_time(validity.get("end")), False
+    else:  # a dose given or handed over: that day is known exposure
+        when = parse_time(data.get("effectiveDateTime") or data.get("whenHandedOver")) or parse_time(period.get("end"))
+        start, end, known = when, when, when is not None
+    if end is None:
+        end, known = start, False
+    return Exposure(resource, current, start, end, known and end is not None, medications.intensity(data))
+
+
+def statin_fact(found: list[Exposure], available: bool, now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+    """Return the statin-exposure fact; with no medication data at all the exposure is unknown."""
+    fact: dict = {"id": "statin", "t": "statin"}
+    if not found:
+        fact["exposure"] = "none-recorded" if available else "unknown"
+        return fact, ("statin: none recorded" if available else "statin exposure: no medication data"), ()
+    current = [e for e in found if e.current]
+    fact["exposure"] = "current" if current else "past"
+    starts = [e.start for e in found if e.start]
+    if starts:
+        fact["start_days_ago"] = days_before(min(starts), now)
+    text = "statin: " + ("current" if current else "past")
+    if not current:
+        last = max((e for e in found if e.last), key=lambda e: e.last, default=None)
+        if last:
+            fact["last_days_ago"] = days_before(last.last, now)
+            fact["stop_known"] = last.last_known
+            text += f", last exposure {day(last.last)} ({'recorded' if last.last_known else 'inferred'})"
+    levels = [e.intensity for e in (current or found) if e.intensity]
+    fact["intensity"] = min(levels, key=INTENSITIES.index) if levels else "unknown"
+    if levels:
+        text += f", {fact['intensity']} intensity"
+    return fact, text, tuple(dict.fromkeys(e.resource.reference for e in found))

@@ -1,0 +1,38 @@
+"""Log one JSON object per line, with fields we choose: never bodies, patient data, tokens or JWTs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from datetime import UTC, datetime
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as JSON; an exception shows its type and where it happened, never its message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            kind, _, tb = record.exc_info
+            entry["error"] = kind.__name__
+            entry["where"] = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(tb)][-5:]
+        return json.dumps(entry, default=str)
+
+
+def configure(level: str) -> None:
+    """Send every log record of the service as JSON lines to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The durable library logs action failures with their messages; our engine wrapper reports them.
+    logging.getLogger("durable").setLevel(logging.CRITICAL)

@@ -1,0 +1,57 @@
+"""Replay every committed scenario and compare with its expected response, exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import load, scenarios
+from service.cli import scenario_target
+
+SCENARIOS = scenarios()
+
+
+def test_there_are_enough_scenarios():
+    assert len(SCENARIOS) >= 10
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_scenario_matches_expected(client, scenario):
+    request, expected = load(scenario / "request.json"), load(scenario / "expected.json")
+    response = client.post(scenario_target(request, ""), json=request)
+    assert response.get_json() == expected
+    assert (response.status_code == 200) == ("cards" in expected)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_same_request_gives_same_response(client, scenario):
+    request = load(scenario / "request.json")
+    first = client.post(scenario_target(request, ""), json=request).get_json()
+    second = client.post(scenario_target(request, ""), json=copy.deepcopy(request)).get_json()
+    assert first == second
+
+
+HOOK_SCENARIOS = [
+    s
+    for s in SCENARIOS
+    if load(s / "request.json").get("hook") == "patient-view"
+    and "cards" in load(s / "expected.json")
+    and (load(s / "request.json")["prefetch"].get("patient") or {}).get("resourceType") == "Patient"
+]
+
+
+@pytest.mark.parametrize("scenario", HOOK_SCENARIOS, ids=[s.name for s in HOOK_SCENARIOS])
+def test_evaluate_bundle_answers_as_patient_view(client, scenario):
+    request = load(scenario / "request.json")
+    entries = []
+    for value in request["prefetch"].values():
+        if value is None:
+            continue
+        resources = [e["resource"] for e in value.get("entry", [])] if value["resourceType"] == "Bundle" else [value]
+        entries += [{"resource": r} for r in resources]
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    as_of = request["extension"]["imnm-cds.asOf"]
+    response = client.post(f"/evaluate?asOf={as_of}", json=bundle)
+    assert response.status_code == 200
+    assert response.get_json() == load(scenario / "expected.json")
