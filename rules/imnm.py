@@ -1,4 +1,4 @@
-"""IMNM suspicion: the ENMC 2017 paths, a Bayesian post-test probability, dermatomyositis and polymyositis pointers."""
+"""IMNM suspicion (ENMC 2017 paths, post-test probability); dermatomyositis and polymyositis pointers."""
 
 from durable.lang import c, m, pri, when_all
 
@@ -23,7 +23,9 @@ def define(k, emit):
     def proximal_weakness(c):
         emit.finding(c, "proximal-weakness", c.w)
 
-    @when_all(pri(1), c.bx << (of_type("biopsy") & (m.necrosis == "present") & (m.endomysial_invasion != "present")))
+    @when_all(
+        pri(1), c.bx << (of_type("biopsy") & (m.necrosis == "present") & (m.endomysial_invasion != "present"))
+    )
     def necrotizing_biopsy(c):
         emit.finding(c, "necrotizing-biopsy", c.bx)
 
@@ -88,13 +90,17 @@ def define(k, emit):
     # Work-up prompts only where no skin rash points to dermatomyositis instead.
 
     @when_all(
-        pri(2), *presentation(), *evidence(hmgcr=unresulted(), srp=m.state != "positive", rash=m.state == "unknown")
+        pri(2),
+        *presentation(),
+        *evidence(hmgcr=unresulted(), srp=m.state != "positive", rash=m.state == "unknown"),
     )
     def workup_hmgcr_missing(c):
         workup(c)
 
     @when_all(
-        pri(2), *presentation(), *evidence(hmgcr=m.state != "positive", srp=unresulted(), rash=m.state == "unknown")
+        pri(2),
+        *presentation(),
+        *evidence(hmgcr=m.state != "positive", srp=unresulted(), rash=m.state == "unknown"),
     )
     def workup_srp_missing(c):
         workup(c)
@@ -120,7 +126,9 @@ def define(k, emit):
 
     @when_all(pri(2), c.df << finding("dermatomyositis-rash"), *muscle_involvement())
     def dermatomyositis_pointer_rash(c):
-        emit.card(c, "dermatomyositis-pointer", c.df, c.mu, features=["heliotrope rash or Gottron papules/sign"])
+        emit.card(
+            c, "dermatomyositis-pointer", c.df, c.mu, features=["heliotrope rash or Gottron papules/sign"]
+        )
 
     @when_all(
         pri(2),
@@ -128,7 +136,13 @@ def define(k, emit):
         *muscle_involvement(),
     )
     def dermatomyositis_pointer_antibody(c):
-        emit.card(c, "dermatomyositis-pointer", c.ab, c.mu, features=[k.text(f"labels.concepts.{c.ab.name}") + " positive"])
+        emit.card(
+            c,
+            "dermatomyositis-pointer",
+            c.ab,
+            c.mu,
+            features=[k.text(f"labels.concepts.{c.ab.name}") + " positive"],
+        )
 
     @when_all(
         pri(2),
@@ -139,7 +153,11 @@ def define(k, emit):
         emit.card(c, "polymyositis-pointer", c.ib)
 
     def workup(c):
-        missing = [n for n, f in (("anti-hmgcr", c.hmgcr), ("anti-srp", c.srp)) if f.state in ("not-tested", "indeterminate")]
+        missing = [
+            n
+            for n, f in (("anti-hmgcr", c.hmgcr), ("anti-srp", c.srp))
+            if f.state in ("not-tested", "indeterminate")
+        ]
         labels = " and ".join(k.text(f"labels.concepts.{n}") for n in missing)
         suspect(c, "imnm-workup", missing_tests=labels, orders=[*missing, "mri-thighs"])
 
@@ -174,7 +192,9 @@ def define(k, emit):
             ("anti-srp", c.srp.state),
             ("necrotizing-biopsy", biopsy_result(c.bx)),
         ):
-            if state not in ("positive", "negative") or (subtype_found and test in IMNM_ANTIBODIES and state == "negative"):
+            if state not in ("positive", "negative") or (
+                subtype_found and test in IMNM_ANTIBODIES and state == "negative"
+            ):
                 continue
             sensitivity, specificity = f"imnm.tests.{test}.sensitivity", f"imnm.tests.{test}.specificity"
             ratio = likelihood_ratio(k.value(sensitivity), k.value(specificity), state == "positive")
@@ -196,7 +216,7 @@ def define(k, emit):
 
 
 def biopsy_result(bx) -> str | None:
-    """Read a biopsy as a test for IMNM: positive (necrotizing pattern), negative (no necrosis), else unknown."""
+    """Read a biopsy as a test for IMNM: positive (necrotizing), negative (no necrosis), else unknown."""
     if bx.necrosis == "present" and bx.endomysial_invasion != "present":
         return "positive"
     if bx.necrosis == "absent":

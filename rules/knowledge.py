@@ -179,9 +179,9 @@ class Knowledge:
         return list(seen)
 
 
-def load(overrides: Path | None = None) -> Knowledge:
-    """Load every knowledge file in rules/, apply local overrides, and check them all."""
-    root = resources.files("rules")
+def load(overrides: Path | None = None, root: Path | None = None) -> Knowledge:
+    """Load every knowledge file in rules/ (or a copy of it), apply local overrides, and check them all."""
+    root = root if root is not None else resources.files("rules")
     sources = _load_sources(_read_toml(root / "sources.toml"))
     parameters: dict[str, Parameter] = {}
     texts: dict[str, str] = {}
@@ -252,6 +252,8 @@ def _parameter(path: str, entry: dict, sources: Mapping[str, Source]) -> Paramet
     ):
         raise KnowledgeError(f"{path}: range must be [low, high]")
     known = {"value", "source", "unit", "note", "range"}
+    if any(not isinstance(v, str | bool) for k, v in entry.items() if k not in known):
+        raise KnowledgeError(f"{path}: a parameter's other attributes take only words or true/false")
     param = Parameter(
         key=path,
         value=entry["value"],
@@ -302,8 +304,14 @@ def _flatten_overrides(prefix: str, table: dict, found: dict, parameters: dict) 
         current = parameters.get(path)
         if current is None:
             raise KnowledgeError(f"override {path}: no such parameter")
-        if set(value) - {"value", "source"} or not isinstance(value.get("source"), str) or not value["source"]:
-            raise KnowledgeError(f"override {path}: give exactly a value and a source (who decided it, and why)")
+        if (
+            set(value) - {"value", "source"}
+            or not isinstance(value.get("source"), str)
+            or not value["source"]
+        ):
+            raise KnowledgeError(
+                f"override {path}: give exactly a value and a source (who decided it, and why)"
+            )
         if type(value["value"]) is not type(current.value) and not (
             isinstance(value["value"], int | float) and isinstance(current.value, int | float)
         ):
@@ -352,7 +360,9 @@ def _valueset(raw: dict) -> ValueSet:
         for concept in include.get("concept", []):
             level = _extension(concept, "verification")
             if level not in ("A", "B", "C"):
-                raise KnowledgeError(f"valueset {raw['id']}: {concept['code']} lacks a verification level A-C")
+                raise KnowledgeError(
+                    f"valueset {raw['id']}: {concept['code']} lacks a verification level A-C"
+                )
             codes[(system, normalise_code(system, concept["code"]))] = level
         for flt in include.get("filter", []):
             if flt["property"] != "concept" or flt["op"] != "is-a":
@@ -383,7 +393,9 @@ def _load_orders(table: dict) -> dict[str, Order]:
             label=entry["label"],
             text=entry["text"],
             reason=entry["reason"],
-            coding=MappingProxyType({k: v for k, v in coding.items() if k != "verification"}) if coding else None,
+            coding=MappingProxyType({k: v for k, v in coding.items() if k != "verification"})
+            if coding
+            else None,
         )
         ServiceRequest.model_validate(service_request(order, "example"))
         orders[key] = order
@@ -426,7 +438,9 @@ def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[st
             raise KnowledgeError(f"card {key}: unknown topic or indicator")
         widest = _render_widest(card.summary)
         if len(widest) >= SUMMARY_LIMIT:
-            raise KnowledgeError(f"card {key}: summary may reach {len(widest)} characters (limit < {SUMMARY_LIMIT})")
+            raise KnowledgeError(
+                f"card {key}: summary may reach {len(widest)} characters (limit < {SUMMARY_LIMIT})"
+            )
         cards[key] = card
     return cards
 

@@ -1,4 +1,4 @@
-"""Patterns over the facts the service asserts (each call builds a fresh expression, as aliasing mutates it)."""
+"""Patterns over the facts the service asserts (a fresh expression per call: aliasing mutates it)."""
 
 from durable.lang import m
 

@@ -1,4 +1,4 @@
-"""The HTTP surface: CDS Hooks discovery and services, Bundle evaluation, health; failures as OperationOutcome."""
+"""CDS Hooks discovery and services, Bundle evaluation, health; errors as OperationOutcome."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ HTTP_ISSUE = {404: "not-found", 405: "not-supported", 413: "too-long", 415: "not
 
 
 def create_app(config: Settings | Mapping | None = None) -> Flask:
-    """Build the app: settings checked, knowledge loaded and rules compiled now, so bad ones fail the start."""
+    """Build the app: settings checked, knowledge loaded, rules compiled now, so bad ones fail the start."""
     settings = config if isinstance(config, Settings) else Settings.from_env(**dict(config or {}))
     logs.configure(settings.log_level)
     evaluator = Evaluator(settings)
@@ -68,7 +68,9 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return _outcome(exc.code or 500, [Issue(HTTP_ISSUE.get(exc.code, "processing"), exc.description or exc.name)])
+        return _outcome(
+            exc.code or 500, [Issue(HTTP_ISSUE.get(exc.code, "processing"), exc.description or exc.name)]
+        )
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

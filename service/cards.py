@@ -38,7 +38,9 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
         opening[:1].upper() + opening[1:],
         probability_section(k, params),
         basis_section("Evidence", [facts.basis[i] for i in conclusion.basis if facts.basis[i].references]),
-        basis_section("Not known", [facts.basis[i] for i in conclusion.basis if not facts.basis[i].references]),
+        basis_section(
+            "Not known", [facts.basis[i] for i in conclusion.basis if not facts.basis[i].references]
+        ),
         list_section("Data not used", facts.notes),
         certainty_section(k, text.source, params.get("cited", ())),
     ]
@@ -56,7 +58,11 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
             {"code": code, "system": OVERRIDE_SYSTEM, "display": display}
             for code, display in k.override_reasons.items()
         ],
-        "extension": {"rules": list(conclusion.rules), "evidence": references, **probability_extension(params)},
+        "extension": {
+            "rules": list(conclusion.rules),
+            "evidence": references,
+            **probability_extension(params),
+        },
     }
     chosen = params.get("orders")
     suggestions = [
@@ -118,7 +124,9 @@ def probability_section(k, params: Mapping) -> str:
         return opening + "; no test result is available yet to update it."
     lines = [f"{opening} → post-test {percent(params['probability'])}."]
     lines += ["", "| Evidence | Likelihood ratio | Probability after |", "|---|---|---|"]
-    lines += [f"| {s.evidence} | {s.likelihood_ratio:.3g} | {percent(s.probability)} |" for s in params["steps"]]
+    lines += [
+        f"| {s.evidence} | {s.likelihood_ratio:.3g} | {percent(s.probability)} |" for s in params["steps"]
+    ]
     tests = sorted({key.rsplit(".", 2)[1] for key in params["cited"] if key.startswith("imnm.tests.")})
     described = "; ".join(
         f"{k.text(f'labels.concepts.{t}')}: sensitivity {k.value(f'imnm.tests.{t}.sensitivity'):.0%}, "
@@ -147,7 +155,7 @@ def list_section(title: str, lines, bullets: bool = True) -> str:
 
 
 def certainty_section(k, source, cited) -> str:
-    """Say how sure the sources behind this card are, naming each value that is not verified or set locally."""
+    """Say how sure the card's sources are, naming each value that is not verified or set locally."""
     used: dict[str, list[str]] = {source.id: []}
     sources = {source.id: source}
     for key in cited:

@@ -10,6 +10,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
+from gunicorn.app.base import BaseApplication
+
+from service import hooks
+from service.app import create_app
+from service.config import Settings
+from service.outcome import ApiError, operation_outcome
+from service.pipeline import Evaluator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument("--threads", type=int, default=8)
-    serve.add_argument("--timeout", type=int, default=30, help="seconds before gunicorn restarts a stuck worker")
+    serve.add_argument(
+        "--timeout", type=int, default=30, help="seconds before gunicorn restarts a stuck worker"
+    )
 
-    evaluate = commands.add_parser("evaluate", help="evaluate CDS Hooks requests or Bundles offline; print cards")
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate CDS Hooks requests or Bundles offline; print cards"
+    )
     evaluate.add_argument("files", nargs="+", type=Path)
 
-    replay = commands.add_parser("replay", help="post every fixture to a server and diff against expected.json")
+    replay = commands.add_parser(
+        "replay", help="post every fixture to a server and diff against expected.json"
+    )
     replay.add_argument("directory", type=Path)
-    replay.add_argument("--url", required=True, help="base URL of a running service, e.g. http://127.0.0.1:8080")
+    replay.add_argument(
+        "--url", required=True, help="base URL of a running service, e.g. http://127.0.0.1:8080"
+    )
     replay.add_argument("--timeout", type=float, default=10.0)
 
     args = parser.parse_args(argv)
@@ -38,9 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_serve(args) -> int:
     """Serve the app factory under gunicorn with threaded workers."""
-    from gunicorn.app.base import BaseApplication
-
-    from service.app import create_app
 
     class Server(BaseApplication):
         def load_config(self):
@@ -59,12 +71,7 @@ def run_serve(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    """Print the response for each file: one JSON document for one file, an object keyed by path for several."""
-    from service import hooks
-    from service.config import Settings
-    from service.outcome import ApiError, operation_outcome
-    from service.pipeline import Evaluator
-
+    """Print each file's response: the document itself for one file, an object keyed by path for several."""
     evaluator = Evaluator(Settings.from_env())
     results, failed = {}, False
     for path in args.files:
@@ -90,8 +97,6 @@ def run_evaluate(args) -> int:
 
 def scenario_target(request: dict, base_url: str) -> str:
     """Return where a fixture request goes: a Bundle to /evaluate, a hook request to its service."""
-    from service import hooks
-
     if request.get("resourceType") == "Bundle":
         return f"{base_url}/evaluate"
     return f"{base_url}/cds-services/{hooks.service_for(request.get('hook')).id}"

@@ -51,27 +51,37 @@ def _file(text: str) -> Path | None:
     return path
 
 
-def setting(default, parse: Callable[[str], object], doc: str):
-    """Declare a setting: its default, how its environment text is parsed and checked, and what it is for."""
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def about(parse: Callable[[str], object], doc: str) -> dict:
+    """Describe a setting: how its environment text is parsed and checked, and what it is for."""
+    return {"parse": parse, "doc": doc}
 
 
 @dataclass(frozen=True)
 class Settings:
-    max_body_bytes: int = setting(
-        5 * 1024 * 1024, _int(1024, 512 * 1024 * 1024), "Largest request body accepted; larger gets 413."
+    max_body_bytes: int = field(
+        default=5 * 1024 * 1024,
+        metadata=about(_int(1024, 512 * 1024 * 1024), "Largest request body accepted; larger gets 413."),
     )
-    max_json_depth: int = setting(64, _int(8, 512), "Deepest JSON nesting accepted; deeper gets 400.")
-    engine_sessions: int = setting(
-        32, _int(1, 512), "Rule-engine sessions one process runs at once (the engine breaks at 1024)."
+    max_json_depth: int = field(
+        default=64, metadata=about(_int(8, 512), "Deepest JSON nesting accepted; deeper gets 400.")
     )
-    engine_wait_seconds: float = setting(
-        2.0, _float(0.0, 60.0), "How long a request waits for a free engine session before a 503."
+    engine_sessions: int = field(
+        default=32,
+        metadata=about(
+            _int(1, 512), "Rule-engine sessions one process runs at once (the engine breaks at 1024)."
+        ),
     )
-    knowledge_overrides: Path | None = setting(
-        None, _file, "A TOML file of local values for cited parameters in rules/ (each with its own source)."
+    engine_wait_seconds: float = field(
+        default=2.0,
+        metadata=about(_float(0.0, 60.0), "How long a request waits for a free engine session before a 503."),
     )
-    log_level: str = setting("INFO", _level, "DEBUG, INFO, WARNING or ERROR.")
+    knowledge_overrides: Path | None = field(
+        default=None,
+        metadata=about(
+            _file, "A TOML file of local values for cited parameters in rules/, each with its own source."
+        ),
+    )
+    log_level: str = field(default="INFO", metadata=about(_level, "DEBUG, INFO, WARNING or ERROR."))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -94,4 +104,6 @@ class Settings:
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:
         """List (variable, default, meaning) for the README."""
-        return [(PREFIX + f.name.upper(), repr(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)]
+        return [
+            (PREFIX + f.name.upper(), repr(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)
+        ]

@@ -127,8 +127,13 @@ def _merge(record: _Record, rule: str | None, basis: Iterable, params: dict) -> 
         record.rules.append(rule)
     record.basis.extend(b.id for b in basis if b.id not in record.basis)
     for name, value in params.items():
-        if isinstance(value, list) and isinstance(record.params.get(name), list):
-            record.params[name] = sorted(set(record.params[name]) | set(value))
+        known = record.params.get(name)
+        if (
+            isinstance(value, list)
+            and isinstance(known, list)
+            and all(isinstance(v, str) for v in known + value)
+        ):
+            record.params[name] = sorted(set(known) | set(value))  # e.g. features found by two rules
         else:
             record.params.setdefault(name, value)
 
@@ -336,6 +341,8 @@ def _outcome(session: _Session) -> Outcome:
     for key, record in sorted(session.cards.items()):
         rules, basis = expand(record.basis)
         conclusions.append(
-            Conclusion(key, tuple(sorted(set(record.rules) | set(rules))), basis, MappingProxyType(record.params))
+            Conclusion(
+                key, tuple(sorted(set(record.rules) | set(rules))), basis, MappingProxyType(record.params)
+            )
         )
     return Outcome(tuple(findings), tuple(conclusions))

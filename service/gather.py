@@ -40,8 +40,12 @@ def from_prefetch(request: HookRequest) -> Gathered:
         where = f"prefetch.{key.key}"
         if key.key not in request.prefetch:
             if key.required:
-                raise error(412, "processing", f"required prefetch key {key.key!r} is missing and no FHIR server "
-                            "was given to fetch it", where)
+                raise error(
+                    412,
+                    "processing",
+                    f"required prefetch key {key.key!r} is missing and no FHIR server was given to fetch it",
+                    where,
+                )
             continue
         available.add(key.resource_type)
         value = request.prefetch[key.key]
@@ -63,8 +67,12 @@ def _unpack(value: dict, where: str) -> list[Resource]:
         if resource is None:
             continue
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            raise error(400, "structure", "a Bundle entry's resource must be a FHIR resource",
-                        f"{where}.entry[{index}].resource")
+            raise error(
+                400,
+                "structure",
+                "a Bundle entry's resource must be a FHIR resource",
+                f"{where}.entry[{index}].resource",
+            )
         if resource["resourceType"] == "OperationOutcome":
             _check_outcome(resource, f"{where}.entry[{index}]")
             continue
@@ -76,7 +84,9 @@ def _check_outcome(outcome: dict, where: str) -> None:
     """Fail on an OperationOutcome reporting an error (the client could not prefetch); ignore warnings."""
     severities = {as_dict(issue).get("severity") for issue in as_list(outcome.get("issue"))}
     if severities & FAILED or not severities:
-        raise error(412, "processing", "the client reported that this prefetch failed (OperationOutcome)", where)
+        raise error(
+            412, "processing", "the client reported that this prefetch failed (OperationOutcome)", where
+        )
 
 
 def from_bundle(bundle) -> Gathered:
@@ -84,7 +94,9 @@ def from_bundle(bundle) -> Gathered:
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise error(400, "structure", "the body must be a FHIR Bundle", "resourceType")
     if bundle.get("type") not in BUNDLE_TYPES:
-        raise error(400, "value", f"Bundle.type must be one of {', '.join(sorted(BUNDLE_TYPES))}", "Bundle.type")
+        raise error(
+            400, "value", f"Bundle.type must be one of {', '.join(sorted(BUNDLE_TYPES))}", "Bundle.type"
+        )
     resources = _unpack(bundle, "Bundle")
     patients = [r for r in resources if r.type == "Patient"]
     if not patients:
@@ -93,8 +105,12 @@ def from_bundle(bundle) -> Gathered:
     if None in identities:
         raise error(400, "invalid", "a Patient in the Bundle has neither id nor fullUrl", "Bundle.entry")
     if len(identities) > 1:
-        raise error(400, "invalid", "the Bundle holds more than one patient; post one patient per Bundle",
-                    "Bundle.entry")
+        raise error(
+            400,
+            "invalid",
+            "the Bundle holds more than one patient; post one patient per Bundle",
+            "Bundle.entry",
+        )
     patient = patients[0]
     patient_id = patient.data.get("id") or patient.full_url
     _check_subjects(resources, patient_id, aliases={patient.full_url} - {None})
@@ -102,7 +118,9 @@ def from_bundle(bundle) -> Gathered:
     return Gathered(patient_id, tuple(resources), frozenset({"Patient", *SUBJECT}))
 
 
-def _check_subjects(resources: list[Resource], patient_id: str, aliases: frozenset | set = frozenset()) -> None:
+def _check_subjects(
+    resources: list[Resource], patient_id: str, aliases: frozenset | set = frozenset()
+) -> None:
     """Refuse data about anyone but the patient in context: it would make a wrong card."""
     for resource in resources:
         if resource.type == "Patient":
@@ -113,8 +131,12 @@ def _check_subjects(resources: list[Resource], patient_id: str, aliases: frozens
         else:
             continue
         if not same:
-            raise error(400, "invalid", f"a {resource.type} belongs to a different patient than the one in context",
-                        resource.location)
+            raise error(
+                400,
+                "invalid",
+                f"a {resource.type} belongs to a different patient than the one in context",
+                resource.location,
+            )
 
 
 def _patient_id(reference: str) -> str | None:

@@ -63,14 +63,19 @@ PATIENT_VIEW = Service(
     ),
     prefetch=(
         PrefetchKey("patient", f"Patient/{PATIENT}", "Patient", required=True),
-        PrefetchKey("labs", f"Observation?patient={PATIENT}&category=laboratory", "Observation", required=True),
+        PrefetchKey(
+            "labs", f"Observation?patient={PATIENT}&category=laboratory", "Observation", required=True
+        ),
         PrefetchKey("conditions", f"Condition?patient={PATIENT}", "Condition", required=True),
         PrefetchKey("exams", f"Observation?patient={PATIENT}&category=exam", "Observation", required=False),
         PrefetchKey(
             "medicationRequests", f"MedicationRequest?patient={PATIENT}", "MedicationRequest", required=False
         ),
         PrefetchKey(
-            "medicationStatements", f"MedicationStatement?patient={PATIENT}", "MedicationStatement", required=False
+            "medicationStatements",
+            f"MedicationStatement?patient={PATIENT}",
+            "MedicationStatement",
+            required=False,
         ),
         PrefetchKey("reports", f"DiagnosticReport?patient={PATIENT}", "DiagnosticReport", required=False),
     ),
@@ -105,7 +110,7 @@ class HookRequest:
 
 
 def parse(service: Service, body, now: datetime) -> HookRequest:
-    """Check a CDS Hooks request against the spec and this service, raising a 400 ApiError naming the field."""
+    """Check a CDS Hooks request against the spec and this service; a 400 ApiError names the field."""
     if not isinstance(body, dict):
         raise error(400, "structure", "the request body must be a JSON object")
     if body.get("hook") != service.hook:
@@ -118,7 +123,9 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
         raise error(400, "required", "context must be a JSON object", "context")
     for name in service.context:
         if not isinstance(context.get(name), str) or not context[name].strip():
-            raise error(400, "required", f"context.{name} is required (a non-empty string)", f"context.{name}")
+            raise error(
+                400, "required", f"context.{name} is required (a non-empty string)", f"context.{name}"
+            )
     server, authorization = body.get("fhirServer"), body.get("fhirAuthorization")
     if server is not None and (not isinstance(server, str) or not re.match(r"^https?://\S+$", server)):
         raise error(400, "value", "fhirServer must be an absolute http(s) URL", "fhirServer")
@@ -129,7 +136,12 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
         raise error(400, "structure", "prefetch must be a JSON object", "prefetch")
     for key, value in prefetch.items():
         if value is not None and not (isinstance(value, dict) and isinstance(value.get("resourceType"), str)):
-            raise error(400, "structure", "a prefetch value must be a FHIR resource, a Bundle or null", f"prefetch.{key}")
+            raise error(
+                400,
+                "structure",
+                "a prefetch value must be a FHIR resource, a Bundle or null",
+                f"prefetch.{key}",
+            )
     return HookRequest(
         service=service,
         hook_instance=instance,
@@ -155,12 +167,20 @@ def _check_authorization(authorization, server) -> None:
         raise error(400, "structure", "fhirAuthorization must be a JSON object", "fhirAuthorization")
     if server is None:
         raise error(400, "required", "fhirServer is required when fhirAuthorization is given", "fhirServer")
-    for name, kind in (("access_token", str), ("token_type", str), ("expires_in", int), ("scope", str), ("subject", str)):
+    for name, kind in (
+        ("access_token", str),
+        ("token_type", str),
+        ("expires_in", int),
+        ("scope", str),
+        ("subject", str),
+    ):
         value = authorization.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise error(400, "required", f"fhirAuthorization.{name} is required", f"fhirAuthorization.{name}")
-    if authorization["token_type"] != "Bearer":
-        raise error(400, "value", "fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type")
+    if authorization["token_type"] != "Bearer":  # noqa: S105 (the token type, not a secret)
+        raise error(
+            400, "value", "fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type"
+        )
 
 
 def _as_of(extension, now: datetime) -> datetime:

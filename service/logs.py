@@ -23,7 +23,9 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             kind, _, tb = record.exc_info
             entry["error"] = kind.__name__
-            entry["where"] = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(tb)][-5:]
+            entry["where"] = [
+                f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(tb)
+            ][-5:]
         return json.dumps(entry, default=str)
 
 

@@ -73,7 +73,9 @@ class Evaluator:
         except EngineBusy:
             raise error(503, "transient", "the service is at capacity; retry shortly") from None
         except EngineError as exc:
-            raise error(500, "exception", "the rule engine failed on this request; no advice was produced") from exc
+            raise error(
+                500, "exception", "the rule engine failed on this request; no advice was produced"
+            ) from exc
         timings["rules"] = _since(started)
         started = time.perf_counter()
         built = cards.build(self.knowledge, outcome, fact_set, gathered.patient_id)
@@ -86,7 +88,9 @@ class Evaluator:
         if not self.engine.healthy:
             return "the rule engine needs a restart"
         try:
-            self.engine.evaluate(facts.build(self.knowledge, [], now=datetime.now(UTC), available=frozenset()).facts)
+            self.engine.evaluate(
+                facts.build(self.knowledge, [], now=datetime.now(UTC), available=frozenset()).facts
+            )
         except EngineError:
             return "the rule engine cannot evaluate"
         return None
@@ -100,13 +104,31 @@ def warm_up() -> None:
         {"resourceType": "Condition", "subject": {"reference": "Patient/x"}},
         {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "warm-up"}},
         {"resourceType": "Medication"},
-        {"resourceType": "MedicationRequest", "status": "active", "intent": "order", "subject": {"reference": "Patient/x"},
-         "medicationCodeableConcept": {"text": "warm-up"}},
-        {"resourceType": "MedicationStatement", "status": "active", "subject": {"reference": "Patient/x"},
-         "medicationCodeableConcept": {"text": "warm-up"}},
-        {"resourceType": "MedicationAdministration", "status": "completed", "subject": {"reference": "Patient/x"},
-         "medicationCodeableConcept": {"text": "warm-up"}, "effectiveDateTime": "2024-01-01"},
-        {"resourceType": "MedicationDispense", "status": "completed", "medicationCodeableConcept": {"text": "warm-up"}},
+        {
+            "resourceType": "MedicationRequest",
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/x"},
+            "medicationCodeableConcept": {"text": "warm-up"},
+        },
+        {
+            "resourceType": "MedicationStatement",
+            "status": "active",
+            "subject": {"reference": "Patient/x"},
+            "medicationCodeableConcept": {"text": "warm-up"},
+        },
+        {
+            "resourceType": "MedicationAdministration",
+            "status": "completed",
+            "subject": {"reference": "Patient/x"},
+            "medicationCodeableConcept": {"text": "warm-up"},
+            "effectiveDateTime": "2024-01-01",
+        },
+        {
+            "resourceType": "MedicationDispense",
+            "status": "completed",
+            "medicationCodeableConcept": {"text": "warm-up"},
+        },
     ):
         validate(Resource(data))
 

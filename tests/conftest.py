@@ -50,10 +50,20 @@ def evaluator(app):
 
 def hook_request(patient_id: str = "p1", resources=(), **prefetch_overrides) -> dict:
     """A patient-view request whose prefetch holds these resources under the right keys."""
-    keys = {"Observation": "labs", "Condition": "conditions", "DiagnosticReport": "reports",
-            "MedicationRequest": "medicationRequests", "MedicationStatement": "medicationStatements"}
+    keys = {
+        "Observation": "labs",
+        "Condition": "conditions",
+        "DiagnosticReport": "reports",
+        "MedicationRequest": "medicationRequests",
+        "MedicationStatement": "medicationStatements",
+    }
     prefetch = {
-        "patient": {"resourceType": "Patient", "id": patient_id, "gender": "female", "birthDate": "1960-01-01"},
+        "patient": {
+            "resourceType": "Patient",
+            "id": patient_id,
+            "gender": "female",
+            "birthDate": "1960-01-01",
+        },
         "labs": _bundle([]),
         "conditions": _bundle([]),
     }
@@ -74,14 +84,31 @@ def _bundle(resources) -> dict:
     return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in resources]}
 
 
-def observation(id_: str, code: dict, when: str = "2024-05-01T08:00:00Z", patient: str = "p1", **values) -> dict:
-    return {"resourceType": "Observation", "id": id_, "status": values.pop("status", "final"), "code": code,
-            "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": when, **values}
+def observation(
+    id_: str, code: dict, when: str = "2024-05-01T08:00:00Z", patient: str = "p1", **values
+) -> dict:
+    return {
+        "resourceType": "Observation",
+        "id": id_,
+        "status": values.pop("status", "final"),
+        "code": code,
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": when,
+        **values,
+    }
 
 
-def ck(id_: str, value: float, when: str = "2024-05-01T08:00:00Z", unit: str = "U/L", high: float | None = 200,
-       **extra) -> dict:
-    values = {"valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}}
+def ck(
+    id_: str,
+    value: float,
+    when: str = "2024-05-01T08:00:00Z",
+    unit: str = "U/L",
+    high: float | None = 200,
+    **extra,
+) -> dict:
+    values = {
+        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+    }
     if high is not None:
         values["referenceRange"] = [{"high": {"value": high, "unit": unit}}]
     return observation(id_, {"coding": [{"system": LOINC, "code": "2157-6"}]}, when, **values, **extra)
@@ -91,12 +118,20 @@ def antibody(id_: str, text: str, when: str = "2024-05-02T08:00:00Z", **values) 
     return observation(id_, {"text": text}, when, **values)
 
 
-def condition(id_: str, code: str | None = None, text: str | None = None, patient: str = "p1", **extra) -> dict:
+def condition(
+    id_: str, code: str | None = None, text: str | None = None, patient: str = "p1", **extra
+) -> dict:
     concept = {"coding": [{"system": SNOMED, "code": code}]} if code else {}
     if text:
         concept["text"] = text
-    return {"resourceType": "Condition", "id": id_, "code": concept, "subject": {"reference": f"Patient/{patient}"},
-            "onsetDateTime": "2024-04-01", **extra}
+    return {
+        "resourceType": "Condition",
+        "id": id_,
+        "code": concept,
+        "subject": {"reference": f"Patient/{patient}"},
+        "onsetDateTime": "2024-04-01",
+        **extra,
+    }
 
 
 WEAKNESS = "249939004"

@@ -73,9 +73,19 @@ def test_a_valid_request_answers_cards_that_validate(client):
         (lambda r: r.update(extension={"imnm-cds.asOf": "yesterday"}), "extension.imnm-cds.asOf"),
     ],
     ids=[
-        "wrong-hook", "bad-hookInstance", "no-hookInstance", "context-not-object", "no-patientId",
-        "empty-patientId", "no-userId", "prefetch-not-object", "prefetch-value-string", "prefetch-no-resourceType",
-        "fhirServer-not-url", "authorization-without-server", "bad-asOf",
+        "wrong-hook",
+        "bad-hookInstance",
+        "no-hookInstance",
+        "context-not-object",
+        "no-patientId",
+        "empty-patientId",
+        "no-userId",
+        "prefetch-not-object",
+        "prefetch-value-string",
+        "prefetch-no-resourceType",
+        "fhirServer-not-url",
+        "authorization-without-server",
+        "bad-asOf",
     ],
 )
 def test_bad_requests_get_400_naming_the_field(client, mutate, expression):
@@ -86,8 +96,13 @@ def test_bad_requests_get_400_naming_the_field(client, mutate, expression):
 
 @pytest.mark.parametrize(
     ("body", "content_type"),
-    [(b"{not json", "application/json"), (b"\xff\xfe", "application/json"), (b"[1, 2]", "application/json"),
-     (b"", "application/json"), (b"null", "application/fhir+json")],
+    [
+        (b"{not json", "application/json"),
+        (b"\xff\xfe", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b"", "application/json"),
+        (b"null", "application/fhir+json"),
+    ],
     ids=["truncated", "not-utf8", "array", "empty", "null"],
 )
 def test_malformed_bodies_get_400(client, body, content_type):
@@ -144,7 +159,10 @@ def test_prefetch_operation_outcome_error_gets_412(client, severity):
 
 def test_prefetch_operation_outcome_warning_in_a_searchset_is_ignored(client):
     request = hook_request(resources=[ck("ck1", 3000), condition("w1", WEAKNESS)])
-    warning = {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "not-supported"}]}
+    warning = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "warning", "code": "not-supported"}],
+    }
     request["prefetch"]["labs"]["entry"].append({"resource": warning, "search": {"mode": "outcome"}})
     response = client.post(SERVICE, json=request)
     assert response.status_code == 200
@@ -166,8 +184,13 @@ def test_invalid_relevant_resource_gets_400_with_its_location(client):
 
 
 def test_invalid_irrelevant_resource_is_skipped(client):
-    junk = {"resourceType": "Observation", "id": "glucose", "status": "final", "code": {"text": "glucose"},
-            "valueQuantity": {"value": "high"}}
+    junk = {
+        "resourceType": "Observation",
+        "id": "glucose",
+        "status": "final",
+        "code": {"text": "glucose"},
+        "valueQuantity": {"value": "high"},
+    }
     request = hook_request(resources=[junk, ck("ck1", 3000), condition("w1", WEAKNESS)])
     assert client.post(SERVICE, json=request).status_code == 200
 
@@ -186,10 +209,21 @@ def test_data_about_another_patient_gets_400(client):
         ({"resourceType": "Patient"}, "must be a FHIR Bundle"),
         ({"resourceType": "Bundle", "type": "document", "entry": []}, "Bundle.type"),
         ({"resourceType": "Bundle", "type": "collection", "entry": []}, "no Patient"),
-        ({"resourceType": "Bundle", "type": "collection", "entry": [
-            {"resource": {"resourceType": "Patient", "id": "a"}},
-            {"resource": {"resourceType": "Patient", "id": "b"}}]}, "more than one patient"),
-        ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": "Patient/1"}]}, "FHIR resource"),
+        (
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [
+                    {"resource": {"resourceType": "Patient", "id": "a"}},
+                    {"resource": {"resourceType": "Patient", "id": "b"}},
+                ],
+            },
+            "more than one patient",
+        ),
+        (
+            {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": "Patient/1"}]},
+            "FHIR resource",
+        ),
     ],
     ids=["not-bundle", "document", "no-patient", "two-patients", "entry-not-resource"],
 )
@@ -200,8 +234,16 @@ def test_evaluate_refuses_bundles_it_cannot_answer_for(client, bundle, fragment)
 
 def test_evaluate_uses_bundle_timestamp_as_now(client):
     patient = {"resourceType": "Patient", "id": "p1", "birthDate": "2000-06-01"}
-    bundle = {"resourceType": "Bundle", "type": "batch", "timestamp": "2010-01-01T00:00:00Z",
-              "entry": [{"resource": patient}, {"resource": ck("ck1", 3000)}, {"resource": condition("w", WEAKNESS)}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "timestamp": "2010-01-01T00:00:00Z",
+        "entry": [
+            {"resource": patient},
+            {"resource": ck("ck1", 3000)},
+            {"resource": condition("w", WEAKNESS)},
+        ],
+    }
     cards = client.post("/evaluate", json=bundle).get_json()["cards"]
     assert cards and "CK peak 3,000 U/L" in cards[0]["detail"]
     assert_outcome(client.post("/evaluate?hook=order-sign", json=bundle), 400, "hook")
@@ -253,7 +295,9 @@ def test_exhausted_engine_sessions_give_503(monkeypatch):
     app = create_app()
     evaluator = app.extensions["imnm_cds"]
     gate, entered = threading.Event(), threading.Event()
-    engine = Engine(knowledge_module.load(), [blocking_rules(gate, entered)], max_sessions=1, wait_seconds=0.05)
+    engine = Engine(
+        knowledge_module.load(), [blocking_rules(gate, entered)], max_sessions=1, wait_seconds=0.05
+    )
     monkeypatch.setattr(evaluator, "engine", engine)
     first = threading.Thread(target=lambda: app.test_client().post(SERVICE, json=hook_request()))
     first.start()
@@ -268,9 +312,12 @@ def test_exhausted_engine_sessions_give_503(monkeypatch):
 
 
 def test_antibody_only_by_text_counts(client):
-    request = hook_request(resources=[
-        ck("ck1", 3000), condition("w1", WEAKNESS),
-        antibody("a1", "HMG-CoA reductase antibody", valueString="Positive"),
-    ])
+    request = hook_request(
+        resources=[
+            ck("ck1", 3000),
+            condition("w1", WEAKNESS),
+            antibody("a1", "HMG-CoA reductase antibody", valueString="Positive"),
+        ]
+    )
     card = client.post(SERVICE, json=request).get_json()["cards"][0]
     assert card["extension"]["rules"][-1] == "imnm.seropositive_hmgcr"

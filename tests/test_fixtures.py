@@ -48,7 +48,9 @@ def test_evaluate_bundle_answers_as_patient_view(client, scenario):
     for value in request["prefetch"].values():
         if value is None:
             continue
-        resources = [e["resource"] for e in value.get("entry", [])] if value["resourceType"] == "Bundle" else [value]
+        resources = (
+            [e["resource"] for e in value.get("entry", [])] if value["resourceType"] == "Bundle" else [value]
+        )
         entries += [{"resource": r} for r in resources]
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     as_of = request["extension"]["imnm-cds.asOf"]

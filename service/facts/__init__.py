@@ -62,7 +62,9 @@ def build(k, resources: Iterable[Resource], *, now: datetime, available: frozens
 
     notes: list[str] = []
     entries = [patient_fact(patients[0] if patients else None, now)]
-    entries.append(labs.ck_fact(k, labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes), now))
+    entries.append(
+        labs.ck_fact(k, labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes), now)
+    )
     antibody_results = labs.antibody_results(k, lab_results, notes)
     entries += [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
     entries += [

@@ -58,7 +58,10 @@ def biopsy_fact(k, reports: list[Resource], now: datetime) -> tuple[dict, str, t
     fact.update(dict.fromkeys((n.replace("-", "_") for n in k.children("biopsy.features")), "unknown"))
     if not reports:
         return fact, "muscle biopsy: none reported", ()
-    latest = max(reports, key=lambda r: (effective_time(r.data) or datetime.min.replace(tzinfo=now.tzinfo), r.reference))
+    latest = max(
+        reports,
+        key=lambda r: (effective_time(r.data) or datetime.min.replace(tzinfo=now.tzinfo), r.reference),
+    )
     time = effective_time(latest.data)
     fact.update(read_features(k, report_text(latest.data)))
     if any(matches(k.valueset("diagnosis-imnm"), c) for c in as_list(latest.data.get("conclusionCode"))):
@@ -71,7 +74,9 @@ def biopsy_fact(k, reports: list[Resource], now: datetime) -> tuple[dict, str, t
         for name in k.children("biopsy.features")
         if fact[name.replace("-", "_")] == "present"
     ]
-    text = f"muscle biopsy {day(time)}: " + (", ".join(shown) if shown else "no feature recognised in the report text")
+    text = f"muscle biopsy {day(time)}: " + (
+        ", ".join(shown) if shown else "no feature recognised in the report text"
+    )
     return fact, text, (latest.reference,)
 
 

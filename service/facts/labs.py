@@ -90,7 +90,9 @@ def ck_results(k, observations: list[Resource], notes: list[str]) -> list[CkResu
         unit = as_str(quantity.get("code")) or as_str(quantity.get("unit")) or ""
         factor = factors.get(unit.casefold())
         if factor is None:
-            notes.append(f"CK result {resource.reference} is in an unknown unit ({unit or 'none'}) and was not used.")
+            notes.append(
+                f"CK result {resource.reference} is in an unknown unit ({unit or 'none'}) and was not used."
+            )
             continue
         if time is None:
             notes.append(f"CK result {resource.reference} has no date and was not used.")
@@ -157,7 +159,9 @@ def antibody_results(k, observations: list[Resource], notes: list[str]) -> dict[
             names = antibody_names(k, part.get("code"))
             if len(names) > 1:
                 if part is not data or not as_list(data.get("component")):
-                    notes.append(f"{resource.reference} names several antibodies in one result and was not used.")
+                    notes.append(
+                        f"{resource.reference} names several antibodies in one result and was not used."
+                    )
                 continue
             if names:
                 state, shown = read_result(k, names[0], part)
@@ -198,7 +202,10 @@ def _read_quantity(k, name: str, part: dict) -> tuple[str | None, str]:
     comparator = as_str(quantity.get("comparator")) or ""
     shown = f"{comparator}{value:g} {unit}".strip()
     high = next(
-        (as_number(as_dict(r.get("high")).get("value")) for r in map(as_dict, as_list(part.get("referenceRange")))),
+        (
+            as_number(as_dict(r.get("high")).get("value"))
+            for r in map(as_dict, as_list(part.get("referenceRange")))
+        ),
         None,
     )
     if high is None and f"labs.antibody-cutoffs.{name}" in k.parameters and unit.casefold() in COUNTING_UNITS:
@@ -207,8 +214,10 @@ def _read_quantity(k, name: str, part: dict) -> tuple[str | None, str]:
         return ("positive" if value >= cutoff and comparator not in ("<", "<=") else "negative"), shown
     if high is None:
         return None, shown
-    if comparator in ("<", "<=") and value <= high:
-        return "negative", shown
+    if comparator in ("<", "<="):  # below the value: negative only if the value is within the range
+        return ("negative" if value <= high else None), shown
+    if comparator in (">", ">="):
+        return ("positive" if value >= high else None), shown
     return ("positive" if value > high else "negative"), shown
 
 
@@ -219,7 +228,9 @@ def _shown(part: dict) -> str:
     return "" if value is None else f"{value:g} {as_str(quantity.get('unit')) or ''}".strip()
 
 
-def antibody_fact(k, name: str, results: list[AntibodyResult], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+def antibody_fact(
+    k, name: str, results: list[AntibodyResult], now: datetime
+) -> tuple[dict, str, tuple[str, ...]]:
     """Return one antibody's fact from its latest result(s): discordant same-day results are indeterminate."""
     label = k.text(f"labels.concepts.{name}")
     fact = {"id": f"antibody:{name}", "t": "antibody", "name": name, "state": "not-tested"}

@@ -1,4 +1,4 @@
-"""Map medication records to the statin-exposure fact: current or past, with start, last exposure and intensity."""
+"""Map medication records to statin exposure: current or past, start, last exposure and intensity."""
 
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ from service.facts.fhir import (
     parse_time,
 )
 
-MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdministration", "MedicationDispense")
+MEDICATION_TYPES = (
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "MedicationDispense",
+)
 INTENSITIES = ("high", "moderate", "low")  # strongest first
 # Which statuses mean the patient is on the drug now, and which mean they were on it before.
 CURRENT = {
@@ -42,7 +47,7 @@ class Exposure:
 
 
 class Medications:
-    """Resolve a medication record's drug, inline, contained or referenced, and tell whether it is a statin."""
+    """Resolve a medication record's drug (inline, contained or referenced); tell whether it is a statin."""
 
     def __init__(self, k, medications: list[Resource]):
         self._k = k
@@ -94,7 +99,9 @@ def exposure(medications: Medications, resource: Resource) -> Exposure | None:
         start = parse_time(data.get("authoredOn")) or parse_time(validity.get("start"))
         end, known = parse_time(validity.get("end")), False
     else:  # a dose given or handed over: that day is known exposure
-        when = parse_time(data.get("effectiveDateTime") or data.get("whenHandedOver")) or parse_time(period.get("end"))
+        when = parse_time(data.get("effectiveDateTime") or data.get("whenHandedOver")) or parse_time(
+            period.get("end")
+        )
         start, end, known = when, when, when is not None
     if end is None:
         end, known = start, False

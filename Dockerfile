@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+ARG PYTHON=python:3.11-slim-bookworm
+
+# Build stage: durable-rules has no wheels and compiles C, so the compiler lives only here.
+FROM ${PYTHON} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY rules ./rules
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# Runtime stage: slim, no compiler, unprivileged.
+FROM ${PYTHON}
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cds
+USER 10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2)"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8080", "--workers", "2", "--worker-class", "gthread", "--threads", "8", \
+     "--timeout", "30", "service.app:create_app()"]

@@ -1,0 +1,158 @@
+"""Every card we return, checked against the CDS Hooks 2.0 schema and the spec's rules for cards."""
+
+from __future__ import annotations
+
+import jsonschema
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+
+from conftest import SCHEMA, WEAKNESS, ck, condition, hook_request, load, scenarios
+from rules.knowledge import TOPICS
+from service.cli import scenario_target
+
+SEVERITY = ["critical", "warning", "info"]
+
+
+def responses(client):
+    for scenario in scenarios():
+        request = load(scenario / "request.json")
+        body = client.post(scenario_target(request, ""), json=request).get_json()
+        if "cards" in body:
+            yield scenario.name, request, body
+
+
+def references_in(request: dict) -> set[str]:
+    """Every way a card may cite a resource of this request: Type/id and entry fullUrl."""
+    found = set()
+    stack = [request]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("resourceType"), str) and isinstance(node.get("id"), str):
+                found.add(f"{node['resourceType']}/{node['id']}")
+            if isinstance(node.get("fullUrl"), str):
+                found.add(node["fullUrl"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def no_empty_values(value, path="$"):
+    """CDS Hooks: JSON elements SHALL NOT be null or empty ("", [], {}); optional ones are omitted."""
+    assert value is not None and value != "" and value != [] and value != {}, path
+    if isinstance(value, dict):
+        for key, child in value.items():
+            no_empty_values(child, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            no_empty_values(child, f"{path}[{i}]")
+
+
+def test_every_fixture_card_conforms(client, evaluator):
+    checked = 0
+    for name, request, body in responses(client):
+        jsonschema.validate(body, {**SCHEMA, "$ref": "#/$defs/response"})
+        for card in body["cards"]:
+            no_empty_values(card)
+            assert len(card["summary"]) < 140, name
+            assert card["source"]["topic"]["code"] in TOPICS
+            assert card["source"]["url"].startswith("https://")
+            rules = card["extension"]["rules"]
+            assert rules and set(rules) <= set(evaluator.engine.rule_ids)
+            evidence = card["extension"]["evidence"]
+            assert evidence and set(evidence) <= references_in(request), name
+            for reference in evidence:
+                assert reference in card["detail"]
+            if card["source"]["topic"]["code"] == "imnm-suspected" and "probability" in card["extension"]:
+                assert 0 <= card["extension"]["pretestProbability"] <= 1
+                assert 0 <= card["extension"]["probability"] <= 1
+            for reason in card["overrideReasons"]:
+                assert reason["display"] and reason["system"] and reason["code"]
+            for link in card.get("links", []):
+                assert link["type"] == "absolute" and "appContext" not in link
+            if "suggestions" in card:
+                assert card["selectionBehavior"] in ("any", "at-most-one")
+                for suggestion in card["suggestions"]:
+                    for action in suggestion["actions"]:
+                        assert action["type"] == "create" and action["description"]
+                        get_fhir_model_class(action["resource"]["resourceType"]).model_validate(
+                            action["resource"]
+                        )
+                        assert (
+                            action["resource"]["subject"]["reference"]
+                            == f"Patient/{request_patient(request)}"
+                        )
+            checked += 1
+        uuids = [c["uuid"] for c in body["cards"]] + [
+            s["uuid"] for c in body["cards"] for s in c.get("suggestions", [])
+        ]
+        assert len(uuids) == len(set(uuids))
+        order = [SEVERITY.index(c["indicator"]) for c in body["cards"]]
+        assert order == sorted(order)
+    assert checked >= 10
+
+
+def request_patient(request: dict) -> str:
+    if request.get("resourceType") == "Bundle":
+        return next(e["fullUrl"] for e in request["entry"] if e["resource"]["resourceType"] == "Patient")
+    return request["context"]["patientId"]
+
+
+def test_card_uuid_is_stable_for_the_same_data_and_changes_with_it(client):
+    base = [ck("ck1", 3000), condition("w1", WEAKNESS)]
+    first = client.post("/cds-services/imnm-patient-view", json=hook_request(resources=base)).get_json()
+    again = client.post("/cds-services/imnm-patient-view", json=hook_request(resources=base)).get_json()
+    changed = client.post(
+        "/cds-services/imnm-patient-view",
+        json=hook_request(resources=[*base, ck("ck2", 3500, when="2024-05-20")]),
+    ).get_json()
+    other = client.post(
+        "/cds-services/imnm-patient-view",
+        json=hook_request(
+            "p2",
+            resources=[
+                ck("ck1", 3000) | {"subject": {"reference": "Patient/p2"}},
+                condition("w1", WEAKNESS, patient="p2"),
+            ],
+        ),
+    ).get_json()
+    assert first["cards"][0]["uuid"] == again["cards"][0]["uuid"]
+    assert first["cards"][0]["uuid"] != changed["cards"][0]["uuid"]
+    assert first["cards"][0]["uuid"] != other["cards"][0]["uuid"]
+
+
+def test_workup_card_suggests_only_the_missing_tests(client):
+    hmgcr_done = {
+        "resourceType": "Observation",
+        "id": "h",
+        "status": "final",
+        "code": {"text": "HMGCR Ab"},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2024-05-02",
+        "valueString": "Negative",
+    }
+    card = client.post(
+        "/cds-services/imnm-patient-view",
+        json=hook_request(resources=[ck("ck1", 3000), condition("w1", WEAKNESS), hmgcr_done]),
+    ).get_json()["cards"][0]
+    labels = [s["label"] for s in card["suggestions"]]
+    assert labels == ["Order anti-SRP antibody", "Order MRI of both thighs (STIR and T1)"]
+    srp = card["suggestions"][0]["actions"][0]["resource"]
+    assert srp["code"]["coding"][0]["code"] == "33921-8" and srp["intent"] == "proposal"
+
+
+@pytest.mark.parametrize("scenario", ["worked-example-hmgcr-positive", "hmgcr-negative"])
+def test_the_card_shows_pretest_posttest_and_each_step(client, scenario):
+    body = load(scenarios()[0].parent / scenario / "expected.json")
+    card = body["cards"][0]
+    assert card["extension"]["pretestProbability"] == 0.2
+    assert (
+        "pre-test 20%" in card["detail"]
+        and "| Evidence | Likelihood ratio | Probability after |" in card["detail"]
+    )
+    expected = {"worked-example-hmgcr-positive": ("79%", 0.7895), "hmgcr-negative": ("6.2%", 0.0617)}[
+        scenario
+    ]
+    assert f"post-test {expected[0]}" in card["detail"] and card["extension"]["probability"] == expected[1]
+    assert "not verified" in card["detail"]

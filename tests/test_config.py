@@ -1,0 +1,54 @@
+"""Settings: read from IMNM_CDS_* variables, checked at start-up, documented in the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from service.app import create_app
+from service.config import ConfigError, Settings
+
+
+def test_defaults_and_environment():
+    assert Settings.from_env({}).engine_sessions == 32
+    settings = Settings.from_env({"IMNM_CDS_ENGINE_SESSIONS": "8", "IMNM_CDS_LOG_LEVEL": "debug"})
+    assert settings.engine_sessions == 8 and settings.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"IMNM_CDS_ENGINE_SESSIONS": "2000"},
+        {"IMNM_CDS_ENGINE_SESSIONS": "many"},
+        {"IMNM_CDS_MAX_BODY_BYTES": "10"},
+        {"IMNM_CDS_LOG_LEVEL": "LOUD"},
+        {"IMNM_CDS_KNOWLEDGE_OVERRIDES": "/no/such/file.toml"},
+    ],
+)
+def test_bad_settings_refuse_to_start(environ):
+    with pytest.raises(ConfigError, match=next(iter(environ))):
+        Settings.from_env(environ)
+
+
+def test_create_app_checks_its_config_too():
+    with pytest.raises(ConfigError):
+        create_app({"engine_sessions": 0})
+    with pytest.raises(ConfigError, match="unknown settings"):
+        create_app({"colour": "blue"})
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    for variable, _, _ in Settings.documentation():
+        assert f"`{variable}`" in readme, variable
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"<!-- test-command -->\s*```(?:sh|bash)?\n(.+?)\n```", readme, re.S).group(1).strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command in ci
+    assert Path(ROOT / ".ci" / "run").stat().st_mode & 0o111

@@ -1,0 +1,471 @@
+"""FHIR R4 resources to facts: CK, antibodies, clinical findings, biopsy, statins, patient."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import pytest
+
+from conftest import LOINC, SNOMED, WEAKNESS, antibody, ck, condition, observation
+from service import facts
+from service.facts.fhir import Resource, parse_time
+
+NOW = datetime(2024, 6, 1, 12, tzinfo=UTC)
+ALL = frozenset(
+    {
+        "Patient",
+        "Observation",
+        "Condition",
+        "DiagnosticReport",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "MedicationDispense",
+    }
+)
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def build(k, *resources, available=ALL):
+    return facts.build(
+        k, [Resource(r, location=f"test[{i}]") for i, r in enumerate(resources)], now=NOW, available=available
+    )
+
+
+def fact(fact_set, id_):
+    return next(f for f in fact_set.facts if f["id"] == id_)
+
+
+# -- every evaluation asserts the same facts ------------------------------------------------------
+
+
+def test_no_data_gives_every_fact_as_unknown(knowledge):
+    result = build(knowledge)
+    ids = [f["id"] for f in result.facts]
+    assert len(ids) == len(set(ids))
+    assert fact(result, "ck") == {"id": "ck", "t": "ck", "tested": False, "count": 0, "trend": "none"}
+    assert fact(result, "antibody:anti-hmgcr")["state"] == "not-tested"
+    assert fact(result, "clinical:proximal-weakness")["state"] == "unknown"
+    assert fact(result, "biopsy")["reported"] is False and fact(result, "biopsy")["necrosis"] == "unknown"
+    assert fact(result, "statin")["exposure"] == "none-recorded"
+    assert build(knowledge, available=frozenset()).facts[-1]["exposure"] == "unknown"
+
+
+# -- creatine kinase --------------------------------------------------------------------------------
+
+
+def test_ck_units_are_normalised_to_units_per_litre(knowledge):
+    result = build(
+        knowledge,
+        ck("a", 61.5, unit="ukat/L", high=3.3),
+        ck("b", 2000, unit="IU/L", high=None, when="2024-04-01T00:00:00Z"),
+    )
+    summary = fact(result, "ck")
+    assert summary["peak"] == pytest.approx(3690.0) and summary["uln"] == pytest.approx(198.0)
+    assert summary["peak_x_uln"] == pytest.approx(18.64, abs=0.01)
+    assert summary["count"] == 2 and summary["uln_assumed"] is False
+
+
+def test_ck_in_an_unknown_unit_is_reported_not_guessed(knowledge):
+    result = build(knowledge, ck("a", 12, unit="mmol/L", high=None))
+    assert fact(result, "ck")["tested"] is False
+    assert result.notes == ("CK result Observation/a is in an unknown unit (mmol/L) and was not used.",)
+
+
+def test_ck_mb_never_counts_as_total_ck(knowledge):
+    mb = observation(
+        "mb",
+        {"coding": [{"system": LOINC, "code": "32673-6"}], "text": "CK-MB"},
+        valueQuantity={"value": 900, "unit": "U/L"},
+    )
+    text_mb = observation("mb2", {"text": "CK MB isoenzyme"}, valueQuantity={"value": 900, "unit": "U/L"})
+    assert fact(build(knowledge, mb, text_mb), "ck")["tested"] is False
+
+
+def test_ck_without_a_range_uses_the_cited_default_and_says_so(knowledge):
+    result = build(knowledge, ck("a", 616, high=None))
+    summary = fact(result, "ck")
+    assert summary["uln"] == knowledge.value("labs.ck.default-uln") and summary["uln_assumed"] is True
+    assert "assumed" in result.basis["ck"].text
+
+
+@pytest.mark.parametrize(
+    ("values", "trend"),
+    [((1000, 1300), "rising"), ((1300, 1000), "falling"), ((1000, 1100), "stable"), ((1000,), "single")],
+)
+def test_ck_trend_compares_the_latest_two_results(knowledge, values, trend):
+    series = [ck(f"c{i}", v, when=f"2024-05-{10 + i:02d}T08:00:00Z") for i, v in enumerate(values)]
+    summary = fact(build(knowledge, *reversed(series)), "ck")
+    assert summary["trend"] == trend
+    assert summary["latest"] == values[-1] and summary["peak"] == max(values)
+
+
+def test_non_final_ck_results_do_not_count(knowledge):
+    for status in ("preliminary", "registered", "entered-in-error", "cancelled", "unknown"):
+        assert fact(build(knowledge, ck("a", 5000, status=status)), "ck")["tested"] is False
+    for status in ("final", "amended", "corrected"):
+        assert fact(build(knowledge, ck("a", 5000, status=status)), "ck")["tested"] is True
+
+
+def test_days_are_counted_back_from_now(knowledge):
+    summary = fact(build(knowledge, ck("a", 5000, when="2024-05-22T12:00:00Z")), "ck")
+    assert summary["latest_days_ago"] == 10.0
+
+
+# -- antibodies ------------------------------------------------------------------------------------
+
+
+def interp(code):
+    return [{"coding": [{"system": INTERPRETATION, "code": code}]}]
+
+
+@pytest.mark.parametrize(
+    ("values", "state"),
+    [
+        ({"interpretation": interp("POS")}, "positive"),
+        ({"interpretation": interp("NEG")}, "negative"),
+        ({"interpretation": interp("IND")}, "indeterminate"),
+        ({"interpretation": interp("H"), "valueQuantity": {"value": 5, "unit": "U"}}, "positive"),
+        ({"valueCodeableConcept": {"coding": [{"system": SNOMED, "code": "10828004"}]}}, "positive"),
+        ({"valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA6577-6"}]}}, "negative"),
+        ({"valueCodeableConcept": {"text": "Not detected"}}, "negative"),
+        ({"valueString": "Weakly positive"}, "positive"),
+        ({"valueString": "negative"}, "negative"),
+        ({"valueString": "Equivocal"}, "indeterminate"),
+        ({"valueBoolean": True}, "positive"),
+        (
+            {"valueQuantity": {"value": 45, "unit": "units"}, "referenceRange": [{"high": {"value": 19}}]},
+            "positive",
+        ),
+        (
+            {"valueQuantity": {"value": 12, "unit": "units"}, "referenceRange": [{"high": {"value": 19}}]},
+            "negative",
+        ),
+        (
+            {
+                "valueQuantity": {"value": 19, "comparator": "<", "unit": "units"},
+                "referenceRange": [{"high": {"value": 19}}],
+            },
+            "negative",
+        ),
+        (
+            {
+                "valueQuantity": {"value": 20, "comparator": "<", "unit": "units"},
+                "referenceRange": [{"high": {"value": 19}}],
+            },
+            "indeterminate",
+        ),
+        (
+            {
+                "valueQuantity": {"value": 200, "comparator": ">", "unit": "units"},
+                "referenceRange": [{"high": {"value": 19}}],
+            },
+            "positive",
+        ),
+        ({"valueQuantity": {"value": 20, "unit": "U"}}, "positive"),  # the cited cut-off: 20 is positive
+        ({"valueQuantity": {"value": 19.9, "unit": "CU"}}, "negative"),
+        ({"valueQuantity": {"value": 45, "unit": "AU/mL"}}, "indeterminate"),  # no range, unknown unit
+    ],
+    ids=[
+        "interp-pos",
+        "interp-neg",
+        "interp-ind",
+        "interp-wins",
+        "snomed-positive",
+        "loinc-negative",
+        "text-not-detected",
+        "string-weak",
+        "string-neg",
+        "string-equivocal",
+        "boolean",
+        "range-high",
+        "range-normal",
+        "below-range",
+        "below-ambiguous",
+        "above-range",
+        "cutoff-at",
+        "cutoff-below",
+        "unreadable",
+    ],
+)
+def test_anti_hmgcr_results_are_read_in_every_shape(knowledge, values, state):
+    result = build(knowledge, antibody("a", "HMGCR antibody", **values))
+    assert fact(result, "antibody:anti-hmgcr")["state"] == state
+    unreadable = state == "indeterminate" and "valueQuantity" in values and "interpretation" not in values
+    assert ("could not be read" in " ".join(result.notes)) == unreadable
+
+
+def test_antibody_by_code_without_text(knowledge):
+    srp = observation("s", {"coding": [{"system": LOINC, "code": "33921-8"}]}, interpretation=interp("POS"))
+    mda5 = observation(
+        "m",
+        {"coding": [{"system": "urn:oid:2.16.840.1.113883.6.1", "code": "82424-3"}]},
+        interpretation=interp("DET"),
+    )
+    result = build(knowledge, srp, mda5)
+    assert fact(result, "antibody:anti-srp")["state"] == "positive"
+    assert fact(result, "antibody:anti-mda5")["state"] == "positive"
+
+
+def test_the_latest_result_wins_and_discordant_same_day_results_are_indeterminate(knowledge):
+    old = antibody("old", "HMGCR Ab", when="2023-01-01T00:00:00Z", interpretation=interp("POS"))
+    new = antibody("new", "HMGCR Ab", when="2024-05-01T00:00:00Z", interpretation=interp("NEG"))
+    assert fact(build(knowledge, old, new), "antibody:anti-hmgcr")["state"] == "negative"
+    clash = antibody("clash", "HMGCR Ab", when="2024-05-01T00:00:00Z", interpretation=interp("POS"))
+    assert fact(build(knowledge, old, new, clash), "antibody:anti-hmgcr")["state"] == "indeterminate"
+
+
+def test_panel_components_are_read_one_by_one(knowledge):
+    panel = observation(
+        "panel",
+        {"text": "Myositis antibody panel"},
+        component=[
+            {"code": {"text": "Jo-1"}, "interpretation": interp("POS")},
+            {"code": {"text": "PL-12 antibody"}, "valueString": "Negative"},
+            {"code": {"text": "TIF1-gamma"}, "valueString": "negative"},
+        ],
+    )
+    result = build(knowledge, panel)
+    assert fact(result, "antibody:anti-jo1")["state"] == "positive"
+    assert fact(result, "antibody:anti-pl12")["state"] == "negative"
+    assert fact(result, "antibody:anti-tif1g")["state"] == "negative"
+    assert result.basis["antibody:anti-jo1"].references == ("Observation/panel",)
+
+
+def test_a_result_naming_two_antibodies_is_not_guessed(knowledge):
+    result = build(knowledge, antibody("both", "Jo-1 and PL-7 antibodies", valueString="Positive"))
+    assert fact(result, "antibody:anti-jo1")["state"] == "not-tested"
+    assert "several antibodies" in result.notes[0]
+
+
+# -- clinical findings ------------------------------------------------------------------------------
+
+
+def status(system_code, system):
+    return {"coding": [{"system": f"http://terminology.hl7.org/CodeSystem/{system}", "code": system_code}]}
+
+
+@pytest.mark.parametrize(
+    ("clinical", "verification", "state"),
+    [
+        (None, None, "present"),
+        ("active", "confirmed", "present"),
+        ("recurrence", None, "present"),
+        ("resolved", "confirmed", "past"),
+        ("remission", None, "past"),
+        ("active", "refuted", "unknown"),
+        ("active", "entered-in-error", "unknown"),
+        ("active", "provisional", "unknown"),
+        ("active", "differential", "unknown"),
+    ],
+)
+def test_condition_status_decides_what_counts(knowledge, clinical, verification, state):
+    extra = {}
+    if clinical:
+        extra["clinicalStatus"] = status(clinical, "condition-clinical")
+    if verification:
+        extra["verificationStatus"] = status(verification, "condition-ver-status")
+    result = build(knowledge, condition("w", WEAKNESS, **extra))
+    assert fact(result, "clinical:proximal-weakness")["state"] == state
+
+
+def test_conditions_by_icd10_with_or_without_dots_and_by_text(knowledge):
+    icd = {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "R1312"}]}
+    dm = {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M33.12"}]}
+    result = build(
+        knowledge,
+        condition("d", code=None) | {"code": icd},
+        condition("m", code=None) | {"code": dm},
+        condition("r", text="Gottron papules over knuckles"),
+        condition("x", code="249942005"),  # distal weakness is not proximal weakness
+    )
+    assert fact(result, "clinical:dysphagia")["state"] == "present"
+    assert fact(result, "clinical:diagnosis-dermatomyositis")["state"] == "present"
+    assert fact(result, "clinical:dermatomyositis-rash")["state"] == "present"
+    assert fact(result, "clinical:proximal-weakness")["state"] == "unknown"
+
+
+def test_findings_from_observations(knowledge):
+    by_value = observation(
+        "e1",
+        {"text": "Strength exam"},
+        valueCodeableConcept={"coding": [{"system": SNOMED, "code": WEAKNESS}]},
+    )
+    by_code_absent = observation(
+        "e2", {"coding": [{"system": SNOMED, "code": "40739000"}]}, valueBoolean=False
+    )
+    assert fact(build(knowledge, by_value), "clinical:proximal-weakness")["state"] == "present"
+    assert fact(build(knowledge, by_code_absent), "clinical:dysphagia")["state"] == "unknown"
+
+
+def test_onset_is_the_earliest_and_counted_in_days(knowledge):
+    result = build(
+        knowledge,
+        condition("a", WEAKNESS, onsetDateTime="2024-05-01"),
+        condition("b", WEAKNESS, onsetDateTime="2024-03-02"),
+    )
+    assert fact(result, "clinical:proximal-weakness")["onset_days_ago"] == pytest.approx(91.5)
+
+
+# -- muscle biopsy ----------------------------------------------------------------------------------
+
+
+def report(text, **extra):
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": "bx",
+        "status": extra.pop("status", "final"),
+        "code": {"text": "Muscle biopsy"},
+        "effectiveDateTime": "2024-05-01",
+        "conclusion": text,
+        **extra,
+    }
+
+
+def test_biopsy_features_with_negation_in_the_same_clause(knowledge):
+    result = build(
+        knowledge,
+        report(
+            "Necrotic fibres with myophagocytosis; sparse lymphocytes. No perifascicular atrophy. "
+            "C5b-9 on capillaries, but no rimmed vacuoles."
+        ),
+    )
+    biopsy = fact(result, "biopsy")
+    assert biopsy["reported"] is True
+    assert biopsy["necrosis"] == biopsy["macrophages"] == biopsy["sparse_inflammation"] == "present"
+    assert biopsy["mac_deposition"] == "present"
+    assert biopsy["perifascicular_atrophy"] == biopsy["rimmed_vacuoles"] == "absent"
+    assert biopsy["endomysial_invasion"] == "unknown"
+
+
+def test_biopsy_text_from_a_plain_text_attachment(knowledge):
+    text = base64.b64encode(b"Muscle biopsy: CD8+ T cells invading non-necrotic fibres.").decode()
+    attached = report("x", presentedForm=[{"contentType": "text/plain", "data": text}])
+    del attached["conclusion"]
+    result = build(knowledge, attached)
+    assert fact(result, "biopsy")["endomysial_invasion"] == "present"
+
+
+def test_only_final_muscle_biopsies_count(knowledge):
+    assert (
+        fact(build(knowledge, report("Necrotic fibres", status="preliminary")), "biopsy")["reported"] is False
+    )
+    skin = report("Skin punch biopsy: interface dermatitis") | {"code": {"text": "Skin biopsy"}}
+    assert fact(build(knowledge, skin), "biopsy")["reported"] is False
+
+
+# -- statins ----------------------------------------------------------------------------------------
+
+
+def statement(status="active", **drug):
+    return {
+        "resourceType": "MedicationStatement",
+        "id": "ms",
+        "status": status,
+        "subject": {"reference": "Patient/p1"},
+        "effectivePeriod": {"start": "2022-01-01"},
+        **drug,
+    }
+
+
+@pytest.mark.parametrize(
+    "drug",
+    [
+        {"medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "83367"}]}},
+        {"medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "617311"}]}},
+        {"medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc", "code": "C10BA02"}]}},
+        {"medicationCodeableConcept": {"text": "Rosuvastatin 10 mg tablet"}},
+        {
+            "medicationReference": {"reference": "#m"},
+            "contained": [{"resourceType": "Medication", "id": "m", "code": {"text": "simvastatin 20 mg"}}],
+        },
+    ],
+    ids=["ingredient", "product", "atc-combination", "text", "contained"],
+)
+def test_statins_are_recognised_however_they_are_coded(knowledge, drug):
+    assert fact(build(knowledge, statement(**drug)), "statin")["exposure"] == "current"
+
+
+def test_a_referenced_medication_and_intensity(knowledge):
+    med = {
+        "resourceType": "Medication",
+        "id": "atorva80",
+        "code": {"coding": [{"system": RXNORM, "code": "259255"}]},
+    }
+    request = {
+        "resourceType": "MedicationRequest",
+        "id": "mr",
+        "status": "stopped",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "authoredOn": "2023-01-01",
+        "medicationReference": {"reference": "Medication/atorva80"},
+    }
+    statin = fact(build(knowledge, med, request), "statin")
+    assert statin["exposure"] == "past" and statin["intensity"] == "high" and statin["stop_known"] is False
+
+
+def test_a_stopped_statement_has_a_known_stop_date(knowledge):
+    stopped = statement(
+        "completed",
+        medicationCodeableConcept={"text": "atorvastatin"},
+        effectivePeriod={"start": "2022-01-01", "end": "2024-05-02"},
+    )
+    statin = fact(build(knowledge, stopped), "statin")
+    assert statin["exposure"] == "past" and statin["stop_known"] is True and statin["last_days_ago"] == 30.5
+
+
+def test_statements_never_taken_do_not_count(knowledge):
+    for status in ("not-taken", "entered-in-error", "intended"):
+        result = build(knowledge, statement(status, medicationCodeableConcept={"text": "atorvastatin"}))
+        assert fact(result, "statin")["exposure"] == "none-recorded"
+
+
+def test_non_statins_are_ignored(knowledge):
+    result = build(knowledge, statement(medicationCodeableConcept={"text": "nystatin cream"}))
+    assert fact(result, "statin")["exposure"] == "none-recorded"
+
+
+# -- patient, validation, times ---------------------------------------------------------------------
+
+
+def test_patient_age_and_sex(knowledge):
+    patient = fact(
+        build(
+            knowledge, {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "2010-06-02"}
+        ),
+        "patient",
+    )
+    assert patient["sex"] == "female" and patient["adult"] == "no" and patient["age"] == pytest.approx(14.0)
+
+
+def test_an_invalid_resource_that_matters_is_refused_with_its_location(knowledge):
+    bad = ck("a", 3000) | {"effectiveDateTime": "2024-13-45"}
+    with pytest.raises(facts.InvalidData) as raised:
+        build(knowledge, bad)
+    problem = raised.value.problems[0]
+    assert problem.resource.location == "test[0]"
+    assert problem.problems[0][0] == "effectiveDateTime"
+
+
+def test_an_invalid_resource_that_cannot_matter_is_not_even_validated(knowledge):
+    glucose = observation("g", {"text": "glucose"}, valueQuantity={"value": "n/a"})
+    assert fact(build(knowledge, glucose), "ck")["tested"] is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024", datetime(2024, 1, 1, tzinfo=UTC)),
+        ("2024-05", datetime(2024, 5, 1, tzinfo=UTC)),
+        ("2024-05-03T10:00:00+02:00", datetime(2024, 5, 3, 8, tzinfo=UTC)),
+        ("2024-05-03T10:00:00Z", datetime(2024, 5, 3, 10, tzinfo=UTC)),
+        ("garbage", None),
+        (None, None),
+        (20240503, None),
+    ],
+)
+def test_fhir_times(text, expected):
+    assert parse_time(text) == expected

@@ -1,0 +1,164 @@
+"""The knowledge in rules/: every value cited, value sets valid and matched right, overrides checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from rules import knowledge
+from rules.knowledge import TOPICS, KnowledgeError, service_request
+
+RULES = Path(knowledge.__file__).parent
+
+
+def test_every_parameter_cites_a_known_source(knowledge):
+    assert knowledge.parameters
+    for param in knowledge.parameters.values():
+        assert param.source.id in knowledge.sources
+        assert param.source.verification in ("verified", "partial", "unverified")
+
+
+def test_unverified_values_are_marked_so(knowledge):
+    assert knowledge.param("imnm.pretest.weakness-raised-ck-no-rash").source.verification == "unverified"
+    assert knowledge.param("imnm.tests.anti-srp.specificity").source.id == "engineering-choice"
+
+
+def test_the_default_knowledge_holds_the_worked_example(knowledge):
+    assert knowledge.value("imnm.pretest.weakness-raised-ck-no-rash") == 0.20
+    assert knowledge.value("imnm.tests.anti-hmgcr.sensitivity") == 0.75
+    assert knowledge.value("imnm.tests.anti-hmgcr.specificity") == 0.95
+
+
+def test_every_code_carries_a_verification_level_and_no_unverified_code_ships():
+    for path in sorted((RULES / "valuesets").glob("*.json")):
+        data = json.loads(path.read_text())
+        for include in data.get("compose", {}).get("include", []):
+            levels = [e["valueCode"] for c in include.get("concept", []) for e in c["extension"]]
+            levels += [e["valueCode"] for e in include.get("extension", [])]
+            assert levels and set(levels) <= {"A", "B", "C"}, path.name
+
+
+@pytest.mark.parametrize(
+    ("valueset", "system", "code", "expected"),
+    [
+        ("dysphagia", "http://hl7.org/fhir/sid/icd-10-cm", "R13.12", True),
+        ("dysphagia", "http://hl7.org/fhir/sid/icd-10-cm", "R1319", True),
+        ("dysphagia", "http://hl7.org/fhir/sid/icd-10-cm", "R13.0", False),
+        ("malignancy", "http://hl7.org/fhir/sid/icd-10-cm", "C34.90", True),
+        ("malignancy", "http://hl7.org/fhir/sid/icd-10-cm", "C97", False),
+        ("malignancy", "http://hl7.org/fhir/sid/icd-10-cm", "D03.9", False),
+        ("proximal-weakness", "http://snomed.info/sct/900000000000207008", "249939004", True),
+        ("proximal-weakness", "http://snomed.info/sct", "249942005", False),
+        ("ck-total", "urn:oid:2.16.840.1.113883.6.1", "2157-6", True),
+        ("statin-ingredients", "http://www.whocc.no/atc", "C10AA05", True),
+        ("statin-ingredients", "http://www.whocc.no/atc", "C10AX09", False),
+        ("anti-srp", "http://loinc.org", "33921-8", True),
+        ("anti-srp", None, None, False),
+    ],
+)
+def test_value_set_code_matching(knowledge, valueset, system, code, expected):
+    assert knowledge.valueset(valueset).has_code(system, code) is expected
+
+
+@pytest.mark.parametrize(
+    ("valueset", "text", "expected"),
+    [
+        ("anti-hmgcr", "HMG-CoA reductase Ab", True),
+        ("anti-srp", "Anti-SRP antibody", True),
+        ("anti-srp", "Serum prostate marker", False),
+        ("ck-total", "CK total", True),
+        ("ck-total", "CK-MB", False),
+        ("ck-total", "CPK MB isoenzyme", False),
+        ("dermatomyositis-rash", "heliotrope rash", True),
+    ],
+)
+def test_value_set_text_fallback(knowledge, valueset, text, expected):
+    assert knowledge.valueset(valueset).has_text(text) is expected
+
+
+def test_orders_are_valid_service_requests_and_code_only_verified_codes(knowledge):
+    for order in knowledge.orders.values():
+        ServiceRequest.model_validate(service_request(order, "p1"))
+        assert order.coding is None or order.coding["code"] == "33921-8"
+
+
+def test_every_card_cites_a_source_with_a_url_and_fits_its_summary(knowledge):
+    for card in knowledge.cards.values():
+        assert card.source.url and all(link.url for link in card.links)
+        assert card.topic in TOPICS
+
+
+def test_a_local_override_replaces_a_value_and_names_who_set_it(tmp_path):
+    path = tmp_path / "local.toml"
+    path.write_text(
+        '[imnm.pretest.weakness-raised-ck-no-rash]\nvalue = 0.3\nsource = "Myositis clinic 2026-03"\n'
+    )
+    loaded = knowledge.load(path)
+    param = loaded.param("imnm.pretest.weakness-raised-ck-no-rash")
+    assert param.value == 0.3 and param.source.verification == "local"
+    assert param.source.label == "Myositis clinic 2026-03"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '[imnm.pretest.weakness-raised-ck-no-rash]\nvalue = 1.5\nsource = "x"\n',
+            "outside the allowed range",
+        ),
+        ("[imnm.pretest.weakness-raised-ck-no-rash]\nvalue = 0.3\n", "a value and a source"),
+        ('[imnm.pretest.nothing]\nvalue = 0.3\nsource = "x"\n', "no such parameter"),
+        ('[labs.ck.default-uln]\nvalue = "high"\nsource = "x"\n', "expected a float"),
+        ("not toml [", "overrides"),
+    ],
+)
+def test_bad_overrides_fail_the_start(tmp_path, text, problem):
+    path = tmp_path / "local.toml"
+    path.write_text(text)
+    with pytest.raises(KnowledgeError, match=problem):
+        knowledge.load(path)
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "problem"),
+    [
+        ("imnm.toml", 'source = "enmc-2017"', 'source = "nobody"', "not in sources.toml"),
+        (
+            "imnm.toml",
+            'positive = "anti-HMGCR positive"',
+            'positive = "anti-HMGCR positive"\nprevalence = 0.1',
+            "outside a cited parameter",
+        ),
+        ("imnm.toml", "[ck.raised]\nvalue = 1.0", "[ck.raised]\nlimit = 3\nvalue = 1.0", "only words"),
+        ("cards.toml", "Refer to neuromuscular", "Refer to neuromuscular " + "x" * 60, "summary may reach"),
+        (
+            "cards.toml",
+            'suggestions = ["referral-neuromuscular"]',
+            'suggestions = ["transplant"]',
+            "unknown order",
+        ),
+        ("orders.toml", 'verification = "B"', 'verification = "C"', "level A or B"),
+        ("biopsy.toml", "rimmed\\s+vacuol", "rimmed(", "regular expression"),
+        ("valuesets/anti-srp.json", '"valueCode": "B"', '"valueCode": "X"', "verification level"),
+        ("valuesets/anti-srp.json", '"status": "active"', '"status": 7', "not a valid FHIR R4 ValueSet"),
+    ],
+)
+def test_inconsistent_knowledge_fails_the_start(tmp_path, file, old, new, problem):
+    copy = tmp_path / "rules"
+    shutil.copytree(RULES, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    target = copy / file
+    text = target.read_text()
+    assert old in text
+    target.write_text(text.replace(old, new, 1))
+    with pytest.raises(KnowledgeError, match=problem):
+        knowledge.load(root=copy)
+
+
+def test_the_shipped_knowledge_loads_from_a_copy(tmp_path):
+    copy = tmp_path / "rules"
+    shutil.copytree(RULES, copy)
+    assert knowledge.load(root=copy).cards.keys() == knowledge.load().cards.keys()
