@@ -16,19 +16,9 @@ class ConfigError(ValueError):
     """A setting is missing or out of range; the service refuses to start."""
 
 
-def _int(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
-def _float(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text)
+def _number(kind: type, low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str):
+        value = kind(text)
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}")
         return value
@@ -60,20 +50,24 @@ def about(parse: Callable[[str], object], doc: str) -> dict:
 class Settings:
     max_body_bytes: int = field(
         default=5 * 1024 * 1024,
-        metadata=about(_int(1024, 512 * 1024 * 1024), "Largest request body accepted; larger gets 413."),
+        metadata=about(
+            _number(int, 1024, 512 * 1024 * 1024), "Largest request body accepted; larger gets 413."
+        ),
     )
     max_json_depth: int = field(
-        default=64, metadata=about(_int(8, 512), "Deepest JSON nesting accepted; deeper gets 400.")
+        default=64, metadata=about(_number(int, 8, 512), "Deepest JSON nesting accepted; deeper gets 400.")
     )
     engine_sessions: int = field(
         default=32,
         metadata=about(
-            _int(1, 512), "Rule-engine sessions one process runs at once (the engine breaks at 1024)."
+            _number(int, 1, 512), "Rule-engine sessions one process runs at once (the engine breaks at 1024)."
         ),
     )
     engine_wait_seconds: float = field(
         default=2.0,
-        metadata=about(_float(0.0, 60.0), "How long a request waits for a free engine session before a 503."),
+        metadata=about(
+            _number(float, 0.0, 60.0), "How long a request waits for a free engine session before a 503."
+        ),
     )
     knowledge_overrides: Path | None = field(
         default=None,
