@@ -3,7 +3,7 @@
 from durable.lang import c, m, pri, when_all
 
 from rules.bayes import likelihood_ratio, update
-from rules.match import antibody, clinical, finding, of_type
+from rules.match import antibody, any_name, clinical, finding, of_type
 
 DERMATOMYOSITIS_ANTIBODIES = ("anti-tif1g", "anti-nxp2", "anti-mda5", "anti-mi2", "anti-sae1")
 IMNM_ANTIBODIES = ("anti-hmgcr", "anti-srp")
@@ -47,6 +47,7 @@ def define(k, emit):
             c.bx << (of_type("biopsy") & (biopsy if biopsy is not None else +m.reported)),
             c.rash << (clinical("dermatomyositis-rash") & (rash if rash is not None else +m.state)),
             c.dx << (clinical("diagnosis-imnm") & (m.state == "unknown")),
+            c.statin << of_type("statin"),
         )
 
     def presentation():
@@ -54,11 +55,24 @@ def define(k, emit):
 
     @when_all(pri(2), *presentation(), *evidence(hmgcr=m.state == "positive"))
     def seropositive_hmgcr(c):
-        suspect(c, "imnm-seropositive", antibody=positive_antibodies(c))
+        seropositive(c)
 
     @when_all(pri(2), *presentation(), *evidence(srp=m.state == "positive"))
     def seropositive_srp(c):
-        suspect(c, "imnm-seropositive", antibody=positive_antibodies(c))
+        seropositive(c)
+
+    def seropositive(c):
+        """Ask for the seropositive card; with anti-HMGCR, show statin exposure beside it (not counted)."""
+        if c.hmgcr.state == "positive":
+            suspect(
+                c,
+                "imnm-seropositive",
+                c.statin,
+                antibody=positive_antibodies(c),
+                statin_note=k.text("statin.texts.imnm-note"),
+            )
+        else:
+            suspect(c, "imnm-seropositive", antibody=positive_antibodies(c), statin_note="")
 
     @when_all(
         pri(2),
@@ -227,11 +241,3 @@ def biopsy_result(bx) -> str | None:
 def unresulted():
     """Match an antibody summary with no usable result."""
     return (m.state == "not-tested") | (m.state == "indeterminate")
-
-
-def any_name(names):
-    """Match a fact whose name is any of these."""
-    expression = m.name == names[0]
-    for name in names[1:]:
-        expression = expression | (m.name == name)
-    return expression

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.valueset import ValueSet as FhirValueSet
 
-PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels")
+PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels", "statin")
 VERIFICATION = ("verified", "partial", "unverified", "local")
 TOPICS = (
     "imnm-suspected",
@@ -117,9 +117,10 @@ class ValueSet:
 class Order:
     key: str
     label: str
-    text: str
     reason: str
+    text: str = ""  # what a create action orders
     coding: Mapping[str, str] | None = None
+    target: str | None = None  # for a delete action: the fact whose resources are removed
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class CardText:
     suggestions: tuple[Order, ...]
     summary: str
     detail: str
+    override_reasons: tuple[tuple[str, str], ...]  # (code, display)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,6 @@ class Knowledge:
     valuesets: Mapping[str, ValueSet]
     cards: Mapping[str, CardText]
     orders: Mapping[str, Order]
-    override_reasons: Mapping[str, str]
 
     def value(self, key: str):
         """Return the value of a cited parameter."""
@@ -201,7 +202,6 @@ def load(overrides: Path | None = None, root: Path | None = None) -> Knowledge:
         valuesets=MappingProxyType(valuesets),
         cards=MappingProxyType(_load_cards(wording, sources, orders)),
         orders=MappingProxyType(orders),
-        override_reasons=MappingProxyType(dict(wording.get("override-reasons", {}))),
     )
 
 
@@ -391,13 +391,18 @@ def _load_orders(table: dict) -> dict[str, Order]:
         order = Order(
             key=key,
             label=entry["label"],
-            text=entry["text"],
             reason=entry["reason"],
+            text=entry.get("text", ""),
             coding=MappingProxyType({k: v for k, v in coding.items() if k != "verification"})
             if coding
             else None,
+            target=entry.get("target"),
         )
-        ServiceRequest.model_validate(service_request(order, "example"))
+        deletes = entry.get("action", "create") == "delete"
+        if deletes != (order.target is not None) or (not deletes and not order.text):
+            raise KnowledgeError(f"order {key}: a create needs text, a delete needs a target fact")
+        if not deletes:
+            ServiceRequest.model_validate(service_request(order, "example"))
         orders[key] = order
     return orders
 
@@ -421,8 +426,12 @@ def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[st
     topics = wording.get("topics", {})
     if set(topics) != set(TOPICS):
         raise KnowledgeError(f"cards.toml [topics] must name exactly {TOPICS}")
+    reasons = wording.get("override-reasons", {})
     cards = {}
     for key, entry in wording.get("cards", {}).items():
+        chosen = entry.get("override-reasons", wording.get("default-override-reasons", []))
+        if not chosen or set(chosen) - set(reasons):
+            raise KnowledgeError(f"card {key}: override reasons must name entries of [override-reasons]")
         card = CardText(
             key=key,
             topic=entry["topic"],
@@ -433,6 +442,7 @@ def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[st
             suggestions=tuple(_order(key, o, orders) for o in entry.get("suggestions", [])),
             summary=entry["summary"].strip(),
             detail=entry["detail"].strip(),
+            override_reasons=tuple((code, reasons[code]) for code in chosen),
         )
         if card.topic not in TOPICS or card.indicator not in INDICATORS:
             raise KnowledgeError(f"card {key}: unknown topic or indicator")

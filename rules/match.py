@@ -21,3 +21,11 @@ def clinical(name: str):
 def of_type(t: str):
     """Match the single fact of a type, e.g. 'ck', 'biopsy', 'patient', 'statin'."""
     return m.t == t
+
+
+def any_name(names):
+    """Match a fact whose name is any of these."""
+    expression = m.name == names[0]
+    for name in names[1:]:
+        expression = expression | (m.name == name)
+    return expression

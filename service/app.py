@@ -45,9 +45,8 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
 
     @app.post("/evaluate")
     def evaluate_bundle():
-        if request.args.get("hook", "patient-view") != "patient-view":
-            raise error(400, "not-supported", "this Bundle evaluation supports hook=patient-view", "hook")
-        evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"))
+        hook = request.args.get("hook", "patient-view")
+        evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"), hook)
         _log_evaluation("evaluate", evaluation)
         return _json(evaluation.response())
 

@@ -20,9 +20,13 @@ SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 CAUTION = {"partial": "partly verified", "unverified": "not verified", "local": "set locally"}
 
 
-def build(k, outcome: Outcome, facts: FactSet, patient_id: str) -> list[dict]:
-    """Return one card per conclusion, most severe first, in a stable order."""
-    cards = [card(k, conclusion, facts, patient_id) for conclusion in outcome.conclusions]
+def build(k, outcome: Outcome, facts: FactSet, patient_id: str, topics: frozenset[str]) -> list[dict]:
+    """Return one card per conclusion on the service's topics, most severe first, in a stable order."""
+    cards = [
+        card(k, conclusion, facts, patient_id)
+        for conclusion in outcome.conclusions
+        if k.cards[conclusion.key].topic in topics
+    ]
     return sorted(cards, key=lambda c: (SEVERITY[c["indicator"]], c["source"]["topic"]["code"], c["summary"]))
 
 
@@ -33,7 +37,7 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
     values = template_values(params)
     references = sorted({ref for id_ in conclusion.basis for ref in facts.basis[id_].references})
     identity = uuid.uuid5(NAMESPACE, json.dumps([patient_id, conclusion.key, conclusion.rules, references]))
-    opening = text.detail.format_map(values)
+    opening = text.detail.format_map(values).replace(" \n", "\n")  # an empty optional sentence
     detail = [
         opening[:1].upper() + opening[1:],
         probability_section(k, params),
@@ -56,7 +60,7 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
         },
         "overrideReasons": [
             {"code": code, "system": OVERRIDE_SYSTEM, "display": display}
-            for code, display in k.override_reasons.items()
+            for code, display in text.override_reasons
         ],
         "extension": {
             "rules": list(conclusion.rules),
@@ -65,17 +69,8 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
         },
     }
     chosen = params.get("orders")
-    suggestions = [
-        {
-            "label": order.label,
-            "uuid": str(uuid.uuid5(identity, order.key)),
-            "actions": [
-                {"type": "create", "description": order.label, "resource": service_request(order, patient_id)}
-            ],
-        }
-        for order in text.suggestions
-        if chosen is None or order.key in chosen
-    ]
+    orders = [order for order in text.suggestions if chosen is None or order.key in chosen]
+    suggestions = [s for s in (suggestion(order, identity, facts, patient_id) for order in orders) if s]
     if suggestions:
         result["suggestions"] = suggestions
         result["selectionBehavior"] = "any"
@@ -84,12 +79,30 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
     return result
 
 
+def suggestion(order, identity: uuid.UUID, facts: FactSet, patient_id: str) -> dict | None:
+    """Build one suggestion: a ServiceRequest to create, or a fact's resources to delete (if it has any)."""
+    if order.target is None:
+        actions = [
+            {"type": "create", "description": order.label, "resource": service_request(order, patient_id)}
+        ]
+    else:
+        targets = [ref for ref in facts.basis[order.target].references if ref.count("/") == 1]
+        actions = [
+            {"type": "delete", "description": f"{order.label} ({ref})", "resourceId": ref} for ref in targets
+        ]
+    if not actions:
+        return None
+    return {"label": order.label, "uuid": str(uuid.uuid5(identity, order.key)), "actions": actions}
+
+
 def template_values(params: Mapping) -> dict:
     """Format rule parameters for wording templates: counts with separators, multiples, percentages."""
     values = {}
     for name, value in params.items():
         if isinstance(value, list):
-            values[name] = ", ".join(str(v) for v in value)
+            values[name] = "; ".join(str(v) for v in value)
+        elif name.startswith("days_"):
+            values[name] = f"{value:.0f}"
         elif name.endswith("_x_uln"):
             values[name] = f"{value:.0f}" if value >= 10 else f"{value:.1f}"
         elif isinstance(value, float) and name.startswith("ck_"):

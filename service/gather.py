@@ -30,6 +30,7 @@ class Gathered:
     patient_id: str
     resources: tuple[Resource, ...]
     available: frozenset[str]  # resource types whose data was sent, even if there was none
+    drafts: tuple[Resource, ...] = ()  # orders being placed now (order-select: only the selected ones)
 
 
 def from_prefetch(request: HookRequest) -> Gathered:
@@ -51,8 +52,20 @@ def from_prefetch(request: HookRequest) -> Gathered:
         value = request.prefetch[key.key]
         if value is not None:
             resources += _unpack(value, where)
-    _check_subjects(resources, request.patient_id)
-    return Gathered(request.patient_id, tuple(resources), frozenset(available))
+    drafts = _drafts(request)
+    _check_subjects([*resources, *drafts], request.patient_id)
+    return Gathered(request.patient_id, tuple(resources), frozenset(available), tuple(drafts))
+
+
+def _drafts(request: HookRequest) -> list[Resource]:
+    """Return the draft orders in context: on order-select, only those the user selected."""
+    if "draftOrders" not in request.context:
+        return []
+    drafts = _unpack(request.context["draftOrders"], "context.draftOrders")
+    selections = request.context.get("selections")
+    if selections is None:
+        return drafts
+    return [d for d in drafts if d.reference in selections]
 
 
 def _unpack(value: dict, where: str) -> list[Resource]:
@@ -89,8 +102,8 @@ def _check_outcome(outcome: dict, where: str) -> None:
         )
 
 
-def from_bundle(bundle) -> Gathered:
-    """Collect one patient's resources from a collection, searchset, transaction or batch Bundle."""
+def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
+    """Collect one patient's resources from a Bundle; with_drafts, its draft MedicationRequests are orders."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise error(400, "structure", "the body must be a FHIR Bundle", "resourceType")
     if bundle.get("type") not in BUNDLE_TYPES:
@@ -114,8 +127,14 @@ def from_bundle(bundle) -> Gathered:
     patient = patients[0]
     patient_id = patient.data.get("id") or patient.full_url
     _check_subjects(resources, patient_id, aliases={patient.full_url} - {None})
+    drafts = [
+        r
+        for r in resources
+        if with_drafts and r.type == "MedicationRequest" and r.data.get("status") == "draft"
+    ]
+    record = [r for r in resources if not any(r is d for d in drafts)]
     # A Bundle is the record as the sender holds it: what it lacks is absent, not unknown.
-    return Gathered(patient_id, tuple(resources), frozenset({"Patient", *SUBJECT}))
+    return Gathered(patient_id, tuple(record), frozenset({"Patient", *SUBJECT}), tuple(drafts))
 
 
 def _check_subjects(

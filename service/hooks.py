@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
+from rules.knowledge import TOPICS
 from service.facts.fhir import parse_time
 from service.outcome import error
 
-SPEC_VERSION = "2.0.1"
 AS_OF = "imnm-cds.asOf"  # request extension: evaluate as of this instant (replays and tests)
 
 
@@ -32,7 +32,8 @@ class Service:
     description: str
     usage: str
     prefetch: tuple[PrefetchKey, ...]
-    context: tuple[str, ...]  # context fields the hook requires
+    context: Mapping[str, type]  # context fields the hook requires, and their JSON type
+    topics: frozenset[str]  # card topics this service answers with
 
     def discovery(self) -> dict:
         """Return this service's entry in the discovery response."""
@@ -47,14 +48,40 @@ class Service:
 
 
 PATIENT = "{{context.patientId}}"
+RECORD = (
+    PrefetchKey("patient", f"Patient/{PATIENT}", "Patient", required=True),
+    PrefetchKey("labs", f"Observation?patient={PATIENT}&category=laboratory", "Observation", required=True),
+    PrefetchKey("conditions", f"Condition?patient={PATIENT}", "Condition", required=True),
+    PrefetchKey(
+        "medicationRequests", f"MedicationRequest?patient={PATIENT}", "MedicationRequest", required=False
+    ),
+    PrefetchKey(
+        "medicationStatements",
+        f"MedicationStatement?patient={PATIENT}",
+        "MedicationStatement",
+        required=False,
+    ),
+)
+ORDER_TOPICS = frozenset({"statin-rechallenge-risk"})
+ORDER_USAGE = (
+    "Answers when a statin is in draftOrders (only the selected ones on order-select). Needs Patient, "
+    "laboratory Observations and Conditions (send null when there are none); medication keys are optional "
+    "but without them a CK pattern after a past statin cannot be seen."
+)
+ORDER_DESCRIPTION = (
+    "Warns before a statin is ordered again for a patient with anti-HMGCR antibodies, an IMNM diagnosis, "
+    "or CK "
+    "that stayed raised after the last statin dose, and offers to remove the draft order."
+)
 PATIENT_VIEW = Service(
     id="imnm-patient-view",
     hook="patient-view",
     title="IMNM suspicion, statin advice and cancer-screening triggers",
     description=(
         "Looks for immune-mediated necrotizing myopathy (IMNM) from CK, myositis antibodies, weakness and "
-        "biopsy, with a Bayesian post-test probability; points to dermatomyositis or polymyositis when the "
-        "evidence does; names the evidence behind every card."
+        "biopsy, with a Bayesian post-test probability; tells statin toxicity from an autoimmune CK pattern; "
+        "points to dermatomyositis or polymyositis when the evidence does; names the evidence behind "
+        "every card."
     ),
     usage=(
         "Needs Patient, laboratory Observations and Conditions (send null when there are none). Exam "
@@ -62,26 +89,36 @@ PATIENT_VIEW = Service(
         "exposure and biopsy they would show are reported as unknown."
     ),
     prefetch=(
-        PrefetchKey("patient", f"Patient/{PATIENT}", "Patient", required=True),
-        PrefetchKey(
-            "labs", f"Observation?patient={PATIENT}&category=laboratory", "Observation", required=True
-        ),
-        PrefetchKey("conditions", f"Condition?patient={PATIENT}", "Condition", required=True),
+        *RECORD,
         PrefetchKey("exams", f"Observation?patient={PATIENT}&category=exam", "Observation", required=False),
-        PrefetchKey(
-            "medicationRequests", f"MedicationRequest?patient={PATIENT}", "MedicationRequest", required=False
-        ),
-        PrefetchKey(
-            "medicationStatements",
-            f"MedicationStatement?patient={PATIENT}",
-            "MedicationStatement",
-            required=False,
-        ),
         PrefetchKey("reports", f"DiagnosticReport?patient={PATIENT}", "DiagnosticReport", required=False),
     ),
-    context=("userId", "patientId"),
+    context=MappingProxyType({"userId": str, "patientId": str}),
+    topics=frozenset(TOPICS) - ORDER_TOPICS,
 )
-SERVICES: Mapping[str, Service] = MappingProxyType({s.id: s for s in (PATIENT_VIEW,)})
+ORDER_SELECT = Service(
+    id="imnm-statin-order-select",
+    hook="order-select",
+    title="Statin re-challenge risk (order select)",
+    description=ORDER_DESCRIPTION,
+    usage=ORDER_USAGE,
+    prefetch=RECORD,
+    context=MappingProxyType({"userId": str, "patientId": str, "selections": list, "draftOrders": dict}),
+    topics=ORDER_TOPICS,
+)
+ORDER_SIGN = Service(
+    id="imnm-statin-order-sign",
+    hook="order-sign",
+    title="Statin re-challenge risk (order sign)",
+    description=ORDER_DESCRIPTION,
+    usage=ORDER_USAGE,
+    prefetch=RECORD,
+    context=MappingProxyType({"userId": str, "patientId": str, "draftOrders": dict}),
+    topics=ORDER_TOPICS,
+)
+SERVICES: Mapping[str, Service] = MappingProxyType(
+    {s.id: s for s in (PATIENT_VIEW, ORDER_SELECT, ORDER_SIGN)}
+)
 
 
 def service_for(hook: str) -> Service:
@@ -121,11 +158,8 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
     context = body.get("context")
     if not isinstance(context, dict):
         raise error(400, "required", "context must be a JSON object", "context")
-    for name in service.context:
-        if not isinstance(context.get(name), str) or not context[name].strip():
-            raise error(
-                400, "required", f"context.{name} is required (a non-empty string)", f"context.{name}"
-            )
+    for name, kind in service.context.items():
+        _check_context(context, name, kind)
     server, authorization = body.get("fhirServer"), body.get("fhirAuthorization")
     if server is not None and (not isinstance(server, str) or not re.match(r"^https?://\S+$", server)):
         raise error(400, "value", "fhirServer must be an absolute http(s) URL", "fhirServer")
@@ -152,6 +186,16 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
         fhir_authorization=MappingProxyType(authorization) if authorization else None,
         now=_as_of(body.get("extension"), now),
     )
+
+
+def _check_context(context: dict, name: str, kind: type) -> None:
+    value, where = context.get(name), f"context.{name}"
+    if kind is str and (not isinstance(value, str) or not value.strip()):
+        raise error(400, "required", f"{where} is required (a non-empty string)", where)
+    if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise error(400, "required", f"{where} is required (an array of references)", where)
+    if kind is dict and not (isinstance(value, dict) and value.get("resourceType") == "Bundle"):
+        raise error(400, "required", f"{where} is required (a FHIR Bundle)", where)
 
 
 def _is_uuid(value: str) -> bool:

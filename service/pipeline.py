@@ -46,24 +46,33 @@ class Evaluator:
         started = time.perf_counter()
         request = hooks.parse(service, body, now)
         gathered = gather.from_prefetch(request)
-        evaluation = self._evaluate(gathered, request.now, {"gather": _since(started)})
+        evaluation = self._evaluate(service, gathered, request.now, {"gather": _since(started)})
         evaluation.hook_instance = request.hook_instance
         return evaluation
 
-    def bundle(self, body, now: datetime, as_of: str | None = None) -> Evaluation:
-        """Evaluate a Bundle as the patient-view service would; 'now' is asOf, else Bundle.timestamp."""
+    def bundle(self, body, now: datetime, as_of: str | None = None, hook: str = "patient-view") -> Evaluation:
+        """Evaluate a Bundle as our service for the hook would; 'now' is asOf, else Bundle.timestamp."""
         started = time.perf_counter()
-        gathered = gather.from_bundle(body)
+        service = hooks.service_for(hook)
+        gathered = gather.from_bundle(body, with_drafts="draftOrders" in service.context)
         if as_of is not None:
             now = parse_time(as_of) or _bad_as_of()
         else:
             now = parse_time(body.get("timestamp")) or now
-        return self._evaluate(gathered, now, {"gather": _since(started)})
+        return self._evaluate(service, gathered, now, {"gather": _since(started)})
 
-    def _evaluate(self, gathered: gather.Gathered, now: datetime, timings: dict) -> Evaluation:
+    def _evaluate(
+        self, service: hooks.Service, gathered: gather.Gathered, now: datetime, timings: dict
+    ) -> Evaluation:
         started = time.perf_counter()
         try:
-            fact_set = facts.build(self.knowledge, gathered.resources, now=now, available=gathered.available)
+            fact_set = facts.build(
+                self.knowledge,
+                gathered.resources,
+                now=now,
+                available=gathered.available,
+                drafts=gathered.drafts,
+            )
         except facts.InvalidData as exc:
             raise ApiError(400, *_invalid_issues(exc)) from None
         timings["facts"] = _since(started)
@@ -78,7 +87,7 @@ class Evaluator:
             ) from exc
         timings["rules"] = _since(started)
         started = time.perf_counter()
-        built = cards.build(self.knowledge, outcome, fact_set, gathered.patient_id)
+        built = cards.build(self.knowledge, outcome, fact_set, gathered.patient_id, service.topics)
         timings["cards"] = _since(started)
         fired = tuple(sorted({r for c in outcome.conclusions for r in c.rules}))
         return Evaluation(built, gathered.patient_id, rules=fired, timings=timings)

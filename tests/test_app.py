@@ -246,7 +246,7 @@ def test_evaluate_uses_bundle_timestamp_as_now(client):
     }
     cards = client.post("/evaluate", json=bundle).get_json()["cards"]
     assert cards and "CK peak 3,000 U/L" in cards[0]["detail"]
-    assert_outcome(client.post("/evaluate?hook=order-sign", json=bundle), 400, "hook")
+    assert_outcome(client.post("/evaluate?hook=encounter-start", json=bundle), 400, "hook")
     assert_outcome(client.post("/evaluate?asOf=never", json=bundle), 400, "asOf")
 
 

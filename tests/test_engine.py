@@ -196,7 +196,7 @@ def test_concurrent_evaluations_match_single_threaded_answers(knowledge, engine)
 
 def test_findings_chain_to_conclusions_with_their_basis(knowledge, engine):
     outcome = engine.evaluate(seropositive(knowledge))
-    assert [f.code for f in outcome.findings] == ["ck-raised", "proximal-weakness"]
+    assert [f.code for f in outcome.findings] == ["ck-raised", "muscle-symptoms", "proximal-weakness"]
     conclusion = outcome.conclusions[0]
     assert "ck" in conclusion.basis and "clinical:proximal-weakness" in conclusion.basis
     assert not any(b.startswith("finding:") for b in conclusion.basis)

@@ -50,7 +50,9 @@ def test_no_data_gives_every_fact_as_unknown(knowledge):
     assert fact(result, "clinical:proximal-weakness")["state"] == "unknown"
     assert fact(result, "biopsy")["reported"] is False and fact(result, "biopsy")["necrosis"] == "unknown"
     assert fact(result, "statin")["exposure"] == "none-recorded"
-    assert build(knowledge, available=frozenset()).facts[-1]["exposure"] == "unknown"
+    assert fact(build(knowledge, available=frozenset()), "statin")["exposure"] == "unknown"
+    assert fact(result, "ck-kinetics") == {"id": "ck-kinetics", "t": "ck-kinetics", "applicable": False}
+    assert fact(result, "draft-statin")["count"] == 0 and fact(result, "tsh")["tested"] is False
 
 
 # -- creatine kinase --------------------------------------------------------------------------------
@@ -438,7 +440,12 @@ def test_patient_age_and_sex(knowledge):
         ),
         "patient",
     )
-    assert patient["sex"] == "female" and patient["adult"] == "no" and patient["age"] == pytest.approx(14.0)
+    assert patient["sex"] == "female" and patient["adult"] == "no" and patient["age"] == 13
+    for birth, age, adult in (("2006-06-01", 18, "yes"), ("2006-06-02", 17, "no"), ("2004-02-29", 20, "yes")):
+        patient = fact(
+            build(knowledge, {"resourceType": "Patient", "id": "p1", "birthDate": birth}), "patient"
+        )
+        assert (patient["age"], patient["adult"]) == (age, adult)
 
 
 def test_an_invalid_resource_that_matters_is_refused_with_its_location(knowledge):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
-from service.facts import biopsy, clinical, labs, medications
+from service.facts import biopsy, clinical, kinetics, labs, medications
 from service.facts.fhir import InvalidResource, Resource, day, parse_time, validate
 
 __all__ = ["Basis", "FactSet", "InvalidData", "Resource", "build"]
@@ -42,8 +42,15 @@ class InvalidData(ValueError):
         self.problems = problems
 
 
-def build(k, resources: Iterable[Resource], *, now: datetime, available: frozenset[str]) -> FactSet:
-    """Select the resources that can matter, validate them, and map them to facts."""
+def build(
+    k,
+    resources: Iterable[Resource],
+    *,
+    now: datetime,
+    available: frozenset[str],
+    drafts: Iterable[Resource] = (),
+) -> FactSet:
+    """Select what can matter, validate it, and map it to facts; drafts are the orders being placed."""
     by_type: dict[str, list[Resource]] = {}
     for resource in resources:
         by_type.setdefault(resource.type, []).append(resource)
@@ -57,14 +64,15 @@ def build(k, resources: Iterable[Resource], *, now: datetime, available: frozens
     statins = [
         r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, []) if drugs.is_statin(r.data)
     ]
+    draft_statins = [r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)]
     patients = by_type.get("Patient", [])
-    _validate([*patients, *lab_results, *findings, *conditions, *reports, *statins])
+    _validate([*patients, *lab_results, *findings, *conditions, *reports, *statins, *draft_statins])
 
     notes: list[str] = []
     entries = [patient_fact(patients[0] if patients else None, now)]
-    entries.append(
-        labs.ck_fact(k, labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes), now)
-    )
+    ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes)
+    entries.append(labs.ck_fact(k, ck_results, now))
+    entries.append(labs.tsh_fact(k, lab_results, now))
     antibody_results = labs.antibody_results(k, lab_results, notes)
     entries += [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
     entries += [
@@ -72,9 +80,13 @@ def build(k, resources: Iterable[Resource], *, now: datetime, available: frozens
         for name in clinical.CONCEPTS
     ]
     entries.append(biopsy.biopsy_fact(k, reports, now))
-    exposures = [e for e in (medications.exposure(drugs, r) for r in statins) if e]
-    available_medications = any(kind in available for kind in medications.MEDICATION_TYPES)
-    entries.append(medications.statin_fact(exposures, available_medications, now))
+    history = medications.History(
+        records=tuple(e for e in (medications.exposure(drugs, r, now) for r in statins) if e),
+        available=any(kind in available for kind in medications.MEDICATION_TYPES),
+    )
+    entries.append(medications.statin_fact(history, now))
+    entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
+    entries.append(draft_fact(draft_statins))
     return FactSet(
         facts=tuple(fact for fact, _, _ in entries),
         basis=MappingProxyType({fact["id"]: Basis(text, refs) for fact, text, refs in entries}),
@@ -93,6 +105,16 @@ def _validate(resources: list[Resource]) -> None:
         raise InvalidData(problems)
 
 
+def draft_fact(draft_statins: list[Resource]) -> tuple[dict, str, tuple[str, ...]]:
+    """Return how many statins are being ordered now (order-select and order-sign hooks)."""
+    fact = {"id": "draft-statin", "t": "draft-statin", "count": len(draft_statins)}
+    return (
+        fact,
+        f"statin orders being placed: {len(draft_statins)}",
+        tuple(r.reference for r in draft_statins),
+    )
+
+
 def patient_fact(resource: Resource | None, now: datetime) -> tuple[dict, str, tuple[str, ...]]:
     """Return the patient's age at now (years) and sex; either may be unknown."""
     fact: dict = {"id": "patient", "t": "patient", "sex": "unknown", "adult": "unknown"}
@@ -104,7 +126,9 @@ def patient_fact(resource: Resource | None, now: datetime) -> tuple[dict, str, t
     birth = parse_time(data.get("birthDate"))
     text = f"patient: {fact['sex']}"
     if birth:
-        fact["age"] = round((now - birth).days / 365.25, 1)
+        fact["age"] = (
+            now.year - birth.year - ((now.month, now.day) < (birth.month, birth.day))
+        )  # completed years
         fact["adult"] = "yes" if fact["age"] >= 18 else "no"
         text += f", born {day(birth)[:4]}"
     return fact, text, (resource.reference,)

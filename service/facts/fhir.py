@@ -135,10 +135,10 @@ def effective_time(data: dict) -> datetime | None:
 
 
 def days_before(moment: datetime | None, now: datetime) -> float | None:
-    """Return how many days before now a moment was (negative if after now), to one decimal."""
+    """Return how many days before now a moment was (negative if after now)."""
     if moment is None:
         return None
-    return round((now - moment).total_seconds() / 86400.0, 1)
+    return (now - moment).total_seconds() / 86400.0
 
 
 def day(moment: datetime | None) -> str:

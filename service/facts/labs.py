@@ -118,7 +118,7 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
     """Return the CK summary fact, its description and the references behind it."""
     if not results:
         return {"id": "ck", "t": "ck", "tested": False, "count": 0, "trend": "none"}, "CK: no result", ()
-    peak = max(results, key=lambda r: (r.x_uln, r.time))
+    peak = max(results, key=lambda r: (r.x_uln, -r.time.timestamp()))  # the first of equal highs
     latest = results[-1]
     trend = "single"
     if len(results) > 1:
@@ -130,13 +130,13 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
         "t": "ck",
         "tested": True,
         "count": len(results),
-        "peak": round(peak.value, 1),
-        "peak_x_uln": round(peak.x_uln, 2),
+        "peak": peak.value,
+        "peak_x_uln": peak.x_uln,
         "peak_days_ago": days_before(peak.time, now),
-        "latest": round(latest.value, 1),
-        "latest_x_uln": round(latest.x_uln, 2),
+        "latest": latest.value,
+        "latest_x_uln": latest.x_uln,
         "latest_days_ago": days_before(latest.time, now),
-        "uln": round(peak.uln, 1),
+        "uln": peak.uln,
         "uln_assumed": peak.uln_assumed,
         "trend": trend,
     }
@@ -252,6 +252,27 @@ def relevant(k, data: dict) -> bool:
     """Tell whether a laboratory Observation can matter to a rule (cheap, before validation)."""
     if data.get("status") not in FINAL_RESULT:
         return False
-    if is_ck(k, data) or antibody_names(k, data.get("code")):
+    if is_ck(k, data) or is_tsh(k, data) or antibody_names(k, data.get("code")):
         return True
     return any(antibody_names(k, as_dict(part).get("code")) for part in as_list(data.get("component")))
+
+
+def is_tsh(k, data: dict) -> bool:
+    """Tell whether an Observation is a TSH."""
+    return matches(k.valueset("tsh"), data.get("code"))
+
+
+def tsh_fact(k, observations: list[Resource], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+    """Return the latest final TSH: when, and whether it was high (hypothyroidism mimics myopathy)."""
+    dated = sorted(
+        ((effective_time(r.data), r) for r in observations if is_tsh(k, r.data) and effective_time(r.data)),
+        key=lambda pair: (pair[0], pair[1].reference),
+    )
+    fact = {"id": "tsh", "t": "tsh", "tested": False}
+    if not dated:
+        return fact, "TSH: not tested", ()
+    time, latest = dated[-1]
+    state, shown = read_result(k, "tsh", latest.data)
+    fact.update(tested=True, days_ago=days_before(time, now), high=state == "positive")
+    reading = "high" if fact["high"] else "not high" if state == "negative" else "not interpreted"
+    return fact, f"TSH {reading} ({shown + ', ' if shown else ''}{day(time)})", (latest.reference,)

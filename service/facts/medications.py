@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from service.facts.fhir import (
     Resource,
     as_dict,
     as_list,
+    as_number,
     as_str,
     day,
     days_before,
@@ -23,6 +24,7 @@ MEDICATION_TYPES = (
     "MedicationDispense",
 )
 INTENSITIES = ("high", "moderate", "low")  # strongest first
+SUPPLY_UNITS = {"d": 1, "wk": 7, "mo": 30, "a": 365}  # UCUM units of expectedSupplyDuration, in days
 # Which statuses mean the patient is on the drug now, and which mean they were on it before.
 CURRENT = {
     "MedicationRequest": {"active", "on-hold"},
@@ -83,7 +85,7 @@ class Medications:
         return None
 
 
-def exposure(medications: Medications, resource: Resource) -> Exposure | None:
+def exposure(medications: Medications, resource: Resource, now: datetime) -> Exposure | None:
     """Read one statin record as an exposure, or None when its status means it was never taken."""
     data, kind = resource.data, resource.type
     status = data.get("status")
@@ -91,41 +93,84 @@ def exposure(medications: Medications, resource: Resource) -> Exposure | None:
     if not current and status not in PAST.get(kind, ()):
         return None
     period = as_dict(data.get("effectivePeriod"))
-    validity = as_dict(as_dict(data.get("dispenseRequest")).get("validityPeriod"))
     if kind == "MedicationStatement":
         start = parse_time(period.get("start")) or parse_time(data.get("effectiveDateTime"))
         end, known = parse_time(period.get("end")), True
     elif kind == "MedicationRequest":
-        start = parse_time(data.get("authoredOn")) or parse_time(validity.get("start"))
-        end, known = parse_time(validity.get("end")), False
+        start = parse_time(data.get("authoredOn"))
+        end, known = _supply_end(data, start), False
     else:  # a dose given or handed over: that day is known exposure
-        when = parse_time(data.get("effectiveDateTime") or data.get("whenHandedOver")) or parse_time(
+        start = parse_time(data.get("effectiveDateTime") or data.get("whenHandedOver")) or parse_time(
             period.get("end")
         )
-        start, end, known = when, when, when is not None
+        end, known = start, start is not None
     if end is None:
         end, known = start, False
+    if current and end is not None and known and end < now:
+        current = False  # "active" with an end date already past: the record was not closed
     return Exposure(resource, current, start, end, known and end is not None, medications.intensity(data))
 
 
-def statin_fact(found: list[Exposure], available: bool, now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+def _supply_end(data: dict, start: datetime | None) -> datetime | None:
+    """Infer when a prescription's supply ran out: its validity end, else its start plus supply x fills."""
+    dispense = as_dict(data.get("dispenseRequest"))
+    end = parse_time(as_dict(dispense.get("validityPeriod")).get("end"))
+    duration = as_dict(dispense.get("expectedSupplyDuration"))
+    days = (as_number(duration.get("value")) or 0) * SUPPLY_UNITS.get(as_str(duration.get("code")) or "", 0)
+    if end is None and start is not None and days > 0:
+        repeats = dispense.get("numberOfRepeatsAllowed")
+        fills = 1 + (
+            repeats if isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0 else 0
+        )
+        end = start + timedelta(days=days * fills)
+    return end
+
+
+@dataclass(frozen=True)
+class History:
+    """One patient's statin exposure, summarised across all records."""
+
+    records: tuple[Exposure, ...]
+    available: bool  # any medication data was sent at all
+
+    @property
+    def current(self) -> bool:
+        return any(e.current for e in self.records)
+
+    @property
+    def last(self) -> Exposure | None:
+        """The record with the last day on the drug, when no statin is current."""
+        if self.current:
+            return None
+        return max((e for e in self.records if e.last), key=lambda e: e.last, default=None)
+
+
+def statin_fact(history: History, now: datetime) -> tuple[dict, str, tuple[str, ...]]:
     """Return the statin-exposure fact; with no medication data at all the exposure is unknown."""
     fact: dict = {"id": "statin", "t": "statin"}
+    found = history.records
     if not found:
-        fact["exposure"] = "none-recorded" if available else "unknown"
-        return fact, ("statin: none recorded" if available else "statin exposure: no medication data"), ()
-    current = [e for e in found if e.current]
-    fact["exposure"] = "current" if current else "past"
+        fact["exposure"] = "none-recorded" if history.available else "unknown"
+        return (
+            fact,
+            ("statin: none recorded" if history.available else "statin exposure: no medication data"),
+            (),
+        )
+    fact["exposure"] = "current" if history.current else "past"
     starts = [e.start for e in found if e.start]
     if starts:
         fact["start_days_ago"] = days_before(min(starts), now)
-    text = "statin: " + ("current" if current else "past")
-    if not current:
-        last = max((e for e in found if e.last), key=lambda e: e.last, default=None)
-        if last:
-            fact["last_days_ago"] = days_before(last.last, now)
-            fact["stop_known"] = last.last_known
-            text += f", last exposure {day(last.last)} ({'recorded' if last.last_known else 'inferred'})"
+    text = f"statin: {fact['exposure']}" + (
+        f" since {day(min(starts))}" if starts and history.current else ""
+    )
+    last = history.last
+    if last:
+        fact["last_days_ago"] = days_before(last.last, now)
+        fact["stop_known"] = last.last_known
+        text += (
+            f", last dose {day(last.last)} ({'recorded' if last.last_known else 'inferred from the orders'})"
+        )
+    current = [e for e in found if e.current]
     levels = [e.intensity for e in (current or found) if e.intensity]
     fact["intensity"] = min(levels, key=INTENSITIES.index) if levels else "unknown"
     if levels:

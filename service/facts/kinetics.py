@@ -1,0 +1,97 @@
+"""Measure CK kinetics around the last statin dose, for the rules to judge toxic against autoimmune."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+from service.facts.fhir import day
+from service.facts.labs import CkResult
+from service.facts.medications import History
+
+RATIO_CAP = 1000.0  # past this the curve has long reached normal; the number means nothing more
+
+
+def days_between(earlier: datetime, later: datetime) -> float:
+    return (later - earlier).total_seconds() / 86400.0
+
+
+def expected_value(peak: CkResult, at: datetime, half_life: float) -> float:
+    """Return the CK expected at a moment if it decays from its peak with the given half-life."""
+    return peak.value * 0.5 ** (days_between(peak.time, at) / half_life)
+
+
+def observed_half_life(results: list[CkResult]) -> float | None:
+    """Fit log(CK) against time (least squares) from three or more results; the half-life if falling."""
+    if len(results) < 3:
+        return None
+    xs = [days_between(results[0].time, r.time) for r in results]
+    ys = [math.log(r.value) for r in results if r.value > 0]
+    if len(ys) != len(xs) or max(xs) == 0:
+        return None
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mean_x) ** 2 for x in xs
+    )
+    return math.log(2) / -slope if slope < 0 else None
+
+
+def kinetics_fact(
+    k, history: History, results: list[CkResult], now: datetime
+) -> tuple[dict, str, tuple[str, ...]]:
+    """Return the CK-kinetics fact for a stopped statin: days since the last dose, the CK since, the fit."""
+    fact: dict = {"id": "ck-kinetics", "t": "ck-kinetics", "applicable": False}
+    last = history.last
+    if last is None:
+        return fact, "CK after stopping a statin: no stopped statin", ()
+    stop = last.last
+    lead = timedelta(days=k.value("statin.episode-lead"))
+    episode = [r for r in results if r.time >= stop - lead]
+    if not episode:
+        return fact, "CK after stopping a statin: no CK result around the last dose", ()
+    half_life = k.value("statin.ck-half-life")
+    window = k.value("statin.persistence-window")
+    peak = max(episode, key=lambda r: (r.x_uln, -r.time.timestamp()))  # the first of equal highs
+    # When toxicity would have brought CK back to the ULN, decaying from its peak.
+    normal_by = peak.time + timedelta(days=half_life * math.log2(max(peak.x_uln, 1.0)))
+    after = [r for r in episode if r.time >= stop]
+    fact.update(
+        applicable=True,
+        stop_known=last.last_known,
+        stop_on=day(stop),
+        days_since_stop=days_between(stop, now),
+        peak_x_uln=peak.x_uln,
+        after_stop_count=len(after),
+    )
+    text = (
+        f"CK around the last statin dose ({day(stop)}, {'recorded' if last.last_known else 'inferred'}): "
+        f"peak {peak.value:,.0f} U/L ({peak.x_uln:.1f}× ULN) on {day(peak.time)}"
+    )
+    if after:
+        latest = after[-1]
+        fact["latest_x_uln"] = latest.x_uln
+        fact["latest_days_after_stop"] = days_between(stop, latest.time)
+        count = f"{len(after)} result{'s' if len(after) > 1 else ''}"
+        after_days = fact["latest_days_after_stop"]
+        text += f"; {count} since, latest {latest.value:,.0f} U/L {after_days:.0f} days after it"
+        ratio = (
+            latest.value / expected_value(peak, latest.time, half_life) if latest.time > peak.time else 1.0
+        )
+        fact["expected_ratio"] = min(ratio, RATIO_CAP)
+        if latest.time > normal_by:
+            text += f" (toxicity would have brought it to normal by {day(normal_by)})"
+        elif latest.time > peak.time:
+            text += f" ({ratio:.1f}× the {half_life:g}-day half-life curve)"
+        rise = 1 + k.value("labs.ck.trend-change")
+        fact["rising_after_stop"] = len(after) >= 2 and latest.x_uln >= after[-2].x_uln * rise
+    fitted = observed_half_life([r for r in episode if r.time >= peak.time])
+    if fitted is not None:
+        fact["observed_half_life"] = fitted
+        text += f"; observed half-life {fitted:.1f} days"
+    # Recheck when toxicity should have settled, and not before the persistence window has passed:
+    # only then can a raised CK rule toxicity out.
+    recheck = max(normal_by, stop + timedelta(days=window))
+    fact["recheck_in_days"] = max(0, math.ceil(days_between(now, recheck)))
+    fact["recheck_on"] = day(max(recheck, now))
+    cited = [last.resource, peak.resource, *(r.resource for r in after[-2:])]
+    return fact, text, tuple(dict.fromkeys(r.reference for r in cited))
