@@ -1,17 +1,15 @@
-"""IMNM suspicion (ENMC 2017 paths, post-test probability); dermatomyositis and polymyositis pointers."""
+"""IMNM suspicion: the ENMC 2017 classification paths, with a Bayesian post-test probability."""
 
 from durable.lang import c, m, pri, when_all
 
 from rules.bayes import likelihood_ratio, update
 from rules.match import antibody, any_name, clinical, finding, of_type
 
-DERMATOMYOSITIS_ANTIBODIES = ("anti-tif1g", "anti-nxp2", "anti-mda5", "anti-mi2", "anti-sae1")
-IMNM_ANTIBODIES = ("anti-hmgcr", "anti-srp")
-
 
 def define(k, emit):
     """Register the IMNM rules in the active ruleset."""
     raised = k.value("imnm.ck.raised")
+    imnm_antibodies = k.value("labs.antibody-groups.imnm")
 
     # Stage 1: base facts -> findings.
 
@@ -28,14 +26,6 @@ def define(k, emit):
     )
     def necrotizing_biopsy(c):
         emit.finding(c, "necrotizing-biopsy", c.bx)
-
-    @when_all(pri(1), c.bx << (of_type("biopsy") & (m.endomysial_invasion == "present")))
-    def inflammatory_biopsy(c):
-        emit.finding(c, "inflammatory-biopsy", c.bx)
-
-    @when_all(pri(1), c.r << (clinical("dermatomyositis-rash") & (m.state != "unknown")))
-    def dermatomyositis_rash(c):
-        emit.finding(c, "dermatomyositis-rash", c.r)
 
     # Stage 2: findings -> conclusions. Every IMNM conclusion joins both antibody summaries, the biopsy
     # and the rash, so that its probability always comes from the same evidence.
@@ -63,6 +53,7 @@ def define(k, emit):
 
     def seropositive(c):
         """Ask for the seropositive card; with anti-HMGCR, show statin exposure beside it (not counted)."""
+        emit.finding(c, "imnm-classified", c.ck, c.w, c.hmgcr, c.srp)
         if c.hmgcr.state == "positive":
             suspect(
                 c,
@@ -78,7 +69,7 @@ def define(k, emit):
         pri(2),
         c.ck << finding("ck-raised"),
         c.wk << (clinical("proximal-weakness") & (m.state == "unknown")),
-        c.ab << (of_type("antibody") & (m.state == "positive") & any_name(IMNM_ANTIBODIES)),
+        c.ab << (of_type("antibody") & (m.state == "positive") & any_name(imnm_antibodies)),
         *evidence(),
     )
     def seropositive_weakness_unknown(c):
@@ -99,14 +90,23 @@ def define(k, emit):
         *evidence(hmgcr=m.state == "negative", srp=m.state == "negative"),
     )
     def seronegative(c):
+        emit.finding(c, "imnm-classified", c.ck, c.w, c.nb, c.hmgcr, c.srp)
+        emit.finding(c, "imnm-seronegative", c.nb, c.hmgcr, c.srp)
         suspect(c, "imnm-seronegative", c.nb)
 
-    # Work-up prompts only where no skin rash points to dermatomyositis instead.
+    # Work-up prompts only where neither a skin rash nor another syndrome's antibody (dermatomyositis,
+    # antisynthetase) already points elsewhere.
+
+    def unexplained():
+        return c.profile << (
+            of_type("antibody-profile") & (m.positive_dermatomyositis == 0) & (m.positive_antisynthetase == 0)
+        )
 
     @when_all(
         pri(2),
         *presentation(),
         *evidence(hmgcr=unresulted(), srp=m.state != "positive", rash=m.state == "unknown"),
+        unexplained(),
     )
     def workup_hmgcr_missing(c):
         workup(c)
@@ -115,6 +115,7 @@ def define(k, emit):
         pri(2),
         *presentation(),
         *evidence(hmgcr=m.state != "positive", srp=unresulted(), rash=m.state == "unknown"),
+        unexplained(),
     )
     def workup_srp_missing(c):
         workup(c)
@@ -128,43 +129,10 @@ def define(k, emit):
             biopsy=m.reported == False,  # noqa: E712
             rash=m.state == "unknown",
         ),
+        unexplained(),
     )
     def seronegative_without_biopsy(c):
         suspect(c, "imnm-seronegative-possible")
-
-    def muscle_involvement():
-        return (
-            c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised"))),
-            c.dx << (clinical("diagnosis-dermatomyositis") & (m.state == "unknown")),
-        )
-
-    @when_all(pri(2), c.df << finding("dermatomyositis-rash"), *muscle_involvement())
-    def dermatomyositis_pointer_rash(c):
-        emit.card(
-            c, "dermatomyositis-pointer", c.df, c.mu, features=["heliotrope rash or Gottron papules/sign"]
-        )
-
-    @when_all(
-        pri(2),
-        c.ab << (of_type("antibody") & (m.state == "positive") & any_name(DERMATOMYOSITIS_ANTIBODIES)),
-        *muscle_involvement(),
-    )
-    def dermatomyositis_pointer_antibody(c):
-        emit.card(
-            c,
-            "dermatomyositis-pointer",
-            c.ab,
-            c.mu,
-            features=[k.text(f"labels.concepts.{c.ab.name}") + " positive"],
-        )
-
-    @when_all(
-        pri(2),
-        c.ib << finding("inflammatory-biopsy"),
-        c.dx << (clinical("diagnosis-polymyositis") & (m.state == "unknown")),
-    )
-    def polymyositis_pointer(c):
-        emit.card(c, "polymyositis-pointer", c.ib)
 
     def workup(c):
         missing = [
@@ -207,7 +175,7 @@ def define(k, emit):
             ("necrotizing-biopsy", biopsy_result(c.bx)),
         ):
             if state not in ("positive", "negative") or (
-                subtype_found and test in IMNM_ANTIBODIES and state == "negative"
+                subtype_found and test in imnm_antibodies and state == "negative"
             ):
                 continue
             sensitivity, specificity = f"imnm.tests.{test}.sensitivity", f"imnm.tests.{test}.specificity"

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.valueset import ValueSet as FhirValueSet
 
-PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels", "statin")
+PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels", "statin", "cancer", "differential")
 VERIFICATION = ("verified", "partial", "unverified", "local")
 TOPICS = (
     "imnm-suspected",
@@ -121,6 +121,8 @@ class Order:
     text: str = ""  # what a create action orders
     coding: Mapping[str, str] | None = None
     target: str | None = None  # for a delete action: the fact whose resources are removed
+    items: tuple[Order, ...] = ()  # for a panel: the orders it creates together
+    sex: str | None = None  # only for patients of this recorded sex
 
 
 @dataclass(frozen=True)
@@ -383,11 +385,14 @@ def _valueset(raw: dict) -> ValueSet:
 
 
 def _load_orders(table: dict) -> dict[str, Order]:
-    orders = {}
-    for key, entry in table.items():
+    orders: dict[str, Order] = {}
+    # Panels name their items, so single orders are loaded first.
+    for key, entry in sorted(table.items(), key=lambda item: "items" in item[1]):
         coding = entry.get("coding")
         if coding is not None and coding.get("verification") not in ("A", "B"):
             raise KnowledgeError(f"order {key}: only codes verified at level A or B may be ordered")
+        if any(item not in orders or orders[item].items for item in entry.get("items", [])):
+            raise KnowledgeError(f"order {key}: a panel's items must be single orders")
         order = Order(
             key=key,
             label=entry["label"],
@@ -397,14 +402,20 @@ def _load_orders(table: dict) -> dict[str, Order]:
             if coding
             else None,
             target=entry.get("target"),
+            items=tuple(orders[item] for item in entry.get("items", [])),
+            sex=entry.get("sex"),
         )
-        deletes = entry.get("action", "create") == "delete"
-        if deletes != (order.target is not None) or (not deletes and not order.text):
-            raise KnowledgeError(f"order {key}: a create needs text, a delete needs a target fact")
-        if not deletes:
+        kinds = [bool(order.text), order.target is not None, bool(order.items)]
+        if kinds.count(True) != 1 or (order.target is not None) != (entry.get("action") == "delete"):
+            raise KnowledgeError(
+                f"order {key}: give exactly one of text (create), target (delete) or items (panel)"
+            )
+        if order.sex not in (None, "female", "male"):
+            raise KnowledgeError(f"order {key}: sex must be female or male")
+        if order.text:
             ServiceRequest.model_validate(service_request(order, "example"))
         orders[key] = order
-    return orders
+    return dict(sorted(orders.items(), key=lambda item: list(table).index(item[0])))
 
 
 def service_request(order: Order, patient_id: str) -> dict:

@@ -37,7 +37,7 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
     values = template_values(params)
     references = sorted({ref for id_ in conclusion.basis for ref in facts.basis[id_].references})
     identity = uuid.uuid5(NAMESPACE, json.dumps([patient_id, conclusion.key, conclusion.rules, references]))
-    opening = text.detail.format_map(values).replace(" \n", "\n")  # an empty optional sentence
+    opening = text.detail.format_map(values).replace(" \n", "\n").rstrip()  # an empty optional sentence
     detail = [
         opening[:1].upper() + opening[1:],
         probability_section(k, params),
@@ -51,7 +51,7 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
     result = {
         "uuid": str(identity),
         "summary": fit(text.summary.format_map(values)),
-        "indicator": text.indicator,
+        "indicator": params.get("indicator", text.indicator),
         "detail": "\n\n".join(part for part in detail if part),
         "source": {
             "label": text.source.label,
@@ -66,11 +66,13 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
             "rules": list(conclusion.rules),
             "evidence": references,
             **probability_extension(params),
+            **({"riskTier": params["tier"]} if "tier" in params else {}),
         },
     }
     chosen = params.get("orders")
     orders = [order for order in text.suggestions if chosen is None or order.key in chosen]
-    suggestions = [s for s in (suggestion(order, identity, facts, patient_id) for order in orders) if s]
+    made = (suggestion(order, identity, facts, patient_id, params.get("sex")) for order in orders)
+    suggestions = [s for s in made if s]
     if suggestions:
         result["suggestions"] = suggestions
         result["selectionBehavior"] = "any"
@@ -79,16 +81,18 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
     return result
 
 
-def suggestion(order, identity: uuid.UUID, facts: FactSet, patient_id: str) -> dict | None:
-    """Build one suggestion: a ServiceRequest to create, or a fact's resources to delete (if it has any)."""
-    if order.target is None:
-        actions = [
-            {"type": "create", "description": order.label, "resource": service_request(order, patient_id)}
-        ]
-    else:
+def suggestion(order, identity: uuid.UUID, facts: FactSet, patient_id: str, sex: str | None) -> dict | None:
+    """Build a suggestion: ServiceRequests to create (one, or a panel's), or resources to delete."""
+    if order.target is not None:
         targets = [ref for ref in facts.basis[order.target].references if ref.count("/") == 1]
         actions = [
             {"type": "delete", "description": f"{order.label} ({ref})", "resourceId": ref} for ref in targets
+        ]
+    else:
+        creates = [item for item in order.items if item.sex in (None, sex)] if order.items else [order]
+        actions = [
+            {"type": "create", "description": item.label, "resource": service_request(item, patient_id)}
+            for item in creates
         ]
     if not actions:
         return None
@@ -173,7 +177,9 @@ def certainty_section(k, source, cited) -> str:
     sources = {source.id: source}
     for key in cited:
         param = k.param(key)
-        used.setdefault(param.source.id, []).append(parameter_name(k, key))
+        names = used.setdefault(param.source.id, [])
+        if parameter_name(k, key) not in names:
+            names.append(parameter_name(k, key))
         sources[param.source.id] = param.source
     lines = []
     for id_, names in used.items():
@@ -186,6 +192,8 @@ def certainty_section(k, source, cited) -> str:
 
 def parameter_name(k, key: str) -> str:
     """Name a cited parameter as a clinician would, e.g. 'anti-HMGCR sensitivity'."""
+    if "label" in k.param(key).attributes:
+        return k.param(key).attributes["label"]
     parts = key.split(".")
     if parts[1] == "tests":
         return f"{k.text(f'labels.concepts.{parts[2]}')} {parts[3]}"

@@ -101,8 +101,13 @@ class _SyncHost(durable.engine.Host):
 class Emit:
     """What rule actions call to record findings and card requests in their own session."""
 
-    def __init__(self, sessions: Mapping[str, _Session]):
+    def __init__(self, sessions: Mapping[str, _Session], finishers: dict):
         self._sessions = sessions
+        self._finishers = finishers
+
+    def finish(self, key: str, function) -> None:
+        """Complete a card's merged requests after the session (engines cannot aggregate); None drops it."""
+        self._finishers[key] = function
 
     def finding(self, c, code: str, *basis, **values) -> None:
         """Record a finding and assert it once as a fact, so later rules can join on it."""
@@ -185,7 +190,8 @@ class Engine:
         self.rule_ids = tuple(sorted(self._rule_ids))
 
     def _compile(self, knowledge, modules) -> dict:
-        emit = Emit(self._sessions)
+        self._finishers: dict = {}
+        emit = Emit(self._sessions, self._finishers)
         rules = durable.lang.ruleset(RULESET)
         # A top-level ruleset also enrols itself for the library's global host; this one is ours alone.
         durable.lang._rulesets.pop(RULESET, None)
@@ -276,7 +282,7 @@ class Engine:
                 raise EngineError(f"rule {rule} raised {kind}")
             if state and "exception" in state:
                 raise EngineError("the engine reported an action failure")
-            return _outcome(session)
+            return _outcome(session, self._finishers)
         except MemoryError as exc:
             # The engine's session table is full; its half-made session must not be deleted (segfault).
             created = False
@@ -319,7 +325,7 @@ def _aliases(rule: Mapping) -> set[str]:
     return names
 
 
-def _outcome(session: _Session) -> Outcome:
+def _outcome(session: _Session, finishers: Mapping) -> Outcome:
     def expand(basis: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         rules, facts = [], []
         for id_ in basis:
@@ -339,10 +345,15 @@ def _outcome(session: _Session) -> Outcome:
         findings.append(Finding(code, tuple(sorted(set(record.rules) | set(rules))), basis))
     conclusions = []
     for key, record in sorted(session.cards.items()):
+        params = record.params
+        if key in finishers:
+            try:
+                params = finishers[key](dict(params))
+            except Exception as exc:
+                raise EngineError(f"finishing card {key} raised {type(exc).__name__}") from exc
+            if params is None:
+                continue
         rules, basis = expand(record.basis)
-        conclusions.append(
-            Conclusion(
-                key, tuple(sorted(set(record.rules) | set(rules))), basis, MappingProxyType(record.params)
-            )
-        )
+        all_rules = tuple(sorted(set(record.rules) | set(rules)))
+        conclusions.append(Conclusion(key, all_rules, basis, MappingProxyType(params)))
     return Outcome(tuple(findings), tuple(conclusions))

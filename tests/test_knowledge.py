@@ -82,8 +82,8 @@ def test_value_set_text_fallback(knowledge, valueset, text, expected):
 
 def test_orders_are_valid_service_requests_and_code_only_verified_codes(knowledge):
     for order in knowledge.orders.values():
-        if order.target is None:
-            ServiceRequest.model_validate(service_request(order, "p1"))
+        for single in order.items or ([order] if order.text else []):
+            ServiceRequest.model_validate(service_request(single, "p1"))
         if order.coding is not None:
             levels = [
                 vs.codes.get((order.coding["system"], order.coding["code"]))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
-from service.facts import biopsy, clinical, kinetics, labs, medications
+from service.facts import biopsy, clinical, kinetics, labs, medications, screening
 from service.facts.fhir import InvalidResource, Resource, day, parse_time, validate
 
 __all__ = ["Basis", "FactSet", "InvalidData", "Resource", "build"]
@@ -60,13 +60,14 @@ def build(
     findings = [r for r in observations if id(r) not in taken and clinical.relevant(k, r)]
     conditions = [r for r in by_type.get("Condition", []) if clinical.relevant(k, r)]
     reports = [r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)]
+    studies = [r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)]
     drugs = medications.Medications(k, by_type.get("Medication", []))
     statins = [
         r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, []) if drugs.is_statin(r.data)
     ]
     draft_statins = [r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)]
     patients = by_type.get("Patient", [])
-    _validate([*patients, *lab_results, *findings, *conditions, *reports, *statins, *draft_statins])
+    _validate([*patients, *lab_results, *findings, *conditions, *reports, *studies, *statins, *draft_statins])
 
     notes: list[str] = []
     entries = [patient_fact(patients[0] if patients else None, now)]
@@ -74,11 +75,16 @@ def build(
     entries.append(labs.ck_fact(k, ck_results, now))
     entries.append(labs.tsh_fact(k, lab_results, now))
     antibody_results = labs.antibody_results(k, lab_results, notes)
-    entries += [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
-    entries += [
+    antibodies = [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
+    entries += [*antibodies, labs.profile_fact(k, [fact for fact, _, _ in antibodies])]
+    concepts = [
         clinical.clinical_fact(k, name, clinical.mentions(k, name, conditions, findings), now)
         for name in clinical.CONCEPTS
     ]
+    entries += concepts
+    birth = parse_time(patients[0].data.get("birthDate")) if patients else None
+    onset = screening.onset_fact(k, ck_results, {f["name"]: (f, t, r) for f, t, r in concepts}, birth, now)
+    entries += [onset, screening.screening_fact(k, studies, onset[0], now)]
     entries.append(biopsy.biopsy_fact(k, reports, now))
     history = medications.History(
         records=tuple(e for e in (medications.exposure(drugs, r, now) for r in statins) if e),

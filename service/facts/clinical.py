@@ -33,6 +33,9 @@ CONCEPTS = (
     "diagnosis-rhabdomyolysis",
     "diagnosis-inclusion-body-myositis",
     "statin-associated-muscle-symptoms",
+    "hypothyroidism",
+    "mixed-connective-tissue-disease",
+    "systemic-sclerosis",
 )
 CURRENT = frozenset({"active", "recurrence", "relapse"})
 PAST = frozenset({"inactive", "remission", "resolved"})

@@ -5,35 +5,16 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
-from service.facts.fhir import day
-from service.facts.labs import CkResult
+from service.facts.fhir import day, days_before
+from service.facts.labs import CkResult, observed_half_life
 from service.facts.medications import History
 
 RATIO_CAP = 1000.0  # past this the curve has long reached normal; the number means nothing more
 
 
-def days_between(earlier: datetime, later: datetime) -> float:
-    return (later - earlier).total_seconds() / 86400.0
-
-
 def expected_value(peak: CkResult, at: datetime, half_life: float) -> float:
     """Return the CK expected at a moment if it decays from its peak with the given half-life."""
-    return peak.value * 0.5 ** (days_between(peak.time, at) / half_life)
-
-
-def observed_half_life(results: list[CkResult]) -> float | None:
-    """Fit log(CK) against time (least squares) from three or more results; the half-life if falling."""
-    if len(results) < 3:
-        return None
-    xs = [days_between(results[0].time, r.time) for r in results]
-    ys = [math.log(r.value) for r in results if r.value > 0]
-    if len(ys) != len(xs) or max(xs) == 0:
-        return None
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mean_x) ** 2 for x in xs
-    )
-    return math.log(2) / -slope if slope < 0 else None
+    return peak.value * 0.5 ** (days_before(peak.time, at) / half_life)
 
 
 def kinetics_fact(
@@ -59,7 +40,7 @@ def kinetics_fact(
         applicable=True,
         stop_known=last.last_known,
         stop_on=day(stop),
-        days_since_stop=days_between(stop, now),
+        days_since_stop=days_before(stop, now),
         peak_x_uln=peak.x_uln,
         after_stop_count=len(after),
     )
@@ -70,7 +51,7 @@ def kinetics_fact(
     if after:
         latest = after[-1]
         fact["latest_x_uln"] = latest.x_uln
-        fact["latest_days_after_stop"] = days_between(stop, latest.time)
+        fact["latest_days_after_stop"] = days_before(stop, latest.time)
         count = f"{len(after)} result{'s' if len(after) > 1 else ''}"
         after_days = fact["latest_days_after_stop"]
         text += f"; {count} since, latest {latest.value:,.0f} U/L {after_days:.0f} days after it"
@@ -91,7 +72,7 @@ def kinetics_fact(
     # Recheck when toxicity should have settled, and not before the persistence window has passed:
     # only then can a raised CK rule toxicity out.
     recheck = max(normal_by, stop + timedelta(days=window))
-    fact["recheck_in_days"] = max(0, math.ceil(days_between(now, recheck)))
+    fact["recheck_in_days"] = max(0, math.ceil(days_before(now, recheck)))
     fact["recheck_on"] = day(max(recheck, now))
     cited = [last.resource, peak.resource, *(r.resource for r in after[-2:])]
     return fact, text, tuple(dict.fromkeys(r.reference for r in cited))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -114,6 +115,21 @@ def _reference_high(data: dict, unit: str, factors: dict) -> float | None:
     return None
 
 
+def observed_half_life(results: list[CkResult]) -> float | None:
+    """Fit log(CK) against time (least squares) from three or more results; the half-life if falling."""
+    if len(results) < 3:
+        return None
+    xs = [days_before(results[0].time, r.time) for r in results]
+    ys = [math.log(r.value) for r in results if r.value > 0]
+    if len(ys) != len(xs) or max(xs) == 0:
+        return None
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mean_x) ** 2 for x in xs
+    )
+    return math.log(2) / -slope if slope < 0 else None
+
+
 def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
     """Return the CK summary fact, its description and the references behind it."""
     if not results:
@@ -136,10 +152,14 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
         "latest": latest.value,
         "latest_x_uln": latest.x_uln,
         "latest_days_ago": days_before(latest.time, now),
+        "latest_after_peak_days": days_before(peak.time, latest.time),
         "uln": peak.uln,
         "uln_assumed": peak.uln_assumed,
         "trend": trend,
     }
+    decay = observed_half_life([r for r in results if r.time >= peak.time])
+    if decay is not None:
+        fact["decay_half_life"] = decay
     text = f"CK peak {peak.value:,.0f} U/L ({peak.x_uln:.1f}× ULN) on {day(peak.time)}"
     if peak.uln_assumed:
         text += f" (ULN {peak.uln:,.0f} U/L assumed: the lab sent no range)"
@@ -276,3 +296,13 @@ def tsh_fact(k, observations: list[Resource], now: datetime) -> tuple[dict, str,
     fact.update(tested=True, days_ago=days_before(time, now), high=state == "positive")
     reading = "high" if fact["high"] else "not high" if state == "negative" else "not interpreted"
     return fact, f"TSH {reading} ({shown + ', ' if shown else ''}{day(time)})", (latest.reference,)
+
+
+def profile_fact(k, antibody_facts: list[dict]) -> tuple[dict, str, tuple[str, ...]]:
+    """Count the positive antibodies in each syndrome group (labs.antibody-groups)."""
+    positive = {f["name"] for f in antibody_facts if f["state"] == "positive"}
+    fact = {"id": "antibody-profile", "t": "antibody-profile"}
+    for group in k.children("labs.antibody-groups"):
+        fact[f"positive_{group}"] = len(positive & set(k.value(f"labs.antibody-groups.{group}")))
+    names = ", ".join(k.text(f"labels.concepts.{n}") for n in sorted(positive)) or "none"
+    return fact, f"positive myositis antibodies: {names}", ()

@@ -1,0 +1,171 @@
+"""Cancer screening (IMACS 2023): who is screened, the risk tier from cited factors, and the panels."""
+
+from durable.lang import c, m, pri, when_all
+
+from rules.match import any_name, clinical, finding, of_type
+
+DIAGNOSES = (
+    "diagnosis-imnm",
+    "diagnosis-polymyositis",
+    "diagnosis-dermatomyositis",
+    "diagnosis-antisynthetase",
+)
+ANTIBODY_FACTORS = ("anti-tif1g", "anti-nxp2", "anti-sae1", "anti-hmgcr")
+TIERS = ("standard", "moderate", "high")
+
+
+def define(k, emit):
+    """Register the cancer-screening rules in the active ruleset."""
+    window = k.value("cancer.window")
+
+    # Stage 3 (after the IMNM and differential conclusions): is there myositis at all?
+
+    @when_all(pri(3), c.f << finding("imnm-classified"))
+    def myositis_by_classification(c):
+        emit.finding(c, "myositis", c.f)
+
+    @when_all(
+        pri(3),
+        c.f
+        << (
+            (m.t == "finding") & ((m.code == "dermatomyositis-rash") | (m.code == "dermatomyositis-antibody"))
+        ),
+        c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised"))),
+    )
+    def myositis_by_dermatomyositis_features(c):
+        emit.finding(c, "myositis", c.f, c.mu)
+
+    @when_all(pri(3), c.dx << (of_type("clinical") & (m.state != "unknown") & any_name(DIAGNOSES)))
+    def myositis_by_diagnosis(c):
+        emit.finding(c, "myositis", c.dx)
+
+    # Stage 4: adults within the window around onset are due a screening decision.
+
+    @when_all(
+        pri(4),
+        c.my << finding("myositis"),
+        c.pt << (of_type("patient") & (m.adult == "yes")),
+        c.on << (of_type("myositis-onset") & (m.known == True) & (m.days_ago <= window)),  # noqa: E712
+        c.done << of_type("cancer-screening"),
+    )
+    def screening_due(c):
+        emit.finding(c, "screening-due", c.my, c.pt, c.on)
+        emit.card(
+            c,
+            "cancer-screening",
+            c.my,
+            c.on,
+            c.done,
+            sex=c.pt.sex,
+            basic_done=c.done.basic_done,
+            enhanced_done=c.done.enhanced_done,
+            onset=f"{c.on.onset_on}, from the {c.on.source}",
+            factors=[],
+        )
+
+    # Stage 5: the risk factors, each a cited parameter (cancer.factors.*).
+
+    def due():
+        return c.due << finding("screening-due")
+
+    @when_all(
+        pri(5), due(), c.ab << (of_type("antibody") & (m.state == "positive") & any_name(ANTIBODY_FACTORS))
+    )
+    def antibody_factor(c):
+        emit.card(c, "cancer-screening", c.ab, factors=[c.ab.name])
+
+    @when_all(pri(5), due(), c.f << finding("imnm-seronegative"))
+    def seronegative_factor(c):
+        emit.card(c, "cancer-screening", c.f, factors=["seronegative-imnm"])
+
+    @when_all(
+        pri(5),
+        due(),
+        c.f
+        << (
+            (m.t == "finding") & ((m.code == "dermatomyositis-rash") | (m.code == "dermatomyositis-antibody"))
+        ),
+    )
+    def dermatomyositis_factor(c):
+        emit.card(c, "cancer-screening", c.f, factors=["dermatomyositis"])
+
+    @when_all(pri(5), due(), c.dx << (clinical("diagnosis-dermatomyositis") & (m.state != "unknown")))
+    def dermatomyositis_diagnosis_factor(c):
+        emit.card(c, "cancer-screening", c.dx, factors=["dermatomyositis"])
+
+    @when_all(pri(5), due(), c.d << (clinical("dysphagia") & (m.state == "present")))
+    def dysphagia_factor(c):
+        emit.card(c, "cancer-screening", c.d, factors=["dysphagia"])
+
+    @when_all(pri(5), due(), c.pt << (of_type("patient") & (m.sex == "male")))
+    def male_factor(c):
+        emit.card(c, "cancer-screening", c.pt, factors=["male"])
+
+    @when_all(
+        pri(5), due(), c.on << (of_type("myositis-onset") & (m.age_at_onset > k.value("cancer.older-onset")))
+    )
+    def older_onset_factor(c):
+        emit.card(c, "cancer-screening", c.on, factors=["older-onset"])
+
+    def near_onset(name: str):
+        """Match a concept dated within the window either side of the myositis onset."""
+        return (
+            c.on << of_type("myositis-onset"),
+            c.x
+            << (
+                clinical(name)
+                & (m.state != "unknown")
+                & (m.onset_days_ago <= c.on.days_ago + window)
+                & (m.onset_days_ago >= c.on.days_ago - window)
+            ),
+        )
+
+    @when_all(pri(5), due(), *near_onset("weight-loss"))
+    def weight_loss_factor(c):
+        emit.card(c, "cancer-screening", c.x, factors=["weight-loss"])
+
+    @when_all(pri(5), due(), *near_onset("malignancy"))
+    def cancer_near_onset_factor(c):
+        emit.card(c, "cancer-screening", c.x, factors=["cancer-near-onset"])
+
+    emit.finish("cancer-screening", lambda params: tier(k, params))
+
+
+def tier(k, params: dict) -> dict | None:
+    """Count the factors into a tier (IMACS counting rule) and choose the panels; None if nothing is due."""
+    levels = [k.value(f"cancer.factors.{f}") for f in params["factors"]]
+    high, intermediate = levels.count("high"), levels.count("intermediate")
+    needs = {name: k.value(f"cancer.tiers.{name}") for name in k.children("cancer.tiers")}
+    if high >= needs["high-needs-high"]:
+        chosen = "high"
+    elif high >= needs["moderate-needs-high"] or intermediate >= needs["moderate-needs-intermediate"]:
+        chosen = "moderate"
+    else:
+        chosen = "standard"
+    orders = [] if params["basic_done"] else ["basic-screening"]
+    if chosen != "standard" and not params["enhanced_done"]:
+        orders.append("enhanced-screening")
+    if chosen == "high":
+        orders += ["pet-ct", "gi-endoscopy"]
+    if not orders:
+        return None  # every panel this tier calls for is done
+    return {
+        **params,
+        "tier": chosen,
+        "tier_label": k.text(f"cancer.texts.{chosen}"),
+        "indicator": "info" if chosen == "standard" else "warning",
+        "orders": orders,
+        "sex_note": ""
+        if params["sex"] in ("female", "male")
+        else "Sex is not recorded: sex-specific tests are left out.",
+        "reasons": [
+            f"{k.param(f'cancer.factors.{f}').attributes['label']} ({k.value(f'cancer.factors.{f}')})"
+            for f in params["factors"]
+        ]
+        or ["no risk factor recorded"],
+        "cited": [
+            "cancer.window",
+            *(f"cancer.tiers.{n}" for n in needs),
+            *(f"cancer.factors.{f}" for f in params["factors"]),
+        ],
+    }

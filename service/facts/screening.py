@@ -1,0 +1,77 @@
+"""Facts for cancer screening: when the myositis began (by which evidence), and what screening was done."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from service.facts.biopsy import report_text
+from service.facts.fhir import FINAL_RESULT, Resource, day, effective_time
+from service.facts.labs import CkResult
+
+DIAGNOSES = (
+    "diagnosis-imnm",
+    "diagnosis-polymyositis",
+    "diagnosis-dermatomyositis",
+    "diagnosis-antisynthetase",
+)
+PANELS = {"basic_done": "chest-radiograph", "enhanced_done": "ct-chest-abdomen-pelvis"}
+
+
+def onset_fact(
+    k,
+    ck_results: list[CkResult],
+    concepts: dict[str, tuple[dict, str, tuple[str, ...]]],
+    birth,
+    now: datetime,
+) -> tuple[dict, str, tuple[str, ...]]:
+    """Date the onset: the earliest of the first raised CK, the onset of weakness, or a myositis diagnosis."""
+    raised = k.value("imnm.ck.raised")
+    candidates = [
+        (r.time, "first raised CK", (r.resource.reference,)) for r in ck_results if r.x_uln > raised
+    ][:1]
+    for name, why in (
+        ("proximal-weakness", "onset of weakness"),
+        *((d, "diagnosis date") for d in DIAGNOSES),
+    ):
+        fact, _, references = concepts[name]
+        if fact["state"] != "unknown" and fact.get("onset_days_ago") is not None:
+            candidates.append((now - timedelta(days=fact["onset_days_ago"]), why, references))
+    onset_fact: dict = {"id": "myositis-onset", "t": "myositis-onset", "known": False}
+    if not candidates:
+        return onset_fact, "myositis onset: no dated evidence", ()
+    onset, why, references = min(candidates, key=lambda c: c[0])
+    onset_fact.update(
+        known=True, days_ago=(now - onset).total_seconds() / 86400.0, onset_on=day(onset), source=why
+    )
+    if birth is not None:
+        onset_fact["age_at_onset"] = (
+            onset.year - birth.year - ((onset.month, onset.day) < (birth.month, birth.day))
+        )
+    return onset_fact, f"myositis onset {day(onset)} (from the {why})", references
+
+
+def panels(k, data: dict) -> list[str]:
+    """Name the screening panels a final report belongs to (a chest radiograph, a CT of thorax to pelvis)."""
+    if data.get("status") not in FINAL_RESULT:
+        return []
+    text = report_text(data)
+    return [name for name, valueset in PANELS.items() if k.valueset(valueset).has_text(text)]
+
+
+def screening_fact(
+    k, reports: list[Resource], onset: dict, now: datetime
+) -> tuple[dict, str, tuple[str, ...]]:
+    """Tell which screening panels were done within the screening window around the onset."""
+    fact = {"id": "cancer-screening", "t": "cancer-screening", **dict.fromkeys(PANELS, False)}
+    if not onset["known"]:
+        return fact, "cancer screening: onset unknown", ()
+    earliest = now - timedelta(days=onset["days_ago"] + k.value("cancer.window"))
+    done = []
+    for resource in reports:
+        time = effective_time(resource.data)
+        found = panels(k, resource.data) if time and time >= earliest else []
+        fact.update(dict.fromkeys(found, True))
+        done += [resource] * bool(found)
+    shown = [name.removesuffix("_done") for name in PANELS if fact[name]]
+    text = "cancer screening done: " + (", ".join(shown) + " panel" if shown else "none recorded")
+    return fact, text, tuple(dict.fromkeys(r.reference for r in done))
