@@ -35,6 +35,14 @@ def define(k, emit):
     def myositis_by_dermatomyositis_features(c):
         emit.finding(c, "myositis", c.f, c.mu)
 
+    @when_all(
+        pri(3),
+        c.ab << (of_type("antibody-profile") & (m.positive_antisynthetase > 0)),
+        c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised"))),
+    )
+    def myositis_by_antisynthetase_antibody(c):
+        emit.finding(c, "myositis", c.mu)
+
     @when_all(pri(3), c.dx << (of_type("clinical") & (m.state != "unknown") & any_name(DIAGNOSES)))
     def myositis_by_diagnosis(c):
         emit.finding(c, "myositis", c.dx)
@@ -149,23 +157,24 @@ def tier(k, params: dict) -> dict | None:
         orders += ["pet-ct", "gi-endoscopy"]
     if not orders:
         return None  # every panel this tier calls for is done
+    factors = params["factors"]
+    reasons = [
+        f"{k.param(f'cancer.factors.{f}').attributes['label']} ({k.value(f'cancer.factors.{f}')})"
+        for f in factors
+    ]
+    known_sex = params["sex"] in ("female", "male")
     return {
         **params,
         "tier": chosen,
         "tier_label": k.text(f"cancer.texts.{chosen}"),
         "indicator": "info" if chosen == "standard" else "warning",
         "orders": orders,
-        "sex_note": ""
-        if params["sex"] in ("female", "male")
-        else "Sex is not recorded: sex-specific tests are left out.",
-        "reasons": [
-            f"{k.param(f'cancer.factors.{f}').attributes['label']} ({k.value(f'cancer.factors.{f}')})"
-            for f in params["factors"]
-        ]
-        or ["no risk factor recorded"],
+        "reasons": reasons or ["no risk factor recorded"],
+        "sex_note": "" if known_sex else "Sex is not recorded: sex-specific tests are left out.",
+        "cancer_note": k.text("cancer.texts.cancer-near-onset") if "cancer-near-onset" in factors else "",
         "cited": [
             "cancer.window",
             *(f"cancer.tiers.{n}" for n in needs),
-            *(f"cancer.factors.{f}" for f in params["factors"]),
+            *(f"cancer.factors.{f}" for f in factors),
         ],
     }

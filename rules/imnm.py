@@ -21,9 +21,7 @@ def define(k, emit):
     def proximal_weakness(c):
         emit.finding(c, "proximal-weakness", c.w)
 
-    @when_all(
-        pri(1), c.bx << (of_type("biopsy") & (m.necrosis == "present") & (m.endomysial_invasion != "present"))
-    )
+    @when_all(pri(1), c.bx << (of_type("biopsy") & (m.necrosis == "present") & no_other_pattern()))
     def necrotizing_biopsy(c):
         emit.finding(c, "necrotizing-biopsy", c.bx)
 
@@ -197,9 +195,19 @@ def define(k, emit):
         return " and ".join(k.text(f"labels.concepts.{n}") for n in positive)
 
 
+def no_other_pattern():
+    """Match a biopsy showing no feature of another myositis (invasion, perifascicular atrophy, vacuoles)."""
+    return (
+        (m.endomysial_invasion != "present")
+        & (m.perifascicular_atrophy != "present")
+        & (m.rimmed_vacuoles != "present")
+    )
+
+
 def biopsy_result(bx) -> str | None:
     """Read a biopsy as a test for IMNM: positive (necrotizing), negative (no necrosis), else unknown."""
-    if bx.necrosis == "present" and bx.endomysial_invasion != "present":
+    other = "present" in (bx.endomysial_invasion, bx.perifascicular_atrophy, bx.rimmed_vacuoles)
+    if bx.necrosis == "present" and not other:
         return "positive"
     if bx.necrosis == "absent":
         return "negative"

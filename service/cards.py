@@ -111,6 +111,8 @@ def template_values(params: Mapping) -> dict:
             values[name] = f"{value:.0f}" if value >= 10 else f"{value:.1f}"
         elif isinstance(value, float) and name.startswith("ck_"):
             values[name] = f"{value:,.0f}"
+        elif isinstance(value, float):
+            values[name] = f"{value:.1f}"
         else:
             values[name] = value
     probability = params.get("probability")
