@@ -14,7 +14,8 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # Runtime stage: slim, no compiler, unprivileged.
 FROM ${PYTHON}
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# Production mode: refuses to start without JWT verification (see the README, "Trust").
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 IMNM_CDS_PRODUCTION=true
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cds

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from service import hooks, logs
-from service.config import Settings
+from service import auth, headers, hooks, logs
+from service.config import ConfigError, Settings
 from service.outcome import ApiError, Issue, error, operation_outcome
 from service.pipeline import Evaluation, Evaluator
 
@@ -27,8 +27,13 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     logs.configure(settings.log_level)
     evaluator = Evaluator(settings)
     app = Flask(__name__)
+    if app.debug:
+        # Flask's debug mode (FLASK_DEBUG) serves an interactive debugger: never in any configuration.
+        raise ConfigError("FLASK_DEBUG is on; the service never runs in debug mode")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["imnm_cds"] = evaluator
+    auth.protect(app, settings)
+    headers.install(app, settings.cors_origins)
 
     @app.get("/cds-services")
     def discovery():

@@ -14,7 +14,7 @@ from gunicorn.app.base import BaseApplication
 
 from service import hooks
 from service.app import create_app
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.outcome import ApiError, operation_outcome
 from service.pipeline import Evaluator
 
@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--timeout", type=float, default=10.0)
 
     args = parser.parse_args(argv)
-    return {"serve": run_serve, "evaluate": run_evaluate, "replay": run_replay}[args.command](args)
+    try:
+        return {"serve": run_serve, "evaluate": run_evaluate, "replay": run_replay}[args.command](args)
+    except ConfigError as exc:
+        print(f"imnm-cds: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_serve(args) -> int:
-    """Serve the app factory under gunicorn with threaded workers."""
+    """Serve the app factory under gunicorn with threaded workers; bad settings stop it before any worker."""
+    settings = Settings.from_env()
 
     class Server(BaseApplication):
         def load_config(self):
@@ -64,7 +69,7 @@ def run_serve(args) -> int:
             self.cfg.set("accesslog", None)
 
         def load(self):
-            return create_app()
+            return create_app(settings)
 
     Server().run()
     return 0

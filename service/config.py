@@ -7,6 +7,9 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from service.auth import Issuer, trusted_issuers
 
 PREFIX = "IMNM_CDS_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -39,6 +42,41 @@ def _file(text: str) -> Path | None:
     if not path.is_file():
         raise ValueError("must name an existing file")
     return path
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text.lower()
+
+    return parse
+
+
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("must be true or false")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _base_url(text: str) -> str | None:
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must be an absolute http(s) URL without query or fragment")
+    return text.rstrip("/")
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    if "*" in origins and len(origins) > 1:
+        raise ValueError("* allows every origin; list origins or give * alone")
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+            raise ValueError(f"{origin!r} is not an origin such as https://sandbox.cds-hooks.org")
+    return origins
 
 
 def about(parse: Callable[[str], object], doc: str) -> dict:
@@ -76,6 +114,78 @@ class Settings:
         ),
     )
     log_level: str = field(default="INFO", metadata=about(_level, "DEBUG, INFO, WARNING or ERROR."))
+    auth: str = field(
+        default="off",
+        metadata=about(
+            _choice("off", "jwt"),
+            "`jwt`: every call but `/health*` needs a signed JWT from a trusted CDS client. "
+            "`off`: development mode, nothing is checked (logged as a warning at start-up).",
+        ),
+    )
+    production: bool = field(
+        default=False,
+        metadata=about(
+            _flag, "`true` refuses to start unless `IMNM_CDS_AUTH=jwt` and every configured URL is https."
+        ),
+    )
+    public_url: str | None = field(
+        default=None,
+        metadata=about(
+            _base_url,
+            "The service's base URL as clients call it (behind a proxy, the proxy's); "
+            "a token's `aud` must be this plus the path called. Needed with `IMNM_CDS_AUTH=jwt`.",
+        ),
+    )
+    trusted_issuers: tuple[Issuer, ...] = field(
+        default=(),
+        metadata=about(
+            trusted_issuers,
+            "A JSON file of the trusted CDS clients: each `iss` with its `jku` URLs and/or `jwks`, "
+            "and optionally `algorithms` and `tenants`. Needed with `IMNM_CDS_AUTH=jwt`.",
+        ),
+    )
+    auth_leeway_seconds: int = field(
+        default=60,
+        metadata=about(_number(int, 0, 300), "Clock skew allowed when checking `exp`, `iat` and `nbf`."),
+    )
+    jwks_cache_seconds: int = field(
+        default=300,
+        metadata=about(_number(int, 10, 86400), "How long a JWK Set fetched from a `jku` is used."),
+    )
+    jwks_refetch_seconds: int = field(
+        default=30,
+        metadata=about(
+            _number(int, 0, 3600),
+            "Least time between two fetches of one `jku` when a token names a `kid` not in its set.",
+        ),
+    )
+    replay_cache_size: int = field(
+        default=100_000,
+        metadata=about(
+            _number(int, 100, 10_000_000),
+            "Token ids (`jti`) a process keeps until their tokens expire; when full, tokens are refused.",
+        ),
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=about(
+            _origins,
+            "Comma-separated origins of browser-based CDS clients allowed by CORS, "
+            "e.g. `https://sandbox.cds-hooks.org`; `*` for any.",
+        ),
+    )
+
+    def __post_init__(self):
+        """Check the settings that only make sense together."""
+        if self.auth == "jwt" and not (self.trusted_issuers and self.public_url):
+            raise ConfigError("IMNM_CDS_AUTH=jwt needs IMNM_CDS_TRUSTED_ISSUERS and IMNM_CDS_PUBLIC_URL")
+        if self.production:
+            if self.auth != "jwt":
+                raise ConfigError("IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off (development mode)")
+            urls = [self.public_url, *(url for issuer in self.trusted_issuers for url in issuer.jku)]
+            plain = [url for url in urls if not url.startswith("https://")]
+            if plain:
+                raise ConfigError(f"IMNM_CDS_PRODUCTION=true needs https URLs, not {', '.join(plain)}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:

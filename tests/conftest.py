@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import signing
 from rules import knowledge as knowledge_module
 from service.app import create_app
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fhir_fixtures"
 SCHEMA = json.loads((Path(__file__).parent / "data" / "cds-hooks-2.0.schema.json").read_text())
 AS_OF = "2024-06-01T12:00:00Z"
+SANDBOX = "https://sandbox.cds-hooks.org"
 LOINC, SNOMED = "http://loinc.org", "http://snomed.info/sct"
 
 
@@ -36,6 +38,34 @@ def app():
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def jwks_server():
+    with signing.JwksServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client_keys() -> dict[str, signing.SigningKey]:
+    """The trusted CDS client's keys, one of each type the spec recommends."""
+    return {"rsa": signing.rsa_key("rsa-2024"), "ec": signing.ec_key("ec-2024")}
+
+
+@pytest.fixture(scope="session")
+def auth_app(jwks_server, client_keys, tmp_path_factory):
+    """The service verifying JWTs from one client (its JWK Set on loopback), open to the sandbox's origin."""
+    jku = jwks_server.publish("/ehr/jwks.json", signing.jwks(*client_keys.values()))
+    issuers = tmp_path_factory.mktemp("trust") / "issuers.json"
+    issuers.write_text(json.dumps({signing.ISSUER: {"jku": [jku]}}))
+    return create_app(
+        {
+            "auth": "jwt",
+            "trusted_issuers": issuers,
+            "public_url": "http://localhost",
+            "cors_origins": SANDBOX,
+        }
+    )
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import requests
 
+import signing
 from conftest import FIXTURES, ROOT, load
 
 CLI = [sys.executable, "-m", "service.cli"]
@@ -47,16 +51,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "stderr.log"
+@contextmanager
+def serving(port: int, log: Path, **environ: str):
+    """Run `imnm-cds serve` on this loopback port with these settings; yield its URL once it is ready."""
     with log.open("w") as stderr:
         process = subprocess.Popen(
             [*CLI, "serve", "--port", str(port), "--workers", "2", "--threads", "4"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            env={**os.environ, **environ},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -69,9 +73,17 @@ def server(tmp_path_factory):
     else:
         process.kill()
         pytest.fail(f"imnm-cds serve did not become ready: {log.read_text()[-2000:]}")
-    yield url
-    process.terminate()
-    process.wait(30)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving(free_port(), tmp_path_factory.mktemp("serve") / "stderr.log") as url:
+        yield url
 
 
 def test_served_discovery_and_replay_of_every_fixture(server):
@@ -97,3 +109,36 @@ def test_replay_shows_a_diff_and_fails_when_a_response_differs(server, tmp_path)
 
 def test_replay_of_an_empty_directory_fails(server, tmp_path):
     assert run("replay", str(tmp_path), "--url", server).returncode == 2
+
+
+def test_served_with_jwt_verification(jwks_server, client_keys, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    issuers = tmp_path / "issuers.json"
+    jku = jwks_server.publish("/served/jwks.json", signing.jwks(*client_keys.values()))
+    issuers.write_text(json.dumps({signing.ISSUER: {"jku": [jku]}}))
+    settings = {"IMNM_CDS_AUTH": "jwt", "IMNM_CDS_TRUSTED_ISSUERS": str(issuers), "IMNM_CDS_PUBLIC_URL": url}
+    scenario = FIXTURES / "worked-example-hmgcr-positive"
+    with serving(port, tmp_path / "stderr.log", **settings):
+        token = signing.sign(client_keys["ec"], signing.claims(f"{url}/cds-services"))
+        headers = {"Authorization": f"Bearer {token}"}
+        assert requests.get(f"{url}/cds-services", headers=headers, timeout=5).status_code == 200
+        target = f"{url}/cds-services/imnm-patient-view"
+        token = signing.sign(client_keys["rsa"], signing.claims(target))
+        answer = requests.post(
+            target,
+            json=load(scenario / "request.json"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
+        refused = requests.post(target, json=load(scenario / "request.json"), timeout=5)
+    assert answer.status_code == 200 and answer.json() == load(scenario / "expected.json")
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    log = (tmp_path / "stderr.log").read_text()
+    assert '"authentication on"' in log and token not in log
+
+
+def test_serve_refuses_development_mode_in_production():
+    result = run("serve", env={**os.environ, "IMNM_CDS_PRODUCTION": "true"})
+    assert result.returncode == 2
+    assert "IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off" in result.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
+import signing
 from conftest import load, scenarios
 from service.cli import scenario_target
 from service.logs import JsonFormatter
@@ -12,11 +14,43 @@ from service.logs import JsonFormatter
 SECRET = "eyJhbGciOiJSUzM4NCJ9.eyJpc3MiOiJodHRwczovL2VociJ9.c2lnbmF0dXJl"
 
 
+FAMILY, GIVEN = "Quixote-Zamorano", "Dulcinea"
+
+
+def patient_values(request: dict) -> set[str]:
+    """The identifiers, references and birth dates in a request: none may reach the logs."""
+    return {
+        value
+        for value in json.dumps(request).split('"')
+        if value.startswith(("fx-", "Patient/", "Observation/", "Condition/", "urn:uuid:"))
+        or value in ("1960-03-14", "1958-11-02", FAMILY, GIVEN)
+    }
+
+
+def named(document) -> None:
+    """Give every Patient in a request a name, so that a leak of it would show."""
+    if isinstance(document, dict):
+        if document.get("resourceType") == "Patient":
+            document["name"] = [{"family": FAMILY, "given": [GIVEN]}]
+        for value in document.values():
+            named(value)
+    elif isinstance(document, list):
+        for value in document:
+            named(value)
+
+
+def logged(caplog) -> str:
+    lines = [JsonFormatter().format(record) for record in caplog.records]
+    assert lines
+    return "\n".join(lines)
+
+
 def test_a_full_request_logs_no_patient_data_or_tokens(client, caplog):
     caplog.set_level(logging.DEBUG)
     seen = set()
     for scenario in scenarios():
         request = load(scenario / "request.json")
+        named(request)
         if "context" in request:
             request["fhirAuthorization"] = {
                 "access_token": SECRET,
@@ -27,18 +61,43 @@ def test_a_full_request_logs_no_patient_data_or_tokens(client, caplog):
             }
             request["fhirServer"] = "https://ehr.example.org/fhir"
         client.post(scenario_target(request, ""), json=request, headers={"Authorization": f"Bearer {SECRET}"})
-        for value in json.dumps(request).split('"'):
-            if value.startswith(("fx-", "Patient/", "Observation/", "Condition/", "urn:uuid:")) or value in (
-                "1960-03-14",
-                "1958-11-02",
-            ):
-                seen.add(value)
-    lines = [JsonFormatter().format(record) for record in caplog.records]
-    text = "\n".join(lines)
-    assert lines and "evaluated" in text and "hookInstance" in text
+        seen |= patient_values(request)
+    text = logged(caplog)
+    assert "evaluated" in text and "hookInstance" in text
     assert SECRET not in text and "Bearer" not in text
-    leaked = [value for value in seen if value in text]
-    assert leaked == []
+    assert [value for value in seen if value in text] == []
+
+
+def test_requests_with_valid_and_invalid_jwts_log_no_patient_data_or_tokens(auth_app, client_keys, caplog):
+    caplog.set_level(logging.DEBUG)
+    client = auth_app.test_client()
+    seen, tokens = set(), []
+    for scenario in scenarios():
+        request = load(scenario / "request.json")
+        named(request)
+        path = scenario_target(request, "")
+        aud = "http://localhost" + path
+        valid = signing.sign(client_keys["rsa"], signing.claims(aud))
+        attempts = [
+            valid,
+            valid,  # replayed
+            signing.sign(client_keys["ec"], signing.claims(aud, exp=int(time.time()) - 600)),
+            signing.sign(client_keys["ec"], signing.claims(aud + "/other")),
+            signing.sign(client_keys["rsa"], signing.claims(aud, iss="https://stranger.example.org")),
+            signing.tamper(signing.sign(client_keys["ec"], signing.claims(aud)), sub=FAMILY),
+            signing.unsigned(signing.claims(aud), client_keys["rsa"].kid),
+        ]
+        for token in attempts:
+            client.post(path, json=request, headers={"Authorization": f"Bearer {token}"})
+        tokens += attempts
+        seen |= patient_values(request)
+    text = logged(caplog)
+    for reason in ("replayed", "expired", "audience", "unknown-issuer", "signature", "algorithm"):
+        assert f'"reason": "{reason}"' in text
+    assert "evaluated" in text and signing.ISSUER in text
+    assert [token for token in tokens if token in text] == []
+    assert "eyJ" not in text and "Bearer" not in text
+    assert [value for value in seen if value in text] == []
 
 
 def test_an_exception_is_logged_by_type_and_place_not_message():

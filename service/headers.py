@@ -1,0 +1,39 @@
+"""Headers on every response: security headers, and CORS for browser-based CDS clients."""
+
+from __future__ import annotations
+
+from flask import Flask, Response, request
+
+# The service answers JSON only: nothing to sniff, cache, frame, run or refer from.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; form-action 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+# Clients send the JWT in the Authorization header, never as a cookie, so CORS never allows
+# credentials; that is also why "*" is safe to configure.
+CORS_PREFLIGHT = {
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def install(app: Flask, cors_origins: tuple[str, ...]) -> None:
+    """Add the security headers, and CORS headers for allowed origins, to every response."""
+
+    @app.after_request
+    def add_headers(response: Response) -> Response:
+        response.headers.update(SECURITY_HEADERS)
+        if response.status_code == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750 §3, with no error detail
+        if cors_origins and "*" not in cors_origins:
+            response.vary.add("Origin")
+        origin = request.headers.get("Origin")
+        if origin and ("*" in cors_origins or origin in cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in cors_origins else origin
+            if request.method == "OPTIONS":
+                response.headers.update(CORS_PREFLIGHT)
+        return response
