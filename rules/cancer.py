@@ -53,7 +53,7 @@ def define(k, emit):
         pri(4),
         c.my << finding("myositis"),
         c.pt << (of_type("patient") & (m.adult == "yes")),
-        c.on << (of_type("myositis-onset") & (m.known == True) & (m.days_ago <= window)),  # noqa: E712
+        c.on << (of_type("myositis-onset") & (m.known == True) & (m.days_ago <= window)),
         c.done << of_type("cancer-screening"),
     )
     def screening_due(c):

@@ -2,7 +2,7 @@
 
 from durable.lang import c, m, pri, when_all
 
-from rules.match import antibody, any_name, clinical, finding, of_type
+from rules.match import antibody, any_name, clinical, finding, muscle_involved, of_type
 
 
 def define(k, emit):
@@ -35,9 +35,6 @@ def define(k, emit):
 
     # Stage 2: pointers. Each waits for muscle involvement and stays quiet once the diagnosis it
     # points to is recorded.
-
-    def muscle_involved():
-        return c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised")))
 
     def muscle(diagnosis: str):
         return muscle_involved(), c.dx << (clinical(diagnosis) & (m.state == "unknown"))
@@ -126,7 +123,7 @@ def define(k, emit):
 
     @when_all(
         pri(2),
-        c.th << (of_type("tsh") & (m.high == True)),  # noqa: E712
+        c.th << (of_type("tsh") & (m.high == True)),
         muscle_involved(),
     )
     def hypothyroid_myopathy_by_tsh(c):

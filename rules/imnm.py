@@ -52,16 +52,15 @@ def define(k, emit):
     def seropositive(c):
         """Ask for the seropositive card; with anti-HMGCR, show statin exposure beside it (not counted)."""
         emit.finding(c, "imnm-classified", c.ck, c.w, c.hmgcr, c.srp)
-        if c.hmgcr.state == "positive":
-            suspect(
-                c,
-                "imnm-seropositive",
-                c.statin,
-                antibody=positive_antibodies(c),
-                statin_note=k.text("statin.texts.imnm-note"),
-            )
-        else:
-            suspect(c, "imnm-seropositive", antibody=positive_antibodies(c), statin_note="")
+        hmgcr = c.hmgcr.state == "positive"
+        suspect(
+            c,
+            "imnm-seropositive",
+            *([c.statin] if hmgcr else []),
+            antibody=positive_antibodies(c),
+            statin_note=k.text("statin.texts.imnm-note") if hmgcr else "",
+            monitoring=k.text("severity.texts.monitoring"),
+        )
 
     @when_all(
         pri(2),
@@ -90,7 +89,7 @@ def define(k, emit):
     def seronegative(c):
         emit.finding(c, "imnm-classified", c.ck, c.w, c.nb, c.hmgcr, c.srp)
         emit.finding(c, "imnm-seronegative", c.nb, c.hmgcr, c.srp)
-        suspect(c, "imnm-seronegative", c.nb)
+        suspect(c, "imnm-seronegative", c.nb, monitoring=k.text("severity.texts.monitoring"))
 
     # Work-up prompts only where neither a skin rash nor another syndrome's antibody (dermatomyositis,
     # antisynthetase) already points elsewhere.
@@ -124,7 +123,7 @@ def define(k, emit):
         *evidence(
             hmgcr=m.state == "negative",
             srp=m.state == "negative",
-            biopsy=m.reported == False,  # noqa: E712
+            biopsy=m.reported == False,
             rash=m.state == "unknown",
         ),
         unexplained(),

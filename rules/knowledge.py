@@ -15,18 +15,19 @@ from types import MappingProxyType
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.valueset import ValueSet as FhirValueSet
 
-PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels", "statin", "cancer", "differential")
+PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels", "statin", "cancer", "differential", "severity")
 VERIFICATION = ("verified", "partial", "unverified", "local")
+# In the order a clinician should read them, within one indicator.
 TOPICS = (
+    "severity-red-flag",
+    "statin-rechallenge-risk",
     "imnm-suspected",
+    "treatment-escalation",
+    "statin-autoimmune-pattern",
     "statin-muscle-symptoms",
     "statin-toxic-myopathy",
-    "statin-autoimmune-pattern",
-    "statin-rechallenge-risk",
     "cancer-screening",
-    "severity-red-flag",
     "alternative-diagnosis",
-    "treatment-escalation",
 )
 INDICATORS = ("info", "warning", "critical")
 SUMMARY_LIMIT = 140

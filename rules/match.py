@@ -1,11 +1,16 @@
 """Patterns over the facts the service asserts (a fresh expression per call: aliasing mutates it)."""
 
-from durable.lang import m
+from durable.lang import c, m
 
 
 def finding(code: str):
     """Match the finding with this code."""
     return (m.t == "finding") & (m.code == code)
+
+
+def muscle_involved():
+    """Bind c.mu to a finding of muscle involvement: proximal weakness or a raised CK."""
+    return c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised")))
 
 
 def antibody(name: str):

@@ -18,7 +18,7 @@ def define(k, emit):
 
     def stopped(*conditions):
         """Match the CK kinetics of a stopped statin, with more conditions."""
-        expression = of_type("ck-kinetics") & (m.applicable == True)  # noqa: E712
+        expression = of_type("ck-kinetics") & (m.applicable == True)
         for condition in conditions:
             expression = expression & condition
         return expression
@@ -37,7 +37,7 @@ def define(k, emit):
         pri(1),
         c.kin
         << stopped(
-            m.rising_after_stop == True,  # noqa: E712
+            m.rising_after_stop == True,
             m.latest_x_uln > raised,
             m.latest_days_after_stop >= window,
         ),
@@ -108,7 +108,7 @@ def define(k, emit):
             m.latest_x_uln > raised,
             m.latest_days_after_stop < window,
             m.expected_ratio <= tolerance,
-            m.rising_after_stop == False,  # noqa: E712
+            m.rising_after_stop == False,
         ),
     )
     def toxic_resolving(c):
@@ -127,7 +127,7 @@ def define(k, emit):
         recently_stopped(
             m.latest_x_uln > raised,
             m.latest_days_after_stop < window,
-            (m.expected_ratio > tolerance) | (m.rising_after_stop == True),  # noqa: E712
+            (m.expected_ratio > tolerance) | (m.rising_after_stop == True),
         ),
     )
     def slow_fall_too_early_to_judge(c):
@@ -139,7 +139,7 @@ def define(k, emit):
         return c.st << (of_type("statin") & (m.exposure == "current"))
 
     def recent_ck(*conditions):
-        expression = of_type("ck") & (m.tested == True) & (m.latest_days_ago <= recent)  # noqa: E712
+        expression = of_type("ck") & (m.tested == True) & (m.latest_days_ago <= recent)
         for condition in conditions:
             expression = expression & condition
         return c.ck << expression
@@ -158,7 +158,7 @@ def define(k, emit):
         pri(2),
         on_statin(),
         c.sx << finding("muscle-symptoms"),
-        c.ck << (of_type("ck") & ((m.tested == False) | (m.latest_days_ago > recent))),  # noqa: E712
+        c.ck << (of_type("ck") & ((m.tested == False) | (m.latest_days_ago > recent))),
         c.tsh << of_type("tsh"),
     )
     def symptoms_without_recent_ck(c):

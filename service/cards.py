@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 
-from rules.knowledge import SUMMARY_LIMIT, service_request
+from rules.knowledge import SUMMARY_LIMIT, TOPICS, service_request
 from service.engine import Conclusion, Outcome
 from service.facts import FactSet
 
@@ -27,7 +27,14 @@ def build(k, outcome: Outcome, facts: FactSet, patient_id: str, topics: frozense
         for conclusion in outcome.conclusions
         if k.cards[conclusion.key].topic in topics
     ]
-    return sorted(cards, key=lambda c: (SEVERITY[c["indicator"]], c["source"]["topic"]["code"], c["summary"]))
+    return sorted(
+        cards,
+        key=lambda c: (
+            SEVERITY[c["indicator"]],
+            TOPICS.index(c["source"]["topic"]["code"]),
+            c["summary"],
+        ),
+    )
 
 
 def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:

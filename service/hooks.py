@@ -48,6 +48,7 @@ class Service:
 
 
 PATIENT = "{{context.patientId}}"
+FVC_CODES = ",".join(f"http://loinc.org|{code}" for code in ("19872-1", "19871-3", "19873-9"))
 RECORD = (
     PrefetchKey("patient", f"Patient/{PATIENT}", "Patient", required=True),
     PrefetchKey("labs", f"Observation?patient={PATIENT}&category=laboratory", "Observation", required=True),
@@ -84,14 +85,24 @@ PATIENT_VIEW = Service(
         "every card."
     ),
     usage=(
-        "Needs Patient, laboratory Observations and Conditions (send null when there are none). Exam "
-        "Observations, medication and DiagnosticReport keys are optional: when omitted, the findings, statin "
-        "exposure and biopsy they would show are reported as unknown."
+        "Needs Patient, laboratory Observations and Conditions (send null when there are none). Exam and "
+        "spirometry Observations, medication and DiagnosticReport keys are optional: when omitted, the "
+        "findings, statin exposure, treatment, FVC and biopsy they would show are reported as unknown."
     ),
     prefetch=(
         *RECORD,
         PrefetchKey("exams", f"Observation?patient={PATIENT}&category=exam", "Observation", required=False),
         PrefetchKey("reports", f"DiagnosticReport?patient={PATIENT}", "DiagnosticReport", required=False),
+        # Spirometry is filed under no common category, so it is asked for by the fvc-percent-predicted codes.
+        PrefetchKey(
+            "spirometry", f"Observation?patient={PATIENT}&code={FVC_CODES}", "Observation", required=False
+        ),
+        PrefetchKey(
+            "medicationAdministrations",
+            f"MedicationAdministration?patient={PATIENT}",
+            "MedicationAdministration",
+            required=False,
+        ),
     ),
     context=MappingProxyType({"userId": str, "patientId": str}),
     topics=frozenset(TOPICS) - ORDER_TOPICS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -168,3 +169,17 @@ def test_the_shipped_knowledge_loads_from_a_copy(tmp_path):
     copy = tmp_path / "rules"
     shutil.copytree(RULES, copy)
     assert knowledge.load(root=copy).cards.keys() == knowledge.load().cards.keys()
+
+
+def test_every_concept_and_antibody_the_rules_match_on_is_one_the_facts_assert():
+    from service.facts.clinical import CONCEPTS
+    from service.facts.labs import ANTIBODIES
+
+    source = "".join(path.read_text() for path in RULES.glob("*.py"))
+    matched = {
+        "clinical": set(re.findall(r'clinical\("([\w-]+)"\)', source)),
+        "antibody": set(re.findall(r'antibody\("([\w-]+)"\)', source)),
+    }
+    assert matched["clinical"] and matched["antibody"]
+    assert matched["clinical"] <= set(CONCEPTS), matched["clinical"] - set(CONCEPTS)
+    assert matched["antibody"] <= set(ANTIBODIES), matched["antibody"] - set(ANTIBODIES)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
-from service.facts import biopsy, clinical, kinetics, labs, medications, screening
+from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
 from service.facts.fhir import InvalidResource, Resource, day, parse_time, validate
 
 __all__ = ["Basis", "FactSet", "InvalidData", "Resource", "build"]
@@ -56,6 +56,7 @@ def build(
         by_type.setdefault(resource.type, []).append(resource)
     observations = by_type.get("Observation", [])
     lab_results = [r for r in observations if labs.relevant(k, r.data)]
+    spirometry = [r for r in observations if respiratory.is_fvc(k, r.data)]
     taken = {id(r) for r in lab_results}
     findings = [r for r in observations if id(r) not in taken and clinical.relevant(k, r)]
     conditions = [r for r in by_type.get("Condition", []) if clinical.relevant(k, r)]
@@ -66,8 +67,15 @@ def build(
         r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, []) if drugs.is_statin(r.data)
     ]
     draft_statins = [r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)]
+    therapy = [
+        r
+        for kind in medications.MEDICATION_TYPES
+        for r in by_type.get(kind, [])
+        if treatments.treatment_classes(k, drugs, r.data)
+    ]
     patients = by_type.get("Patient", [])
-    _validate([*patients, *lab_results, *findings, *conditions, *reports, *studies, *statins, *draft_statins])
+    relevant = [*patients, *lab_results, *spirometry, *findings, *conditions, *reports, *studies]
+    _validate([*relevant, *statins, *therapy, *draft_statins])
 
     notes: list[str] = []
     entries = [patient_fact(patients[0] if patients else None, now)]
@@ -93,6 +101,8 @@ def build(
     entries.append(medications.statin_fact(history, now))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
     entries.append(draft_fact(draft_statins))
+    entries.append(respiratory.fvc_fact(k, spirometry, now))
+    entries.append(treatments.immunosuppression_fact(k, drugs, therapy, now))
     return FactSet(
         facts=tuple(fact for fact, _, _ in entries),
         basis=MappingProxyType({fact["id"]: Basis(text, refs) for fact, text, refs in entries}),

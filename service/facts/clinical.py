@@ -22,6 +22,7 @@ CONCEPTS = (
     "proximal-weakness",
     "myalgia",
     "dysphagia",
+    "respiratory-failure",
     "dermatomyositis-rash",
     "interstitial-lung-disease",
     "weight-loss",

@@ -138,6 +138,7 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
     latest = results[-1]
     trend = "single"
     if len(results) > 1:
+        trend_days = days_before(results[-2].time, latest.time)
         ratio = latest.x_uln / results[-2].x_uln
         change = k.value("labs.ck.trend-change")
         trend = "rising" if ratio >= 1 + change else "falling" if ratio <= 1 - change else "stable"
@@ -157,6 +158,8 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
         "uln_assumed": peak.uln_assumed,
         "trend": trend,
     }
+    if len(results) > 1:
+        fact["trend_days"] = trend_days
     decay = observed_half_life([r for r in results if r.time >= peak.time])
     if decay is not None:
         fact["decay_half_life"] = decay

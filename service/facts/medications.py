@@ -72,17 +72,18 @@ class Medications:
         ingredients = [as_dict(i).get("itemCodeableConcept") for i in as_list(medication.get("ingredient"))]
         return [medication.get("code"), *ingredients]
 
+    def matches(self, data: dict, valueset: str) -> bool:
+        """Tell whether a medication record's drug is in a value set."""
+        return any(matches(self._k.valueset(valueset), concept) for concept in self.concepts(data))
+
     def is_statin(self, data: dict) -> bool:
         """Tell whether a medication record is for a statin (ingredient, product, ATC class or name)."""
         sets = ["statin-ingredients", *(f"statin-{i}-intensity" for i in INTENSITIES)]
-        return any(matches(self._k.valueset(s), concept) for s in sets for concept in self.concepts(data))
+        return any(self.matches(data, s) for s in sets)
 
     def intensity(self, data: dict) -> str | None:
         """Return the statin intensity where the product tells it."""
-        for level in INTENSITIES:
-            if any(matches(self._k.valueset(f"statin-{level}-intensity"), c) for c in self.concepts(data)):
-                return level
-        return None
+        return next((level for level in INTENSITIES if self.matches(data, f"statin-{level}-intensity")), None)
 
 
 def exposure(medications: Medications, resource: Resource, now: datetime) -> Exposure | None:

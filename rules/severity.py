@@ -1,0 +1,103 @@
+"""Severity red flags (swallowing, breathing, anti-SRP, anti-MDA5) and escalation of failing treatment."""
+
+from durable.lang import c, m, pri, when_all
+
+from rules.match import antibody, clinical, muscle_involved, of_type
+
+
+def define(k, emit):
+    """Register the severity and escalation rules in the active ruleset."""
+    low_fvc = k.value("severity.fvc.low")
+    fvc_decline = k.value("severity.fvc.decline")
+    rapid = k.value("severity.srp-rising-within")
+    refractory_days = k.value("severity.refractory.days")
+    raised = k.value("imnm.ck.raised")
+
+    # Red flags: each waits for muscle involvement, so a stroke's dysphagia is not a myositis card.
+
+    @when_all(pri(2), c.d << (clinical("dysphagia") & (m.state == "present")), muscle_involved())
+    def dysphagia(c):
+        emit.card(c, "dysphagia-red-flag", c.d, c.mu)
+
+    @when_all(pri(2), c.rf << (clinical("respiratory-failure") & (m.state == "present")), muscle_involved())
+    def respiratory_failure(c):
+        emit.card(c, "respiratory-failure-red-flag", c.rf, c.mu)
+
+    @when_all(
+        pri(2), c.fvc << (of_type("fvc") & (m.tested == True) & (m.latest_pct <= low_fvc)), muscle_involved()
+    )
+    def low_fvc_red_flag(c):
+        emit.card(c, "fvc-red-flag", c.fvc, c.mu, reasons=[f"FVC is {c.fvc.latest_pct:g}% predicted"])
+
+    @when_all(pri(2), c.fvc << (of_type("fvc") & (m.decline >= fvc_decline)), muscle_involved())
+    def falling_fvc(c):
+        emit.finding(c, "fvc-falling", c.fvc)
+        emit.card(
+            c, "fvc-red-flag", c.fvc, c.mu, reasons=[f"FVC fell {c.fvc.decline:g} points within a year"]
+        )
+
+    @when_all(
+        pri(2),
+        c.srp << (antibody("anti-srp") & (m.state == "positive")),
+        c.ck << (of_type("ck") & (m.trend == "rising") & (m.trend_days <= rapid) & (m.latest_x_uln > raised)),
+    )
+    def srp_rapidly_rising_ck(c):
+        emit.card(
+            c, "srp-rising-ck-red-flag", c.srp, c.ck, ck_x_uln=c.ck.latest_x_uln, days=f"{c.ck.trend_days:g}"
+        )
+
+    @when_all(
+        pri(2),
+        c.mda5 << (antibody("anti-mda5") & (m.state == "positive")),
+        c.ild << clinical("interstitial-lung-disease"),
+    )
+    def anti_mda5(c):
+        with_ild = c.ild.state != "unknown"
+        emit.card(c, "mda5-red-flag", c.mda5, c.ild, indicator="critical" if with_ild else "warning")
+
+    # Escalation: immunosuppression for long enough, and CK not falling or FVC falling.
+
+    def long_on_treatment():
+        return c.imm << (of_type("immunosuppression") & (m.on == True) & (m.days_on >= refractory_days))
+
+    def subtype():
+        return c.hmgcr << antibody("anti-hmgcr"), c.srp << antibody("anti-srp")
+
+    @when_all(
+        pri(3),
+        long_on_treatment(),
+        c.ck << (of_type("ck") & (m.latest_x_uln > raised) & ((m.trend == "rising") | (m.trend == "stable"))),
+        *subtype(),
+    )
+    def ck_not_falling_on_treatment(c):
+        escalate(c, c.ck, f"CK is still {c.ck.latest_x_uln:.1f}× ULN and {c.ck.trend}")
+
+    @when_all(
+        pri(3),
+        long_on_treatment(),
+        c.fall << ((m.t == "finding") & (m.code == "fvc-falling")),
+        *subtype(),
+    )
+    def fvc_falling_on_treatment(c):
+        escalate(c, c.fall, "FVC is falling")
+
+    def escalate(c, evidence, reason):
+        """Ask for the escalation card: what was tried, and the untried options listed for the subtype."""
+        kind = next(
+            (n for n, f in (("anti-srp", c.srp), ("anti-hmgcr", c.hmgcr)) if f.state == "positive"), "other"
+        )
+        tried = [t for t in c.imm.tried.split(",") if t]
+        options = [k.text(f"labels.concepts.{o}") for o in k.value(f"severity.next.{kind}") if o not in tried]
+        step = f"consider adding {options[0]} next" if options else "review with a specialist"
+        emit.card(
+            c,
+            "treatment-escalation",
+            c.imm,
+            evidence,
+            reasons=[reason],
+            days_on=c.imm.days_on,
+            tried=", ".join(k.text(f"labels.concepts.{t}") for t in tried),
+            step=step,
+            options=", ".join(options) or "none left on the list",
+            cited=["severity.refractory.days", f"severity.next.{kind}"],
+        )

@@ -1,0 +1,47 @@
+"""Map immunosuppressive treatment records to one fact: what was tried, what is current, and for how long."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from service.facts.fhir import Resource, day, days_before
+from service.facts.medications import Exposure, Medications, exposure
+
+
+def treatment_classes(k, drugs: Medications, data: dict) -> list[str]:
+    """Name the treatment classes (severity.classes) a medication record belongs to."""
+    return [name for name in k.value("severity.classes") if drugs.matches(data, name)]
+
+
+def immunosuppression_fact(
+    k, drugs: Medications, records: list[Resource], now: datetime
+) -> tuple[dict, str, tuple[str, ...]]:
+    """Summarise treatment: classes tried, those current (active or given lately), days on the course."""
+    recent = now - timedelta(days=k.value("severity.treatment.current-within"))
+    tried: dict[str, list[Exposure]] = {}
+    for resource in records:
+        course = exposure(drugs, resource, now)
+        if course is not None:
+            for name in treatment_classes(k, drugs, resource.data):
+                tried.setdefault(name, []).append(course)
+    current = {
+        name: courses
+        for name, courses in tried.items()
+        if any(c.current or (c.last is not None and c.last >= recent) for c in courses)
+    }
+    starts = [c.start or c.last for courses in current.values() for c in courses if c.start or c.last]
+    fact: dict = {
+        "id": "immunosuppression",
+        "t": "immunosuppression",
+        "on": bool(current),
+        "tried": ",".join(sorted(tried)),
+        "current": ",".join(sorted(current)),
+    }
+    if not tried:
+        return fact, "immunosuppression: none recorded", ()
+    text = "treatment tried: " + ", ".join(k.text(f"labels.concepts.{n}") for n in sorted(tried))
+    if starts:
+        fact["days_on"] = int(days_before(min(starts), now))  # whole days completed
+        text += f"; current course since {day(min(starts))}"
+    references = [c.resource.reference for courses in tried.values() for c in courses]
+    return fact, text, tuple(dict.fromkeys(references))

@@ -1,0 +1,231 @@
+"""Severity red flags (swallowing, breathing, anti-SRP, anti-MDA5) and escalation of failing treatment."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import LOINC, WEAKNESS, antibody, ck, condition, hook_request, observation
+from service.app import create_app
+from service.hooks import PATIENT_VIEW
+
+SERVICE = "/cds-services/imnm-patient-view"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+DYSPHAGIA = "40739000"
+RESPIRATORY_FAILURE = "409622000"
+ILD = "233703007"
+
+IMNM = [ck("ck", 6000, "2024-05-02T08:00:00Z"), condition("w", WEAKNESS, onsetDateTime="2024-03-01")]
+HMGCR = antibody("h", "HMGCR antibody", valueString="Positive")
+SRP = antibody("s", "SRP antibody", valueString="Positive")
+
+
+def evaluate(client, *resources, spirometry=(), administrations=()):
+    request = hook_request(resources=resources)
+    for key, entries in (("spirometry", spirometry), ("medicationAdministrations", administrations)):
+        request["prefetch"][key] = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+        request["prefetch"][key]["entry"] = [{"resource": r} for r in entries]
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["cards"]
+
+
+def by_topic(cards, topic):
+    return [c for c in cards if c["source"]["topic"]["code"] == topic]
+
+
+def red_flags(cards):
+    return {c["extension"]["rules"][-1].split(".")[1]: c for c in by_topic(cards, "severity-red-flag")}
+
+
+def fvc(id_, pct, when, unit="%"):
+    code = {"coding": [{"system": LOINC, "code": "19872-1"}]}
+    return observation(id_, code, when, valueQuantity={"value": pct, "unit": unit})
+
+
+def statement(id_, text, start, status="active", end=None, code=None):
+    concept = {"text": text} | ({"coding": [{"system": RXNORM, "code": code}]} if code else {})
+    period = {"start": start} | ({"end": end} if end else {})
+    return {
+        "resourceType": "MedicationStatement",
+        "id": id_,
+        "status": status,
+        "medicationCodeableConcept": concept,
+        "subject": {"reference": "Patient/p1"},
+        "effectivePeriod": period,
+    }
+
+
+def infusion(id_, text, when):
+    return {
+        "resourceType": "MedicationAdministration",
+        "id": id_,
+        "status": "completed",
+        "medicationCodeableConcept": {"text": text},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": when,
+    }
+
+
+def ck_series(*values):
+    """CK results a month apart, ending shortly before the evaluation date."""
+    months = ["2024-01-05", "2024-02-05", "2024-03-05", "2024-04-05", "2024-05-05", "2024-05-28"]
+    return [
+        ck(f"ck{i}", v, f"{day}T08:00:00Z")
+        for i, (v, day) in enumerate(zip(values, months[-len(values) :], strict=True))
+    ]
+
+
+PREDNISONE = statement("pred", "prednisone 40 mg daily", "2024-01-10")
+ON_TREATMENT = [condition("w", WEAKNESS, onsetDateTime="2023-12-01"), PREDNISONE]
+
+
+# -- red flags ------------------------------------------------------------------------------------------
+
+
+def test_dysphagia_is_a_red_flag_only_with_muscle_involvement(client):
+    dysphagia = condition("d", DYSPHAGIA)
+    assert "dysphagia" not in red_flags(evaluate(client, dysphagia, ck("ck", 150)))
+    card = red_flags(evaluate(client, *IMNM, dysphagia))["dysphagia"]
+    assert card["indicator"] == "warning" and "Condition/d" in card["extension"]["evidence"]
+    assert card["suggestions"][0]["label"] == "Request an urgent swallow assessment"
+
+
+def test_respiratory_failure_with_myositis_is_critical(client):
+    card = red_flags(evaluate(client, *IMNM, condition("rf", RESPIRATORY_FAILURE)))["respiratory_failure"]
+    assert card["indicator"] == "critical"
+
+
+@pytest.mark.parametrize(("pct", "flagged"), [(80, True), (81, False), (55, True)])
+def test_low_fvc_at_or_below_the_threshold(client, pct, flagged):
+    flags = red_flags(evaluate(client, *IMNM, spirometry=[fvc("f", pct, "2024-05-20T10:00:00Z")]))
+    assert ("low_fvc_red_flag" in flags) == flagged
+    if flagged:
+        assert f"FVC is {pct}% predicted" in flags["low_fvc_red_flag"]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("earlier", "when", "flagged"),
+    [
+        (92, "2023-09-01T10:00:00Z", True),
+        (86, "2023-09-01T10:00:00Z", True),
+        (85, "2023-09-01T10:00:00Z", False),
+    ],
+)
+def test_fvc_falling_by_the_threshold_within_a_year(client, earlier, when, flagged):
+    series = [fvc("f1", earlier, when), fvc("f2", 81, "2024-05-20T10:00:00Z")]
+    flags = red_flags(evaluate(client, *IMNM, spirometry=series))
+    assert ("falling_fvc" in flags) == flagged
+    if flagged:
+        assert f"FVC fell {earlier - 81} points within a year" in flags["falling_fvc"]["detail"]
+        assert {"Observation/f1", "Observation/f2"} <= set(flags["falling_fvc"]["extension"]["evidence"])
+
+
+def test_an_fvc_fall_from_before_the_window_does_not_count(client):
+    series = [fvc("f1", 99, "2022-01-01T10:00:00Z"), fvc("f2", 85, "2024-05-20T10:00:00Z")]
+    assert "falling_fvc" not in red_flags(evaluate(client, *IMNM, spirometry=series))
+
+
+def test_fvc_in_litres_is_not_read_as_percent_predicted(client):
+    flags = red_flags(evaluate(client, *IMNM, spirometry=[fvc("f", 2.1, "2024-05-20T10:00:00Z", unit="L")]))
+    assert "low_fvc_red_flag" not in flags
+
+
+def test_fvc_sent_among_the_labs_is_read_too(client):
+    assert "low_fvc_red_flag" in red_flags(evaluate(client, *IMNM, fvc("f", 60, "2024-05-20T10:00:00Z")))
+
+
+@pytest.mark.parametrize(
+    ("antibody_", "first_day", "flagged"),
+    [(SRP, "2024-05-10", True), (SRP, "2024-03-01", False), (HMGCR, "2024-05-10", False)],
+)
+def test_anti_srp_with_ck_rising_fast(client, antibody_, first_day, flagged):
+    rising = [ck("a", 3000, f"{first_day}T08:00:00Z"), ck("b", 9000, "2024-05-30T08:00:00Z")]
+    flags = red_flags(evaluate(client, *rising, antibody_))
+    assert ("srp_rapidly_rising_ck" in flags) == flagged
+
+
+def test_anti_mda5_is_critical_with_lung_disease_and_a_warning_without(client):
+    mda5 = antibody("m", "MDA5 antibody", valueString="Positive")
+    with_ild = red_flags(evaluate(client, *IMNM, mda5, condition("ild", ILD)))["anti_mda5"]
+    without = red_flags(evaluate(client, *IMNM, mda5))["anti_mda5"]
+    assert with_ild["indicator"] == "critical" and without["indicator"] == "warning"
+
+
+def test_the_spirometry_prefetch_asks_for_the_value_set_codes(knowledge):
+    query = next(p.query for p in PATIENT_VIEW.prefetch if p.key == "spirometry")
+    asked = {part.split("|")[1] for part in query.split("code=")[1].split(",")}
+    listed = {code for _, code in knowledge.valueset("fvc-percent-predicted").codes}
+    assert asked == listed
+
+
+# -- escalation -------------------------------------------------------------------------------------------
+
+
+def escalation(cards):
+    found = by_topic(cards, "treatment-escalation")
+    return found[0] if found else None
+
+
+def test_ck_not_falling_after_three_months_of_steroids_asks_to_escalate(client):
+    card = escalation(evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), HMGCR))
+    assert card["summary"] == "Myositis not responding after 143 days of treatment: consider adding IVIG next"
+    assert "Tried: glucocorticoids." in card["detail"]
+    assert "IVIG, rituximab, methotrexate, mycophenolate" in card["detail"]
+    assert "MedicationStatement/pred" in card["extension"]["evidence"]
+
+
+def test_options_already_tried_are_left_out_and_the_subtype_sets_the_order(client):
+    ivig = [infusion("iv1", "IVIG 2 g/kg", "2024-03-01"), infusion("iv2", "IVIG 2 g/kg", "2024-04-29")]
+    cards = evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), SRP, administrations=ivig)
+    card = escalation(cards)
+    assert card["summary"].endswith("consider adding rituximab next")
+    assert "Tried: glucocorticoids, IVIG." in card["detail"]
+    assert "subtype:** rituximab, methotrexate, mycophenolate" in card["detail"]
+
+
+def test_falling_ck_on_treatment_needs_no_escalation(client):
+    assert escalation(evaluate(client, *ON_TREATMENT, *ck_series(9000, 4000, 1500), HMGCR)) is None
+
+
+def test_too_short_a_course_is_not_yet_refractory(client):
+    recent = statement("pred", "prednisone 40 mg daily", "2024-04-01")
+    cards = evaluate(client, condition("w", WEAKNESS), recent, *ck_series(9000, 5000, 5200), HMGCR)
+    assert escalation(cards) is None
+
+
+def test_a_course_that_ended_long_ago_is_not_current_treatment(client):
+    stopped = statement("pred", "prednisone 40 mg daily", "2023-01-01", status="completed", end="2023-06-01")
+    cards = evaluate(client, condition("w", WEAKNESS), stopped, *ck_series(9000, 5000, 5200), HMGCR)
+    assert escalation(cards) is None
+
+
+def test_an_infusion_within_the_window_counts_as_current_treatment(client):
+    rituximab = statement(
+        "rtx", "rituximab 1 g", "2023-12-01", status="completed", end="2023-12-15", code="121191"
+    )
+    given = [infusion("r2", "Rituximab 1000 mg IV", "2024-05-01")]
+    card = escalation(
+        evaluate(
+            client,
+            condition("w", WEAKNESS),
+            rituximab,
+            *ck_series(9000, 5000, 5200),
+            SRP,
+            administrations=given,
+        )
+    )
+    assert "Tried: rituximab." in card["detail"] and card["summary"].endswith("consider adding IVIG next")
+
+
+def test_falling_fvc_on_treatment_asks_to_escalate_even_with_ck_falling(client):
+    series = [fvc("f1", 90, "2023-12-01T10:00:00Z"), fvc("f2", 78, "2024-05-20T10:00:00Z")]
+    cards = evaluate(client, *ON_TREATMENT, *ck_series(9000, 4000, 1500), HMGCR, spirometry=series)
+    card = escalation(cards)
+    assert card is not None and "FVC is falling after" in card["detail"]
+
+
+def test_the_refractory_time_is_a_local_setting(tmp_path):
+    overrides = tmp_path / "local.toml"
+    overrides.write_text('[severity.refractory.days]\nvalue = 180\nsource = "Myositis MDT, 2026-01"\n')
+    client = create_app({"knowledge_overrides": str(overrides)}).test_client()
+    assert escalation(evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), HMGCR)) is None
