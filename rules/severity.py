@@ -55,7 +55,7 @@ def define(k, emit):
         with_ild = c.ild.state != "unknown"
         emit.card(c, "mda5-red-flag", c.mda5, c.ild, indicator="critical" if with_ild else "warning")
 
-    # Escalation: immunosuppression for long enough, and CK not falling or FVC falling.
+    # Escalation: immunosuppression for long enough, and CK not falling, weakness persisting or FVC falling.
 
     def long_on_treatment():
         return c.imm << (of_type("immunosuppression") & (m.on == True) & (m.days_on >= refractory_days))
@@ -81,6 +81,23 @@ def define(k, emit):
     def fvc_falling_on_treatment(c):
         escalate(c, c.fall, "FVC is falling")
 
+    @when_all(
+        pri(3),
+        long_on_treatment(),
+        c.w
+        << (
+            clinical("proximal-weakness")
+            & (m.state == "present")
+            & (m.noted_days_ago <= c.imm.days_on - refractory_days)
+        ),
+        *subtype(),
+    )
+    def weakness_persisting_on_treatment(c):
+        into = round(c.imm.days_on - c.w.noted_days_ago)
+        escalate(
+            c, c.w, f"proximal weakness was still recorded on day {into} (strength can lag CK by months)"
+        )
+
     def escalate(c, evidence, reason):
         """Ask for the escalation card: what was tried, and the untried options listed for the subtype."""
         kind = next(
@@ -95,7 +112,7 @@ def define(k, emit):
             c.imm,
             evidence,
             reasons=[reason],
-            days_on=c.imm.days_on,
+            days_on=int(c.imm.days_on),  # whole days completed
             tried=", ".join(k.text(f"labels.concepts.{t}") for t in tried),
             step=step,
             options=", ".join(options) or "none left on the list",

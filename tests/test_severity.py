@@ -221,7 +221,7 @@ def test_falling_fvc_on_treatment_asks_to_escalate_even_with_ck_falling(client):
     series = [fvc("f1", 90, "2023-12-01T10:00:00Z"), fvc("f2", 78, "2024-05-20T10:00:00Z")]
     cards = evaluate(client, *ON_TREATMENT, *ck_series(9000, 4000, 1500), HMGCR, spirometry=series)
     card = escalation(cards)
-    assert card is not None and "FVC is falling after" in card["detail"]
+    assert card is not None and "immunosuppression: FVC is falling." in card["detail"]
 
 
 def test_the_refractory_time_is_a_local_setting(tmp_path):
@@ -229,3 +229,12 @@ def test_the_refractory_time_is_a_local_setting(tmp_path):
     overrides.write_text('[severity.refractory.days]\nvalue = 180\nsource = "Myositis MDT, 2026-01"\n')
     client = create_app({"knowledge_overrides": str(overrides)}).test_client()
     assert escalation(evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), HMGCR)) is None
+
+
+def test_weakness_still_recorded_well_into_treatment_asks_to_escalate(client):
+    recorded = condition("w2", WEAKNESS, onsetDateTime="2023-12-01", recordedDate="2024-05-20")
+    early = condition("w2", WEAKNESS, onsetDateTime="2023-12-01", recordedDate="2024-02-01")
+    falling = ck_series(9000, 4000, 1500)
+    card = escalation(evaluate(client, PREDNISONE, recorded, *falling, HMGCR))
+    assert "proximal weakness was still recorded on day 131 (strength can lag CK by months)" in card["detail"]
+    assert escalation(evaluate(client, PREDNISONE, early, *falling, HMGCR)) is None

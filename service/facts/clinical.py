@@ -52,6 +52,7 @@ class Mention:
     resource: Resource
     state: str  # present | past
     onset: datetime | None
+    noted: datetime | None  # when the record last said so
 
 
 def _status(concept, system: str) -> str | None:
@@ -99,7 +100,9 @@ def mentions(k, name: str, conditions: list[Resource], observations: list[Resour
     for resource in conditions:
         state = condition_state(resource.data)
         if state and matches(valueset, resource.data.get("code")):
-            found.append(Mention(resource, state, condition_onset(resource.data)))
+            onset = condition_onset(resource.data)
+            noted = max(filter(None, (onset, parse_time(resource.data.get("recordedDate")))), default=None)
+            found.append(Mention(resource, state, onset, noted))
     for resource in observations:
         data = resource.data
         if data.get("status") not in FINAL_RESULT:
@@ -107,7 +110,7 @@ def mentions(k, name: str, conditions: list[Resource], observations: list[Resour
         named_by_code = matches(valueset, data.get("code")) and observation_present(k, data)
         named_by_value = matches(valueset, data.get("valueCodeableConcept"))
         if named_by_code or named_by_value:
-            found.append(Mention(resource, "present", effective_time(data)))
+            found.append(Mention(resource, "present", effective_time(data), effective_time(data)))
     return found
 
 
@@ -121,6 +124,9 @@ def clinical_fact(k, name: str, found: list[Mention], now: datetime) -> tuple[di
     onsets = [f.onset for f in found if f.onset]
     if onsets:
         fact["onset_days_ago"] = days_before(min(onsets), now)
+    noted = [f.noted for f in found if f.noted and f.state == "present"]
+    if noted:
+        fact["noted_days_ago"] = days_before(max(noted), now)
     since = f" since {day(min(onsets))}" if onsets else ""
     text = f"{label} recorded ({fact['state']}{since})"
     return fact, text, tuple(dict.fromkeys(f.resource.reference for f in found))

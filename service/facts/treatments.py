@@ -41,7 +41,7 @@ def immunosuppression_fact(
         return fact, "immunosuppression: none recorded", ()
     text = "treatment tried: " + ", ".join(k.text(f"labels.concepts.{n}") for n in sorted(tried))
     if starts:
-        fact["days_on"] = int(days_before(min(starts), now))  # whole days completed
+        fact["days_on"] = days_before(min(starts), now)
         text += f"; current course since {day(min(starts))}"
     references = [c.resource.reference for courses in tried.values() for c in courses]
     return fact, text, tuple(dict.fromkeys(references))
