@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from service import auth, headers, hooks, logs
+from service import auth, guidance, headers, hooks, logs
 from service.config import ConfigError, Settings
 from service.outcome import ApiError, Issue, error, operation_outcome
 from service.pipeline import Evaluation, Evaluator
@@ -18,7 +18,13 @@ from service.pipeline import Evaluation, Evaluator
 log = logging.getLogger("service.http")
 
 JSON_TYPES = ("application/json", "application/fhir+json")
-HTTP_ISSUE = {404: "not-found", 405: "not-supported", 413: "too-long", 415: "not-supported"}
+HTTP_ISSUE = {
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    413: "too-long",
+    415: "not-supported",
+}
 
 
 def create_app(config: Settings | Mapping | None = None) -> Flask:
@@ -50,9 +56,16 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
 
     @app.post("/evaluate")
     def evaluate_bundle():
+        fhir = _wants_fhir()
         hook = request.args.get("hook", "patient-view")
         evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"), hook)
         _log_evaluation("evaluate", evaluation)
+        if fhir:
+            service_id = hooks.service_for(hook).id
+            results = guidance.bundle(
+                evaluation.cards, evaluation.patient_id, service_id, evaluation.now, None
+            )
+            return _json(results, mimetype="application/fhir+json")
         return _json(evaluation.response())
 
     @app.get("/health")
@@ -98,6 +111,16 @@ def _body(settings: Settings):
     if _depth_exceeds(body, settings.max_json_depth):
         raise error(400, "structure", f"the JSON is nested deeper than {settings.max_json_depth} levels")
     return body
+
+
+def _wants_fhir() -> bool:
+    """Tell whether the client asked for FHIR resources rather than cards; refuse what neither satisfies."""
+    if not request.accept_mimetypes:
+        return False
+    best = request.accept_mimetypes.best_match(["application/json", "application/fhir+json"])
+    if best is None:
+        raise error(406, "not-supported", "answers are application/json (cards) or application/fhir+json")
+    return best == "application/fhir+json"
 
 
 def _depth_exceeds(value, limit: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import requests
 from gunicorn.app.base import BaseApplication
 
-from service import hooks
+from service import distributed, hooks, screen
 from service.app import create_app
 from service.config import ConfigError, Settings
+from service.facts.fhir import parse_time
 from service.outcome import ApiError, operation_outcome
 from service.pipeline import Evaluator
+from service.screen import ScreenError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +50,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     replay.add_argument("--timeout", type=float, default=10.0)
 
+    population = commands.add_parser(
+        "screen", help="evaluate every patient of a Bulk Data export (NDJSON); resumable"
+    )
+    population.add_argument("directory", type=Path, help="a folder of *.ndjson files, one resource per line")
+    population.add_argument(
+        "--out", type=Path, required=True, help="folder for results.ndjson and summary.json"
+    )
+    population.add_argument("--as-of", type=_as_of, help="evaluation time (FHIR dateTime); default now")
+    population.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    population.add_argument("--no-progress", action="store_true", help="no progress bar")
+    population.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        metavar="SCHEDULER",
+        help="run on Dask: a local cluster, or the scheduler at this address (pip install '.[dask]')",
+    )
+
     args = parser.parse_args(argv)
+    commands_by_name = {
+        "serve": run_serve,
+        "evaluate": run_evaluate,
+        "replay": run_replay,
+        "screen": run_screen,
+    }
     try:
-        return {"serve": run_serve, "evaluate": run_evaluate, "replay": run_replay}[args.command](args)
-    except ConfigError as exc:
+        return commands_by_name[args.command](args)
+    except (ConfigError, ScreenError) as exc:
         print(f"imnm-cds: {exc}", file=sys.stderr)
         return 2
 
@@ -98,6 +125,36 @@ def run_evaluate(args) -> int:
     output = next(iter(results.values())) if len(results) == 1 else results
     print(json.dumps(output, indent=2, ensure_ascii=False))
     return 1 if failed else 0
+
+
+def run_screen(args) -> int:
+    """Screen a population and print patients per card topic and indicator."""
+    Settings.from_env()  # bad settings stop the screen before any worker starts
+    try:
+        if args.dask:
+            scheduler = None if args.dask == "local" else args.dask
+            as_of = args.as_of or datetime.now(UTC)
+            summary = distributed.screen_on_dask(args.directory, args.out, as_of, scheduler, args.workers)
+        else:
+            summary = screen.screen(args.directory, args.out, args.as_of, args.workers, not args.no_progress)
+    except KeyboardInterrupt:
+        print("imnm-cds: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(summary.table())
+    if summary.run:
+        run = summary.run
+        print(
+            f"this run: {run['patients']} patients in {run['seconds']} s ({run['perSecond']}/s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _as_of(text: str) -> datetime:
+    moment = parse_time(text)
+    if moment is None:
+        raise argparse.ArgumentTypeError("must be a FHIR dateTime, e.g. 2024-06-01T12:00:00Z")
+    return moment
 
 
 def scenario_target(request: dict, base_url: str) -> str:

@@ -146,7 +146,7 @@ def _check_subjects(
             same = resource.data.get("id") in (None, patient_id) or resource.full_url in aliases
         elif resource.type in SUBJECT:
             reference = as_str(as_dict(resource.data.get(SUBJECT[resource.type])).get("reference"))
-            same = reference is None or reference in aliases or _patient_id(reference) == patient_id
+            same = reference is None or reference in aliases or patient_id_of(reference) == patient_id
         else:
             continue
         if not same:
@@ -158,7 +158,7 @@ def _check_subjects(
             )
 
 
-def _patient_id(reference: str) -> str | None:
+def patient_id_of(reference: str) -> str | None:
     """Return the id in a Patient reference (relative or absolute), else None."""
     parts = reference.rstrip("/").split("/")
     if len(parts) >= 2 and parts[-2] == "Patient":

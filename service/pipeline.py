@@ -19,6 +19,7 @@ from service.outcome import ApiError, Issue, error
 class Evaluation:
     cards: list[dict]
     patient_id: str
+    now: datetime
     hook_instance: str | None = None
     rules: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
@@ -90,7 +91,7 @@ class Evaluator:
         built = cards.build(self.knowledge, outcome, fact_set, gathered.patient_id, service.topics)
         timings["cards"] = _since(started)
         fired = tuple(sorted({r for c in outcome.conclusions for r in c.rules}))
-        return Evaluation(built, gathered.patient_id, rules=fired, timings=timings)
+        return Evaluation(built, gathered.patient_id, now, rules=fired, timings=timings)
 
     def readiness_problem(self) -> str | None:
         """Say why this process should not take traffic (the engine cannot evaluate), or None."""

@@ -1,0 +1,63 @@
+"""Screen a population bigger than one machine on Dask: the same evaluation per patient, on a cluster."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+from service.config import Settings
+from service.facts.fhir import parse_time
+from service.pipeline import Evaluator
+from service.screen import KEPT, Summary, evaluate_patient, input_files, patient_of, summarise
+
+_evaluator: list[Evaluator] = []  # one per worker process, built on its first patient
+
+
+def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | None, workers: int) -> Summary:
+    """Evaluate every patient of a Bulk Data export on a Dask cluster (a local one when no scheduler)."""
+    from dask import bag  # noqa: PLC0415 (an optional dependency: pip install '.[dask]')
+    from dask.distributed import Client, LocalCluster  # noqa: PLC0415
+
+    files = input_files(source)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("results-*.ndjson"):
+        old.unlink()
+    as_of_text = as_of.isoformat()
+    cluster = (
+        nullcontext(scheduler)
+        if scheduler
+        else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    )
+    with cluster as address, Client(address):
+        # gzip cannot be split into blocks: such files are read one per partition.
+        splittable = all(f.suffix != ".gz" for f in files)
+        lines = bag.read_text([str(f) for f in files], blocksize="32MiB" if splittable else None)
+        by_patient = lines.map(_attributed).filter(None).groupby(_patient)
+        results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=False)
+        results.to_textfiles(str(out / "results-*.ndjson"), last_endline=True)
+    return summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
+
+
+def _attributed(line: str) -> tuple[str, dict] | None:
+    """Return (patient, resource) for a line a rule can use, else None."""
+    try:
+        resource = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(resource, dict) or resource.get("resourceType") not in KEPT:
+        return None
+    patient = patient_of(resource)
+    return (patient, resource) if patient else None
+
+
+def _evaluate_group(group: tuple[str, list[tuple[str, dict]]], as_of: str) -> dict:
+    patient, rows = group
+    if not _evaluator:
+        _evaluator.append(Evaluator(Settings.from_env()))
+    return evaluate_patient(_evaluator[0], patient, [resource for _, resource in rows], parse_time(as_of))
+
+
+def _patient(row: tuple[str, dict]) -> str:
+    return row[0]

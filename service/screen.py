@@ -1,0 +1,328 @@
+"""Screen a population from Bulk Data NDJSON: group by patient on disk, evaluate on every core, resume."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sqlite3
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+from service import gather
+from service.config import Settings
+from service.facts.fhir import as_dict, as_str, parse_time
+from service.outcome import ApiError, Issue, operation_outcome
+from service.pipeline import Evaluator
+
+STAGE = "stage.sqlite"
+RESULTS = "results.ndjson"
+SUMMARY = "summary.json"
+KEPT = frozenset({"Patient", *gather.SUBJECT})  # the types a rule can use; the rest is not staged
+BATCH = 20  # patients per task: large enough to amortise the hand-over, small enough to balance
+
+
+class ScreenError(Exception):
+    """The screen cannot start or continue as asked (the message says why and what to do)."""
+
+
+@dataclass
+class Summary:
+    as_of: str
+    patients: int = 0
+    with_cards: int = 0
+    errors: int = 0
+    cards: Counter = field(default_factory=Counter)  # (topic, indicator) → patients with such a card
+    staged: dict = field(default_factory=dict)  # what loading found: resources by type, lines left out
+    run: dict = field(default_factory=dict)  # this run: patients evaluated, seconds, per second
+
+    def as_json(self) -> dict:
+        """Return the summary as a JSON document."""
+        return {
+            "asOf": self.as_of,
+            "patients": self.patients,
+            "patientsWithCards": self.with_cards,
+            "patientsWithErrors": self.errors,
+            "patientsByCard": [
+                {"topic": topic, "indicator": indicator, "patients": n}
+                for (topic, indicator), n in sorted(self.cards.items())
+            ],
+            "staged": self.staged,
+            "thisRun": self.run,
+        }
+
+    def table(self) -> str:
+        """Render patients per card topic and indicator as a plain-text table."""
+        indicators = ("critical", "warning", "info")
+        topics = sorted({topic for topic, _ in self.cards})
+        width = max([len("topic"), *map(len, topics)])
+        lines = [f"{'topic':<{width}}  " + "  ".join(f"{i:>8}" for i in indicators)]
+        lines += [
+            f"{topic:<{width}}  " + "  ".join(f"{self.cards[topic, i]:>8}" for i in indicators)
+            for topic in topics
+        ]
+        lines.append(
+            f"{self.patients} patients as of {self.as_of}: "
+            f"{self.with_cards} with cards, {self.errors} not evaluated"
+        )
+        return "\n".join(lines)
+
+
+class Stage:
+    """An SQLite file holding the population's resources by patient, so memory stays bounded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS resources (patient TEXT NOT NULL, body TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS patients (patient TEXT PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS done (patient TEXT PRIMARY KEY);
+            """
+        )
+
+    def meta(self, key: str) -> str | None:
+        """Return a stored setting of this screen."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a setting of this screen."""
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        self.db.commit()
+
+    def load(self, files: list[Path]) -> dict:
+        """Stage every resource a rule can use under its patient; skip if these files are already staged."""
+        fingerprint = json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+        if self.meta("input") == fingerprint:
+            return json.loads(self.meta("staged") or "{}")
+        if self.meta("input") is not None:
+            raise ScreenError("the input files changed since this output was started; use a new --out")
+        self.db.executescript("DELETE FROM resources; DELETE FROM patients; DELETE FROM done;")
+        kept: Counter = Counter()
+        left_out: Counter = Counter()
+        rows = _rows(files, kept, left_out)
+        while chunk := [row for _, row in zip(range(5000), rows, strict=False)]:
+            self.db.executemany("INSERT INTO resources VALUES (?, ?)", chunk)
+        self.db.executescript(
+            """
+            CREATE INDEX IF NOT EXISTS by_patient ON resources (patient);
+            INSERT OR IGNORE INTO patients SELECT DISTINCT patient FROM resources;
+            """
+        )
+        staged = {"resources": dict(sorted(kept.items())), "leftOut": dict(sorted(left_out.items()))}
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('staged', ?)", (json.dumps(staged),))
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('input', ?)", (fingerprint,))
+        self.db.commit()
+        return staged
+
+    def mark_done(self, patients: Iterable[str]) -> None:
+        """Record patients whose results are already written."""
+        self.db.execute("DELETE FROM done")
+        self.db.executemany("INSERT OR IGNORE INTO done VALUES (?)", ((p,) for p in patients))
+        self.db.commit()
+
+    def count(self, table: str) -> int:
+        """Count the rows of the patients or done table."""
+        return self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 (fixed names)
+
+    def pending(self, page: int = 1000) -> Iterator[str]:
+        """Yield the patients without results, in order, a page at a time."""
+        last = ""
+        while True:
+            ids = [
+                row[0]
+                for row in self.db.execute(
+                    "SELECT patient FROM patients WHERE patient > ?"
+                    " AND patient NOT IN (SELECT patient FROM done) ORDER BY patient LIMIT ?",
+                    (last, page),
+                )
+            ]
+            if not ids:
+                return
+            yield from ids
+            last = ids[-1]
+
+
+def _rows(files: list[Path], kept: Counter, left_out: Counter) -> Iterator[tuple[str, str]]:
+    """Yield (patient, resource JSON) for each line of each file; count what is left out and why."""
+    for path in files:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    resource = json.loads(line)
+                except ValueError:
+                    left_out["not JSON"] += 1
+                    continue
+                kind = as_str(as_dict(resource).get("resourceType"))
+                if kind not in KEPT:
+                    left_out[f"{kind or 'no resourceType'} (not used)"] += 1
+                    continue
+                patient = patient_of(resource)
+                if patient is None:
+                    left_out[f"{kind} without a patient"] += 1
+                    continue
+                kept[kind] += 1
+                yield patient, line.strip()
+
+
+def patient_of(resource: dict) -> str | None:
+    """Return the id of the patient a resource is about: its own id for a Patient, else its subject's."""
+    if resource["resourceType"] == "Patient":
+        return as_str(resource.get("id")) or None
+    reference = as_str(as_dict(resource.get(gather.SUBJECT[resource["resourceType"]])).get("reference"))
+    return gather.patient_id_of(reference) if reference else None
+
+
+def input_files(directory: Path) -> list[Path]:
+    """List the NDJSON files of a Bulk Data export (any names; .ndjson or .ndjson.gz)."""
+    files = sorted([*directory.glob("*.ndjson"), *directory.glob("*.ndjson.gz")])
+    if not files:
+        raise ScreenError(f"no *.ndjson files in {directory}")
+    return files
+
+
+def recover(results: Path) -> Iterator[str]:
+    """Drop a line cut short by an interruption, then yield the patients whose results are written."""
+    if not results.exists():
+        return
+    with results.open("rb+") as handle:
+        data_end = handle.seek(0, os.SEEK_END)
+        if data_end:
+            handle.seek(max(0, data_end - 1))
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                complete = handle.read().rfind(b"\n") + 1
+                handle.truncate(complete)
+    with results.open(encoding="utf-8") as lines:
+        for line in lines:
+            yield json.loads(line)["patient"]
+
+
+def summarise(results: Iterable[Path], as_of: str) -> Summary:
+    """Count patients per card topic and indicator over every result line written."""
+    summary = Summary(as_of)
+    for path in results:
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                result = json.loads(line)
+                summary.patients += 1
+                if "error" in result:
+                    summary.errors += 1
+                    continue
+                kinds = {(c["source"]["topic"]["code"], c["indicator"]) for c in result["cards"]}
+                summary.with_cards += bool(kinds)
+                summary.cards.update(kinds)
+    return summary
+
+
+def evaluate_patient(evaluator: Evaluator, patient: str, resources: list[dict], as_of: datetime) -> dict:
+    """Evaluate one patient's resources exactly as POST /evaluate would; a refusal becomes its result."""
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+    try:
+        return {"patient": patient, "cards": evaluator.bundle(bundle, as_of).cards}
+    except ApiError as exc:
+        return {"patient": patient, "status": exc.status, "error": operation_outcome(exc.issues)}
+    except Exception as exc:  # one patient's fault must not stop a population
+        issue = Issue("exception", f"evaluation failed ({type(exc).__name__}); no advice was produced")
+        return {"patient": patient, "status": 500, "error": operation_outcome([issue])}
+
+
+_worker: dict = {}
+
+
+def _start_worker(stage: str, as_of: str) -> None:
+    _worker["evaluator"] = Evaluator(Settings.from_env())
+    _worker["db"] = sqlite3.connect(f"file:{stage}?mode=ro", uri=True)
+    _worker["as_of"] = parse_time(as_of)
+
+
+def _evaluate_batch(patients: list[str]) -> str:
+    lines = []
+    for patient in patients:
+        rows = _worker["db"].execute(
+            "SELECT body FROM resources WHERE patient = ? ORDER BY rowid", (patient,)
+        )
+        resources = [json.loads(body) for (body,) in rows]
+        result = evaluate_patient(_worker["evaluator"], patient, resources, _worker["as_of"])
+        lines.append(json.dumps(result, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progress: bool = True) -> Summary:
+    """Evaluate every patient in a Bulk Data export; a second run resumes where the first stopped."""
+    files = input_files(source)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Stage(out / STAGE)
+    as_of_text = _fixed_as_of(stage, as_of)
+    staged = stage.load(files)
+    stage.mark_done(recover(out / RESULTS))
+    remaining = stage.count("patients") - stage.count("done")
+    started = time.monotonic()
+    evaluated = 0
+    with (
+        ProcessPoolExecutor(
+            workers, initializer=_start_worker, initargs=(str(stage.path), as_of_text)
+        ) as pool,
+        (out / RESULTS).open("a", encoding="utf-8") as sink,
+        tqdm(total=remaining, unit="patient", disable=not progress, smoothing=0.1) as bar,
+    ):
+        window: deque[tuple[Future, int]] = deque()
+
+        def write_oldest() -> None:
+            nonlocal evaluated
+            future, size = window.popleft()
+            sink.write(future.result())
+            sink.flush()
+            evaluated += size
+            bar.update(size)
+
+        for batch in _batches(stage.pending(), BATCH):
+            window.append((pool.submit(_evaluate_batch, batch), len(batch)))
+            if len(window) >= 4 * workers:
+                write_oldest()
+        while window:
+            write_oldest()
+        os.fsync(sink.fileno())
+    seconds = time.monotonic() - started
+    summary = summarise([out / RESULTS], as_of_text)
+    summary.staged = staged
+    summary.run = {
+        "patients": evaluated,
+        "seconds": round(seconds, 2),
+        "perSecond": round(evaluated / seconds, 1) if seconds else None,
+        "workers": workers,
+    }
+    (out / SUMMARY).write_text(json.dumps(summary.as_json(), indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _fixed_as_of(stage: Stage, as_of: datetime | None) -> str:
+    """Return the evaluation time of this screen: set by its first run, kept by every resumed run."""
+    stored = stage.meta("asOf")
+    if stored and as_of and parse_time(stored) != as_of:
+        raise ScreenError(
+            f"this output was started as of {stored}; resume without --as-of or use a new --out"
+        )
+    if stored:
+        return stored
+    chosen = (as_of or datetime.now(UTC)).isoformat()
+    stage.set_meta("asOf", chosen)
+    return chosen
+
+
+def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := [item for _, item in zip(range(size), items, strict=False)]:
+        yield batch

@@ -1,0 +1,211 @@
+"""Population screening from Bulk Data NDJSON: the same cards as /evaluate, resumable, on Dask too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from conftest import load, scenarios
+from service import screen
+from service.distributed import screen_on_dask
+from service.facts.fhir import parse_time
+
+AS_OF = "2024-06-01T12:00:00Z"
+
+
+def fixture_patients() -> dict[str, list[dict]]:
+    """Every patient-view fixture evaluated as of AS_OF with a Patient id: its resources, by patient."""
+    patients = {}
+    for path in scenarios():
+        body = load(path / "request.json")
+        if body.get("hook") != "patient-view" or body["extension"]["imnm-cds.asOf"] != AS_OF:
+            continue
+        resources = []
+        for value in body["prefetch"].values():
+            if value is not None:
+                entries = (
+                    value.get("entry", []) if value["resourceType"] == "Bundle" else [{"resource": value}]
+                )
+                resources += [entry["resource"] for entry in entries]
+        if any(r["resourceType"] == "Patient" for r in resources):
+            patients[body["context"]["patientId"]] = resources
+    return patients
+
+
+def copies(patients: dict[str, list[dict]], n: int) -> dict[str, list[dict]]:
+    """Make n renamed copies of each patient, so a population is large enough to interrupt."""
+    population = {}
+    for copy in range(n):
+        for pid, resources in patients.items():
+            text = json.dumps(resources).replace(f'"Patient/{pid}"', f'"Patient/{pid}-{copy}"')
+            renamed = json.loads(text)
+            for r in renamed:
+                if r["resourceType"] == "Patient":
+                    r["id"] = f"{pid}-{copy}"
+            population[f"{pid}-{copy}"] = renamed
+    return population
+
+
+def write_export(directory: Path, patients: dict[str, list[dict]], extra_lines: str = "") -> Path:
+    """Write patients as a Bulk Data export: one NDJSON file per resource type."""
+    directory.mkdir(parents=True, exist_ok=True)
+    by_type = defaultdict(list)
+    for resources in patients.values():
+        for resource in resources:
+            by_type[resource["resourceType"]].append(json.dumps(resource))
+    for kind, lines in by_type.items():
+        (directory / f"{kind}.ndjson").write_text("\n".join(lines) + "\n")
+    if extra_lines:
+        (directory / "Other.ndjson").write_text(extra_lines)
+    return directory
+
+
+def results(path: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    by_patient = {row["patient"]: row for row in rows}
+    assert len(by_patient) == len(rows), "a patient was written twice"
+    return by_patient
+
+
+@pytest.fixture(scope="module")
+def fixtures_only():
+    return fixture_patients()
+
+
+def test_every_patient_gets_the_cards_evaluate_gives(client, fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", fixtures_only)
+    summary = screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=2, progress=False)
+    written = results(tmp_path / "out" / screen.RESULTS)
+    assert set(written) == set(fixtures_only) and summary.patients == len(fixtures_only)
+    for pid, resources in fixtures_only.items():
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": r} for r in resources],
+        }
+        expected = client.post(f"/evaluate?asOf={AS_OF}", json=bundle).get_json()
+        assert "cards" in expected, (pid, expected)
+        assert written[pid]["cards"] == expected["cards"], pid
+    with_cards = sum(bool(row["cards"]) for row in written.values())
+    assert summary.with_cards == with_cards > 0
+    imnm = sum(
+        any(c["source"]["topic"]["code"] == "imnm-suspected" for c in r["cards"]) for r in written.values()
+    )
+    assert sum(n for (topic, _), n in summary.cards.items() if topic == "imnm-suspected") == imnm
+    saved = json.loads((tmp_path / "out" / screen.SUMMARY).read_text())
+    assert saved["patients"] == len(fixtures_only) and saved["thisRun"]["patients"] == len(fixtures_only)
+
+
+def test_what_cannot_be_used_is_counted_and_a_bad_patient_does_not_stop_the_rest(fixtures_only, tmp_path):
+    broken = {"resourceType": "Patient", "id": "broken", "gender": 12}
+    orphan = {"resourceType": "Observation", "status": "final", "code": {"text": "CK"}}
+    extra = (
+        "not json\n" + json.dumps(broken) + "\n" + json.dumps(orphan) + "\n" + '{"resourceType": "Claim"}\n'
+    )
+    export = write_export(tmp_path / "export", fixtures_only, extra)
+    summary = screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=1, progress=False)
+    written = results(tmp_path / "out" / screen.RESULTS)
+    assert written["broken"]["status"] == 400
+    assert written["broken"]["error"]["resourceType"] == "OperationOutcome"
+    assert summary.errors == 1 and summary.patients == len(fixtures_only) + 1
+    assert summary.staged["leftOut"] == {
+        "not JSON": 1,
+        "Observation without a patient": 1,
+        "Claim (not used)": 1,
+    }
+
+
+def run_cli(export: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "screen",
+        str(export),
+        "--out",
+        str(out),
+        "--as-of",
+        AS_OF,
+    ]
+    return subprocess.Popen(
+        [*command, "--no-progress", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, so one kill stops it and its workers
+    )
+
+
+def test_an_interrupted_screen_resumes_without_redoing_or_losing_a_patient(fixtures_only, tmp_path):
+    population = copies(fixtures_only, 40)
+    export = write_export(tmp_path / "export", population)
+    out = tmp_path / "out"
+    first = run_cli(export, out, "--workers", "2")
+    written = out / screen.RESULTS
+    deadline = time.monotonic() + 60
+    while (not written.exists() or written.stat().st_size < 20_000) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    partial = written.read_bytes()
+    assert 0 < partial.count(b"\n") < len(population), "the first run should stop part-way"
+    with written.open("ab") as handle:
+        handle.write(b'{"patient": "cut-sh')  # a line cut short by the kill
+    second = run_cli(export, out, "--workers", "2")
+    stdout, stderr = second.communicate(timeout=300)
+    assert second.returncode == 0, stderr.decode()
+    resumed = results(written)
+    assert set(resumed) == set(population)
+    done_before = partial.count(b"\n")
+    assert f"this run: {len(population) - done_before} patients".encode() in stderr
+    # Every answer equals the answer of an uninterrupted screen.
+    whole = tmp_path / "whole"
+    screen.screen(export, whole, parse_time(AS_OF), workers=2, progress=False)
+    assert resumed == results(whole / screen.RESULTS)
+    assert b"imnm-suspected" in stdout
+
+
+def test_a_changed_input_or_evaluation_time_refuses_to_resume(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", dict(list(fixtures_only.items())[:3]))
+    out = tmp_path / "out"
+    screen.screen(export, out, parse_time(AS_OF), workers=1, progress=False)
+    with pytest.raises(screen.ScreenError, match="started as of"):
+        screen.screen(
+            export, out, datetime.fromisoformat("2025-01-01T00:00:00+00:00"), workers=1, progress=False
+        )
+    (export / "Patient.ndjson").write_text((export / "Patient.ndjson").read_text() + "\n")
+    time.sleep(0.01)
+    os.utime(export / "Patient.ndjson")
+    with pytest.raises(screen.ScreenError, match="input files changed"):
+        screen.screen(export, out, None, workers=1, progress=False)
+
+
+def test_an_empty_folder_is_refused(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "service.cli", "screen", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2 and "no *.ndjson files" in completed.stderr
+
+
+def test_dask_in_local_mode_gives_the_same_results(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", fixtures_only)
+    local = screen.screen(export, tmp_path / "local", parse_time(AS_OF), workers=1, progress=False)
+    on_dask = screen_on_dask(export, tmp_path / "dask", parse_time(AS_OF), scheduler=None, workers=2)
+    parts = sorted((tmp_path / "dask").glob("results-*.ndjson"))
+    assert len(parts) > 1
+    merged = {}
+    for part in parts:
+        merged |= results(part)
+    assert merged == results(tmp_path / "local" / screen.RESULTS)
+    assert on_dask.cards == local.cards and on_dask.patients == local.patients
