@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
+from datetime import UTC, datetime
 
 import pytest
 import requests
 
-from conftest import FIXTURES, ROOT, load
-
-CLI = [sys.executable, "-m", "service.cli"]
+from conftest import CLI, FIXTURES, ROOT, load, serve
+from service.feedback import Coding, Feedback
+from service.feedback_store import FeedbackStore, IssuedCard
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -41,34 +40,9 @@ def test_evaluate_several_files_keys_them_by_path_and_fails_on_a_refused_one(tmp
     assert output[str(bad)]["resourceType"] == "OperationOutcome"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port), "--workers", "2", "--threads", "4"],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"imnm-cds serve did not become ready: {log.read_text()[-2000:]}")
+    process, url = serve(tmp_path_factory.mktemp("serve") / "stderr.log")
     yield url
     process.terminate()
     process.wait(30)
@@ -97,3 +71,23 @@ def test_replay_shows_a_diff_and_fails_when_a_response_differs(server, tmp_path)
 
 def test_replay_of_an_empty_directory_fails(server, tmp_path):
     assert run("replay", str(tmp_path), "--url", server).returncode == 2
+
+
+def test_feedback_report_shows_per_rule_counts_and_reasons(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
+    store = FeedbackStore(url)
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    rules = ("imnm.ck_raised", "imnm.seropositive_hmgcr")
+    store.write_cards([IssuedCard("imnm-patient-view", "a", "imnm-suspected", "warning", rules, now)] * 3)
+    reason = Coding(
+        "urn:imnm-cds:CodeSystem:override-reason", "not-relevant", "Not relevant for this patient"
+    )
+    store.save("imnm-patient-view", [Feedback("a", "overridden", now, reason=reason)], now)
+    summary = store.summary()
+    store.close()
+    env = {**os.environ, "IMNM_CDS_DATABASE_URL": url}
+    table = run("feedback-report", env=env)
+    assert table.returncode == 0, table.stderr[-2000:]
+    lines = [line.split() for line in table.stdout.splitlines()]
+    assert ["imnm.ck_raised", "imnm-suspected", "3", "1", "0", "1", "not-relevant", "(1)"] in lines
+    assert json.loads(run("feedback-report", "--json", env=env).stdout) == summary

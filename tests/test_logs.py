@@ -26,7 +26,23 @@ def test_a_full_request_logs_no_patient_data_or_tokens(client, caplog):
                 "subject": "client",
             }
             request["fhirServer"] = "https://ehr.example.org/fhir"
-        client.post(scenario_target(request, ""), json=request, headers={"Authorization": f"Bearer {SECRET}"})
+        response = client.post(
+            scenario_target(request, ""), json=request, headers={"Authorization": f"Bearer {SECRET}"}
+        )
+        for card in (response.get_json() or {}).get("cards", []):
+            comment = f"Jane Roe, born 1950-01-01, said no ({card['uuid'][:8]})"
+            feedback = {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"reason": card["overrideReasons"][0], "userComment": comment},
+                "outcomeTimestamp": "2024-06-01T12:00:00Z",
+            }
+            client.post(
+                "/cds-services/imnm-patient-view/feedback",
+                json={"feedback": [feedback]},
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
+            seen.update({card["uuid"], comment})
         for value in json.dumps(request).split('"'):
             if value.startswith(("fx-", "Patient/", "Observation/", "Condition/", "urn:uuid:")) or value in (
                 "1960-03-14",
@@ -35,7 +51,7 @@ def test_a_full_request_logs_no_patient_data_or_tokens(client, caplog):
                 seen.add(value)
     lines = [JsonFormatter().format(record) for record in caplog.records]
     text = "\n".join(lines)
-    assert lines and "evaluated" in text and "hookInstance" in text
+    assert lines and "evaluated" in text and "hookInstance" in text and '"event": "feedback"' in text
     assert SECRET not in text and "Bearer" not in text
     leaked = [value for value in seen if value in text]
     assert leaked == []
