@@ -10,7 +10,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY rules ./rules
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[postgres]'
 
 # Runtime stage: slim, no compiler, unprivileged.
 FROM ${PYTHON}
@@ -18,7 +18,11 @@ FROM ${PYTHON}
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 IMNM_CDS_PRODUCTION=true
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cds
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cds \
+ && install -d -o cds -g cds /var/lib/imnm-cds
+# Feedback and issued cards: a SQLite file on a volume, unless a PostgreSQL URL is given.
+ENV IMNM_CDS_DATABASE_URL=sqlite:////var/lib/imnm-cds/feedback.sqlite
+VOLUME /var/lib/imnm-cds
 USER 10001
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \

@@ -1,4 +1,4 @@
-"""CDS Hooks discovery and services, Bundle evaluation, health; errors as OperationOutcome."""
+"""CDS Hooks discovery, services and feedback, Bundle evaluation, health; errors as OperationOutcome."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from service import auth, guidance, headers, hooks, logs
+from service import auth, feedback, guidance, headers, hooks, logs
 from service.config import ConfigError, Settings
+from service.feedback_store import FeedbackStore, StoreUnavailable
 from service.outcome import ApiError, Issue, error, operation_outcome
 from service.pipeline import Evaluation, Evaluator
 
@@ -32,12 +33,14 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     settings = config if isinstance(config, Settings) else Settings.from_env(**dict(config or {}))
     logs.configure(settings.log_level)
     evaluator = Evaluator(settings)
+    store = FeedbackStore(settings.database_url)
     app = Flask(__name__)
     if app.debug:
         # Flask's debug mode (FLASK_DEBUG) serves an interactive debugger: never in any configuration.
         raise ConfigError("FLASK_DEBUG is on; the service never runs in debug mode")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["imnm_cds"] = evaluator
+    app.extensions["imnm_cds_feedback"] = store
     auth.protect(app, settings)
     headers.install(app, settings.cors_origins)
 
@@ -52,7 +55,24 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
             raise error(404, "not-found", "no CDS service with this id; see GET /cds-services")
         evaluation = evaluator.hook(service, _body(settings), datetime.now(UTC))
         _log_evaluation(service.id, evaluation)
+        store.record_cards(service.id, evaluation.cards, datetime.now(UTC))
         return _json(evaluation.response())
+
+    @app.post("/cds-services/<service_id>/feedback")
+    def receive_feedback(service_id: str):
+        if service_id not in hooks.SERVICES:
+            raise error(404, "not-found", "no CDS service with this id; see GET /cds-services")
+        items = feedback.parse(_body(settings))
+        stored = store.save(service_id, items, datetime.now(UTC))
+        log.info(
+            "feedback",
+            extra={"fields": {"service": service_id, "items": len(items), "stored": stored}},
+        )
+        return _json({"received": len(items), "stored": stored, "duplicates": len(items) - stored})
+
+    @app.get("/feedback/summary")
+    def feedback_summary():
+        return _json(store.summary())
 
     @app.post("/evaluate")
     def evaluate_bundle():
@@ -60,6 +80,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         hook = request.args.get("hook", "patient-view")
         evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"), hook)
         _log_evaluation("evaluate", evaluation)
+        store.record_cards("evaluate", evaluation.cards, datetime.now(UTC))
         if fhir:
             service_id = hooks.service_for(hook).id
             results = guidance.bundle(
@@ -82,6 +103,13 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
         return _outcome(exc.status, exc.issues)
+
+    @app.errorhandler(StoreUnavailable)
+    def store_unavailable(exc: StoreUnavailable):
+        log.error("feedback database unavailable", extra={"fields": {"error": str(exc)}})
+        return _outcome(
+            503, [Issue("transient", "the feedback database is unavailable; nothing was stored; retry")]
+        )
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

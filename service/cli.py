@@ -1,4 +1,4 @@
-"""The imnm-cds command: serve under gunicorn, evaluate files offline, replay fixtures against a server."""
+"""The imnm-cds command: serve under gunicorn, evaluate files offline, replay fixtures, report feedback."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from service import distributed, hooks, screen
 from service.app import create_app
 from service.config import ConfigError, Settings
 from service.facts.fhir import parse_time
+from service.feedback_store import FeedbackStore
 from service.outcome import ApiError, operation_outcome
 from service.pipeline import Evaluator
 from service.screen import ScreenError
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     replay.add_argument("--timeout", type=float, default=10.0)
 
+    report = commands.add_parser(
+        "feedback-report",
+        help="per rule and topic: cards issued, accepted, overridden, top override reasons",
+    )
+    report.add_argument("--json", action="store_true", help="print JSON, as GET /feedback/summary answers")
+
     population = commands.add_parser(
         "screen", help="evaluate every patient of a Bulk Data export (NDJSON); resumable"
     )
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": run_evaluate,
         "replay": run_replay,
         "screen": run_screen,
+        "feedback-report": run_feedback_report,
     }
     try:
         return commands_by_name[args.command](args)
@@ -196,6 +204,33 @@ def run_replay(args) -> int:
             print(f"{'DIFFERENT' if diff else 'same     '} {scenario.name}", file=sys.stderr)
     print(f"{len(scenarios) - different} same, {different} different", file=sys.stderr)
     return 1 if different else 0
+
+
+def run_feedback_report(args) -> int:
+    """Print what clinicians did with our cards, from the database IMNM_CDS_DATABASE_URL names."""
+    store = FeedbackStore(Settings.from_env().database_url)
+    try:
+        summary = store.summary()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    rows = summary["rules"]
+    rule = max([len("rule")] + [len(row["rule"]) for row in rows])
+    topic = max([len("topic")] + [len(row["topic"]) for row in rows])
+    line = f"{{:<{rule}}}  {{:<{topic}}}  {{:>8}}  {{:>6}}  {{:>8}}  {{:>10}}  {{}}"
+    print(line.format("rule", "topic", "issued", "cards", "accepted", "overridden", "top override reasons"))
+    for row in rows:
+        reasons = ", ".join(f"{r['code']} ({r['count']})" for r in row["topOverrideReasons"])
+        counts = (row["issued"], row["cards"], row["accepted"], row["overridden"])
+        print(line.format(row["rule"], row["topic"], *counts, reasons).rstrip())
+    unmatched = summary["unmatchedFeedback"]
+    print(
+        f"feedback on cards with no issue record: {unmatched['accepted']} accepted, "
+        f"{unmatched['overridden']} overridden"
+    )
+    return 0
 
 
 def canonical(document) -> str:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from service.auth import Issuer, trusted_issuers
 
 PREFIX = "IMNM_CDS_"
@@ -79,6 +82,18 @@ def _origins(text: str) -> tuple[str, ...]:
     return origins
 
 
+def _database_url(text: str) -> str:
+    try:
+        url = make_url(text)
+    except ArgumentError:
+        raise ValueError("must be a database URL, e.g. postgresql://user:password@host/db") from None
+    if url.get_backend_name() == "postgresql":
+        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        raise ValueError("must be sqlite:///<file> or postgresql://…")
+    return text
+
+
 def about(parse: Callable[[str], object], doc: str) -> dict:
     """Describe a setting: how its environment text is parsed and checked, and what it is for."""
     return {"parse": parse, "doc": doc}
@@ -111,6 +126,13 @@ class Settings:
         default=None,
         metadata=about(
             _file, "A TOML file of local values for cited parameters in rules/, each with its own source."
+        ),
+    )
+    database_url: str = field(
+        default="sqlite:///imnm-cds.sqlite",
+        metadata=about(
+            _database_url,
+            "Where feedback and issued cards are stored: a SQLite file, or PostgreSQL (psycopg 3).",
         ),
     )
     log_level: str = field(default="INFO", metadata=about(_level, "DEBUG, INFO, WARNING or ERROR."))

@@ -1,21 +1,38 @@
-"""Shared pytest fixtures: one app per session, the fixture scenarios, and request builders."""
+"""Shared pytest fixtures: one app per session, databases, a served instance, scenarios, request builders."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+import requests
+from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError
 
 import signing
 from rules import knowledge as knowledge_module
+from service import feedback_store
 from service.app import create_app
+from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fhir_fixtures"
 SCHEMA = json.loads((Path(__file__).parent / "data" / "cds-hooks-2.0.schema.json").read_text())
+CLI = [sys.executable, "-m", "service.cli"]
+# A PostgreSQL database the tests may wipe; README "Feedback" says how to start one.
+POSTGRES_URL = os.environ.get(
+    "IMNM_CDS_TEST_POSTGRES_URL", "postgresql://imnm_cds:imnm_cds@127.0.0.1:5432/imnm_cds_test"
+)
 AS_OF = "2024-06-01T12:00:00Z"
 SANDBOX = "https://sandbox.cds-hooks.org"
 LOINC, SNOMED = "http://loinc.org", "http://snomed.info/sct"
@@ -28,6 +45,45 @@ def scenarios() -> list[Path]:
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def throwaway_database(tmp_path_factory):
+    """Every app and server the tests start keeps feedback in a throwaway SQLite file."""
+    path = tmp_path_factory.mktemp("database") / "feedback.sqlite"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMNM_CDS_DATABASE_URL", f"sqlite:///{path}")
+        yield
+
+
+@functools.cache
+def postgres_url() -> str | None:
+    """Return the test PostgreSQL database's URL if it answers, else None."""
+    url = Settings.from_env({}, database_url=POSTGRES_URL).database_url
+    engine = create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return url
+    except DBAPIError:
+        return None
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """An empty feedback database: a SQLite file, and PostgreSQL when one is reachable."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.sqlite'}"
+    url = postgres_url()
+    if url is None:
+        pytest.skip(
+            "no PostgreSQL answers at IMNM_CDS_TEST_POSTGRES_URL; README 'Feedback' says how to start one"
+        )
+    engine = create_engine(url)
+    feedback_store.metadata.drop_all(engine)
+    engine.dispose()
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +132,37 @@ def knowledge():
 @pytest.fixture(scope="session")
 def evaluator(app):
     return app.extensions["imnm_cds"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(log: Path, port: int | None = None, **environ: str) -> tuple[subprocess.Popen, str]:
+    """Start `imnm-cds serve` (gunicorn) in its own process group; return it and its URL once ready."""
+    port = port or free_port()
+    with log.open("a") as stderr:
+        process = subprocess.Popen(
+            [*CLI, "serve", "--port", str(port), "--workers", "2", "--threads", "4"],
+            cwd=ROOT,
+            env={**os.environ, **environ},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+    pytest.fail(f"imnm-cds serve did not become ready: {log.read_text()[-2000:]}")
 
 
 def hook_request(patient_id: str = "p1", resources=(), **prefetch_overrides) -> dict:

@@ -5,20 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
+from datetime import UTC, datetime
 
 import pytest
 import requests
 
 import signing
-from conftest import FIXTURES, ROOT, load
-
-CLI = [sys.executable, "-m", "service.cli"]
+from conftest import CLI, FIXTURES, ROOT, free_port, load, serve
+from service.feedback import Coding, Feedback
+from service.feedback_store import FeedbackStore, IssuedCard
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -45,45 +41,12 @@ def test_evaluate_several_files_keys_them_by_path_and_fails_on_a_refused_one(tmp
     assert output[str(bad)]["resourceType"] == "OperationOutcome"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(port: int, log: Path, **environ: str):
-    """Run `imnm-cds serve` on this loopback port with these settings; yield its URL once it is ready."""
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port), "--workers", "2", "--threads", "4"],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={**os.environ, **environ},
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"imnm-cds serve did not become ready: {log.read_text()[-2000:]}")
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serving(free_port(), tmp_path_factory.mktemp("serve") / "stderr.log") as url:
-        yield url
+    process, url = serve(tmp_path_factory.mktemp("serve") / "stderr.log")
+    yield url
+    process.terminate()
+    process.wait(30)
 
 
 def test_served_discovery_and_replay_of_every_fixture(server):
@@ -119,7 +82,8 @@ def test_served_with_jwt_verification(jwks_server, client_keys, tmp_path):
     issuers.write_text(json.dumps({signing.ISSUER: {"jku": [jku]}}))
     settings = {"IMNM_CDS_AUTH": "jwt", "IMNM_CDS_TRUSTED_ISSUERS": str(issuers), "IMNM_CDS_PUBLIC_URL": url}
     scenario = FIXTURES / "worked-example-hmgcr-positive"
-    with serving(port, tmp_path / "stderr.log", **settings):
+    process, _ = serve(tmp_path / "stderr.log", port, **settings)
+    try:
         token = signing.sign(client_keys["ec"], signing.claims(f"{url}/cds-services"))
         headers = {"Authorization": f"Bearer {token}"}
         assert requests.get(f"{url}/cds-services", headers=headers, timeout=5).status_code == 200
@@ -132,6 +96,9 @@ def test_served_with_jwt_verification(jwks_server, client_keys, tmp_path):
             timeout=5,
         )
         refused = requests.post(target, json=load(scenario / "request.json"), timeout=5)
+    finally:
+        process.terminate()
+        process.wait(30)
     assert answer.status_code == 200 and answer.json() == load(scenario / "expected.json")
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
     log = (tmp_path / "stderr.log").read_text()
@@ -142,3 +109,23 @@ def test_serve_refuses_development_mode_in_production():
     result = run("serve", env={**os.environ, "IMNM_CDS_PRODUCTION": "true"})
     assert result.returncode == 2
     assert "IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off" in result.stderr
+
+
+def test_feedback_report_shows_per_rule_counts_and_reasons(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
+    store = FeedbackStore(url)
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    rules = ("imnm.ck_raised", "imnm.seropositive_hmgcr")
+    store.write_cards([IssuedCard("imnm-patient-view", "a", "imnm-suspected", "warning", rules, now)] * 3)
+    reason = Coding(
+        "urn:imnm-cds:CodeSystem:override-reason", "not-relevant", "Not relevant for this patient"
+    )
+    store.save("imnm-patient-view", [Feedback("a", "overridden", now, reason=reason)], now)
+    summary = store.summary()
+    store.close()
+    env = {**os.environ, "IMNM_CDS_DATABASE_URL": url}
+    table = run("feedback-report", env=env)
+    assert table.returncode == 0, table.stderr[-2000:]
+    lines = [line.split() for line in table.stdout.splitlines()]
+    assert ["imnm.ck_raised", "imnm-suspected", "3", "1", "0", "1", "not-relevant", "(1)"] in lines
+    assert json.loads(run("feedback-report", "--json", env=env).stdout) == summary

@@ -26,11 +26,19 @@ def test_defaults_and_environment():
         {"IMNM_CDS_MAX_BODY_BYTES": "10"},
         {"IMNM_CDS_LOG_LEVEL": "LOUD"},
         {"IMNM_CDS_KNOWLEDGE_OVERRIDES": "/no/such/file.toml"},
+        {"IMNM_CDS_DATABASE_URL": "mysql://cds@db/feedback"},
+        {"IMNM_CDS_DATABASE_URL": "sqlite://"},
+        {"IMNM_CDS_DATABASE_URL": "feedback.sqlite"},
     ],
 )
 def test_bad_settings_refuse_to_start(environ):
     with pytest.raises(ConfigError, match=next(iter(environ))):
         Settings.from_env(environ)
+
+
+def test_a_postgresql_url_is_used_through_psycopg_3():
+    settings = Settings.from_env({"IMNM_CDS_DATABASE_URL": "postgresql://cds:secret@db:5432/feedback"})
+    assert settings.database_url == "postgresql+psycopg://cds:secret@db:5432/feedback"
 
 
 def test_create_app_checks_its_config_too():

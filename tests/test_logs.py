@@ -60,10 +60,26 @@ def test_a_full_request_logs_no_patient_data_or_tokens(client, caplog):
                 "subject": "client",
             }
             request["fhirServer"] = "https://ehr.example.org/fhir"
-        client.post(scenario_target(request, ""), json=request, headers={"Authorization": f"Bearer {SECRET}"})
+        response = client.post(
+            scenario_target(request, ""), json=request, headers={"Authorization": f"Bearer {SECRET}"}
+        )
+        for card in (response.get_json() or {}).get("cards", []):
+            comment = f"Jane Roe, born 1950-01-01, said no ({card['uuid'][:8]})"
+            feedback = {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"reason": card["overrideReasons"][0], "userComment": comment},
+                "outcomeTimestamp": "2024-06-01T12:00:00Z",
+            }
+            client.post(
+                "/cds-services/imnm-patient-view/feedback",
+                json={"feedback": [feedback]},
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
+            seen.update({card["uuid"], comment})
         seen |= patient_values(request)
     text = logged(caplog)
-    assert "evaluated" in text and "hookInstance" in text
+    assert "evaluated" in text and "hookInstance" in text and '"event": "feedback"' in text
     assert SECRET not in text and "Bearer" not in text
     assert [value for value in seen if value in text] == []
 

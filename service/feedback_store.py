@@ -1,0 +1,427 @@
+"""The feedback database: feedback items, the cards we issued, and what clinicians did with them."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError
+
+from service.feedback import Feedback
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# MIGRATIONS[n] brings a database at schema version n - 1 to version n (see README, "Feedback").
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATION_LOCK = 0x1A4C_F33D  # PostgreSQL advisory lock: one process migrates at a time
+BUSY_SECONDS = 10.0  # how long a SQLite writer waits for another process's write to finish
+CARD_QUEUE = 10_000  # requests' issued cards waiting for the writer; beyond this they are dropped
+# The writer lets cards gather this long, so one transaction carries many requests' cards: a killed
+# process loses at most this much of issued-card records (feedback is written before it is answered).
+WRITE_INTERVAL = 0.5
+TOP_REASONS = 3
+
+metadata = MetaData()
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", DateTime, nullable=False),
+)
+# One row per card uuid. The uuid is derived from the patient's data, so the same card is issued
+# again on every visit that shows it: times_issued counts those, and no patient data is kept.
+issued_cards = Table(
+    "issued_cards",
+    metadata,
+    Column("uuid", String(36), primary_key=True),
+    Column("service", String(64), nullable=False),
+    Column("topic", String(64), nullable=False),
+    Column("indicator", String(16), nullable=False),
+    Column("times_issued", Integer, nullable=False),
+    Column("first_issued", DateTime, nullable=False),
+    Column("last_issued", DateTime, nullable=False),
+)
+card_rules = Table(
+    "card_rules",
+    metadata,
+    Column("card_uuid", String(36), ForeignKey("issued_cards.uuid"), primary_key=True),
+    Column("rule", String(128), primary_key=True),
+)
+# One row per user action on a card. Its identity is (service, card, outcome, outcome time): a
+# client resending an item is stored once; another user, or the same user later, is a new row.
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("service", String(64), nullable=False),
+    Column("card_uuid", String(36), nullable=False, index=True),
+    Column("outcome", String(16), nullable=False),
+    Column("outcome_at", DateTime, nullable=False),
+    Column("accepted_suggestions", Text, nullable=False),  # JSON array of suggestion uuids
+    Column("reason_system", Text),
+    Column("reason_code", Text),
+    Column("reason_display", Text),
+    Column("user_comment", Text),
+    Column("received_at", DateTime, nullable=False),
+    UniqueConstraint("service", "card_uuid", "outcome", "outcome_at", name="feedback_identity"),
+)
+IDENTITY = [feedback.c.service, feedback.c.card_uuid, feedback.c.outcome, feedback.c.outcome_at]
+
+# The summary, per rule and topic. A card counts under every rule that fired for it.
+BY_RULE = (card_rules.c.rule, issued_cards.c.topic)
+FEEDBACK_ON_CARDS = feedback.join(issued_cards, issued_cards.c.uuid == feedback.c.card_uuid).join(
+    card_rules, card_rules.c.card_uuid == issued_cards.c.uuid
+)
+ISSUED = (
+    select(*BY_RULE, func.count(), func.sum(issued_cards.c.times_issued))
+    .join_from(card_rules, issued_cards)
+    .group_by(*BY_RULE)
+)
+OUTCOMES = (
+    select(*BY_RULE, feedback.c.outcome, func.count())
+    .select_from(FEEDBACK_ON_CARDS)
+    .group_by(*BY_RULE, feedback.c.outcome)
+)
+REASONS = (
+    select(
+        *BY_RULE,
+        feedback.c.reason_system,
+        feedback.c.reason_code,
+        func.max(feedback.c.reason_display),
+        func.count(),
+    )
+    .select_from(FEEDBACK_ON_CARDS)
+    .where(feedback.c.outcome == "overridden", feedback.c.reason_code.is_not(None))
+    .group_by(*BY_RULE, feedback.c.reason_system, feedback.c.reason_code)
+    .order_by(func.count().desc(), feedback.c.reason_code)
+)
+UNMATCHED = (
+    select(feedback.c.outcome, func.count())
+    .select_from(feedback.outerjoin(issued_cards, issued_cards.c.uuid == feedback.c.card_uuid))
+    .where(issued_cards.c.uuid.is_(None))
+    .group_by(feedback.c.outcome)
+)
+
+
+class StoreError(RuntimeError):
+    """The feedback database cannot be opened or migrated; the service refuses to start."""
+
+
+class StoreUnavailable(StoreError):
+    """The feedback database did not answer or refused a write; nothing of the request was stored."""
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    service: str
+    uuid: str
+    topic: str
+    indicator: str
+    rules: tuple[str, ...]
+    at: datetime  # UTC
+
+
+class FeedbackStore:
+    """Feedback and issued cards in SQLite (a file, by default) or PostgreSQL, one per process."""
+
+    def __init__(self, url: str, queue_capacity: int = CARD_QUEUE):
+        self.engine = connect(url)
+        try:
+            migrate(self.engine)
+        except DBAPIError as exc:
+            raise StoreError(f"cannot open the feedback database: {type(exc.orig).__name__}") from None
+        finally:
+            # No pooled connection may cross a fork (gunicorn --preload): each worker opens its own.
+            self.engine.dispose()
+        self._queue: queue.Queue = queue.Queue(queue_capacity)
+        self._writer: threading.Thread | None = None
+        self._writer_pid = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()  # flush and close: write now, do not wait out the interval
+        self._dropped = 0
+        atexit.register(self.close)
+
+    def save(self, service: str, items: Iterable[Feedback], received_at: datetime) -> int:
+        """Store every item in one transaction; return how many were new (the rest were stored before)."""
+        rows = [_feedback_row(service, item, received_at) for item in items]
+        if not rows:
+            return 0
+        statement = (
+            self._insert(feedback).on_conflict_do_nothing(index_elements=IDENTITY).returning(feedback.c.id)
+        )
+        try:
+            with self.engine.begin() as connection:
+                return len(connection.execute(statement, rows).all())
+        except DBAPIError as exc:
+            raise StoreUnavailable(type(exc.orig).__name__) from None
+
+    def record_cards(self, service: str, cards: list[dict], at: datetime) -> None:
+        """Queue the cards just returned for the background writer; never wait for the database."""
+        if not cards:
+            return
+        self._start_writer()
+        issued = [
+            IssuedCard(
+                service,
+                card["uuid"],
+                card["source"]["topic"]["code"],
+                card["indicator"],
+                tuple(card["extension"]["rules"]),
+                at,
+            )
+            for card in cards
+        ]
+        try:
+            self._queue.put_nowait(issued)
+        except queue.Full:
+            with self._lock:
+                self._dropped += len(issued)
+
+    def write_cards(self, issued: Iterable[IssuedCard]) -> None:
+        """Add issued cards to their records: count, first and last time, topic, indicator, rules."""
+        by_card: dict[str, list[IssuedCard]] = defaultdict(list)
+        for card in issued:
+            by_card[card.uuid].append(card)
+        if not by_card:
+            return
+        cards = [
+            {
+                "uuid": uuid,
+                "service": issues[0].service,
+                "topic": issues[-1].topic,
+                "indicator": issues[-1].indicator,
+                "times_issued": len(issues),
+                "first_issued": _naive(min(card.at for card in issues)),
+                "last_issued": _naive(max(card.at for card in issues)),
+            }
+            for uuid, issues in by_card.items()
+        ]
+        rules = [
+            {"card_uuid": uuid, "rule": rule}
+            for uuid, issues in by_card.items()
+            for rule in sorted({rule for card in issues for rule in card.rules})
+        ]
+        upsert = self._insert(issued_cards)
+        new, old = upsert.excluded, issued_cards.c
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[old.uuid],
+            set_={
+                "times_issued": old.times_issued + new.times_issued,
+                "first_issued": case(
+                    (new.first_issued < old.first_issued, new.first_issued), else_=old.first_issued
+                ),
+                "last_issued": case(
+                    (new.last_issued > old.last_issued, new.last_issued), else_=old.last_issued
+                ),
+                "topic": new.topic,
+                "indicator": new.indicator,
+            },
+        )
+        with self.engine.begin() as connection:
+            connection.execute(upsert, cards)
+            connection.execute(self._insert(card_rules).on_conflict_do_nothing(), rules)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the cards queued so far are written; say whether that happened in time."""
+        if self._writer_pid != os.getpid():
+            return True
+        done = threading.Event()
+        self._queue.put(done, timeout=timeout)
+        self._wake.set()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, stop the writer and close the database connections."""
+        writer = self._writer
+        if writer is not None and writer.is_alive() and self._writer_pid == os.getpid():
+            try:
+                self._queue.put(None, timeout=timeout)
+                self._wake.set()
+            except queue.Full:
+                log.warning("card records lost at shutdown: the writer is stuck")
+            writer.join(timeout)
+        self.engine.dispose()
+
+    def summary(self, top: int = TOP_REASONS) -> dict:
+        """Per rule and topic: cards issued, distinct cards, accepted, overridden, top override reasons."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execution_options(read_only=True)
+                issued, outcomes, reasons, unmatched = (
+                    connection.execute(query).all() for query in (ISSUED, OUTCOMES, REASONS, UNMATCHED)
+                )
+        except DBAPIError as exc:
+            raise StoreUnavailable(type(exc.orig).__name__) from None
+        rows: dict[tuple[str, str], dict] = defaultdict(
+            lambda: {"issued": 0, "cards": 0, "accepted": 0, "overridden": 0, "topOverrideReasons": []}
+        )
+        for rule, topic, cards, times in issued:
+            rows[rule, topic].update(cards=cards, issued=int(times))
+        for rule, topic, outcome, count in outcomes:
+            rows[rule, topic][outcome] = count
+        for rule, topic, system, code, display, count in reasons:  # most given first
+            listed = rows[rule, topic]["topOverrideReasons"]
+            if len(listed) < top:
+                listed.append(
+                    {"system": system, "code": code, "count": count}
+                    | ({"display": display} if display else {})
+                )
+        return {
+            "rules": [{"rule": rule, "topic": topic, **rows[rule, topic]} for rule, topic in sorted(rows)],
+            "unmatchedFeedback": {"accepted": 0, "overridden": 0} | dict(unmatched),
+        }
+
+    def _insert(self, table: Table):
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
+
+    def _start_writer(self) -> None:
+        if self._writer_pid == os.getpid():
+            return
+        with self._lock:
+            if self._writer_pid != os.getpid():
+                self._writer = threading.Thread(target=self._write_loop, name="card-records", daemon=True)
+                self._writer.start()
+                self._writer_pid = os.getpid()
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if isinstance(first, list):  # let more requests' cards join this transaction
+                self._wake.wait(WRITE_INTERVAL)
+            self._wake.clear()
+            items = [first, *self._drain()]
+            self._write_batch([card for item in items if isinstance(item, list) for card in item])
+            for item in items:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if None in items:
+                return
+
+    def _drain(self):
+        while True:
+            try:
+                yield self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _write_batch(self, batch: list[IssuedCard]) -> None:
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            log.warning("card records dropped: the writer fell behind", extra={"fields": {"cards": dropped}})
+        try:
+            self.write_cards(batch)
+        except Exception as exc:  # the writer must outlive a database outage
+            log.error("card records lost", exc_info=exc, extra={"fields": {"cards": len(batch)}})
+
+
+def connect(url: str) -> Engine:
+    """Create the engine: SQLite in WAL mode with durable commits, or PostgreSQL through psycopg 3."""
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": BUSY_SECONDS})
+    event.listen(engine, "connect", _sqlite_connected)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connected(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # the driver's own BEGIN is replaced by _sqlite_begin
+    _use_wal(dbapi_connection)
+    dbapi_connection.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we acknowledge it
+    dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
+def _use_wal(dbapi_connection) -> None:
+    """Put the database in WAL mode (it stays so): readers never block the writer, nor it them."""
+    deadline = time.monotonic() + BUSY_SECONDS
+    while dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            # Switching fails at once, without the busy timeout, while another process switches too.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # A deferred transaction that reads and then writes fails at once when another process wrote in
+    # between; IMMEDIATE takes the write lock first and waits its turn (BUSY_SECONDS).
+    read_only = connection.get_execution_options().get("read_only")
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def migrate(engine: Engine) -> None:
+    """Create the schema in an empty database, or bring an older one to SCHEMA_VERSION, once."""
+    now = _naive(datetime.now(UTC))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        if not inspect(connection).has_table(schema_version.name):
+            metadata.create_all(connection)
+            connection.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=now))
+            return
+        current = connection.scalar(select(func.max(schema_version.c.version))) or 0
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"the feedback database is at schema version {current}, newer than this service "
+                f"({SCHEMA_VERSION}); run a newer imnm-cds"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version](connection)
+            connection.execute(insert(schema_version).values(version=version, applied_at=now))
+            log.info("feedback database migrated", extra={"fields": {"schemaVersion": version}})
+
+
+def _feedback_row(service: str, item: Feedback, received_at: datetime) -> dict:
+    return {
+        "service": service,
+        "card_uuid": item.card,
+        "outcome": item.outcome,
+        "outcome_at": _naive(item.outcome_at),
+        "accepted_suggestions": json.dumps(list(item.accepted_suggestions)),
+        "reason_system": item.reason.system if item.reason else None,
+        "reason_code": item.reason.code if item.reason else None,
+        "reason_display": item.reason.display if item.reason else None,
+        "user_comment": item.comment,
+        "received_at": _naive(received_at),
+    }
+
+
+def _naive(moment: datetime) -> datetime:
+    """Return the UTC wall time without a zone: every time in the database is UTC."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
