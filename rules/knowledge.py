@@ -8,6 +8,7 @@ import string
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +33,8 @@ TOPICS = (
 INDICATORS = ("info", "warning", "critical")
 SUMMARY_LIMIT = 140
 PLACEHOLDER_WIDTH = 16
+CACHED_LENGTH = 200  # codes and texts longer than this are matched afresh, so caches stay small
+NONE: frozenset[str] = frozenset()
 EXTENSION = "urn:imnm-cds:StructureDefinition:"
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -109,10 +112,6 @@ class ValueSet:
             return False
         return self.exclude_text is None or not self.exclude_text.search(text)
 
-    def matches(self, codings: Iterable[tuple[str | None, str | None]], texts: Iterable[str | None]) -> bool:
-        """Tell whether any coding, or failing that any text, names this concept."""
-        return any(self.has_code(s, c) for s, c in codings) or any(self.has_text(t) for t in texts)
-
 
 @dataclass(frozen=True)
 class Order:
@@ -149,6 +148,38 @@ class Knowledge:
     cards: Mapping[str, CardText]
     orders: Mapping[str, Order]
 
+    def __post_init__(self):
+        by_code: dict[tuple[str, str], set[str]] = {}
+        for valueset in self.valuesets.values():
+            for coding in valueset.codes:
+                by_code.setdefault(coding, set()).add(valueset.id)
+        index = {coding: frozenset(ids) for coding, ids in by_code.items()}
+        ranged = [v for v in self.valuesets.values() if v.is_a]
+        patterned = [v for v in self.valuesets.values() if v.text is not None]
+
+        def code_names(system: str | None, code: str | None) -> frozenset[str]:
+            system = normalise_system(system)
+            code = normalise_code(system, code)
+            named = index.get((system, code), NONE)
+            in_ranges = frozenset(v.id for v in ranged if v.has_code(system, code))
+            return named | in_ranges if in_ranges else named
+
+        def text_names(text: str) -> frozenset[str]:
+            return frozenset(v.id for v in patterned if v.has_text(text))
+
+        # Every resource's codes and texts are tried against every value set, and the same few recur
+        # across resources and requests: remember the answers for short ones, a bounded number.
+        object.__setattr__(self, "_code_names", _remembered(code_names))
+        object.__setattr__(self, "_text_names", _remembered(text_names))
+
+    def coded_as(self, codings: Iterable[tuple[str | None, str | None]]) -> frozenset[str]:
+        """Name the value sets that hold any of these (system, code) pairs."""
+        return NONE.union(*(self._code_names(system, code) for system, code in codings))
+
+    def texted_as(self, texts: Iterable[str]) -> frozenset[str]:
+        """Name the value sets whose text pattern any of these texts matches."""
+        return NONE.union(*(self._text_names(text) for text in texts if text))
+
     def value(self, key: str):
         """Return the value of a cited parameter."""
         return self.param(key).value
@@ -181,6 +212,18 @@ class Knowledge:
             if key.startswith(prefix + "."):
                 seen.setdefault(key[len(prefix) + 1 :].split(".")[0], None)
         return list(seen)
+
+
+def _remembered(compute):
+    """Wrap a function of short strings with a bounded cache; long arguments are computed afresh."""
+    cached = lru_cache(maxsize=8192)(compute)
+
+    def answer(*arguments):
+        if sum(len(a or "") for a in arguments) > CACHED_LENGTH:
+            return compute(*arguments)
+        return cached(*arguments)
+
+    return answer
 
 
 def load(overrides: Path | None = None, root: Path | None = None) -> Knowledge:

@@ -67,15 +67,12 @@ class Evaluator:
     ) -> Evaluation:
         started = time.perf_counter()
         try:
-            fact_set = facts.build(
-                self.knowledge,
-                gathered.resources,
-                now=now,
-                available=gathered.available,
-                drafts=gathered.drafts,
-            )
+            selected = facts.select(self.knowledge, gathered.resources, gathered.drafts)
         except facts.InvalidData as exc:
             raise ApiError(400, *_invalid_issues(exc)) from None
+        timings["validate"] = _since(started)
+        started = time.perf_counter()
+        fact_set = facts.from_selected(self.knowledge, selected, now=now, available=gathered.available)
         timings["facts"] = _since(started)
         started = time.perf_counter()
         try:

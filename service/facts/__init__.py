@@ -16,7 +16,7 @@ from types import MappingProxyType
 from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
 from service.facts.fhir import InvalidResource, Resource, day, parse_time, validate
 
-__all__ = ["Basis", "FactSet", "InvalidData", "Resource", "build"]
+__all__ = ["Basis", "FactSet", "InvalidData", "Resource", "Selected", "build", "from_selected", "select"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,63 @@ class InvalidData(ValueError):
         self.problems = problems
 
 
+@dataclass(frozen=True)
+class Selected:
+    """The resources that can matter to a rule, by what they are, all valid FHIR R4."""
+
+    patients: list[Resource]
+    lab_results: list[Resource]
+    spirometry: list[Resource]
+    findings: list[Resource]
+    conditions: list[Resource]
+    reports: list[Resource]
+    studies: list[Resource]
+    drugs: medications.Medications
+    statins: list[Resource]
+    draft_statins: list[Resource]
+    therapy: list[Resource]
+
+
+def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) -> Selected:
+    """Pick what can matter to a rule and validate it; the rest is never parsed as FHIR."""
+    by_type: dict[str, list[Resource]] = {}
+    for resource in resources:
+        by_type.setdefault(resource.type, []).append(resource)
+    observations = by_type.get("Observation", [])
+    lab_results = [r for r in observations if labs.relevant(k, r.data)]
+    taken = {id(r) for r in lab_results}
+    drugs = medications.Medications(k, by_type.get("Medication", []))
+    records = [r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, [])]
+    selected = Selected(
+        patients=by_type.get("Patient", []),
+        lab_results=lab_results,
+        spirometry=[r for r in observations if respiratory.is_fvc(k, r.data)],
+        findings=[r for r in observations if id(r) not in taken and clinical.relevant(k, r)],
+        conditions=[r for r in by_type.get("Condition", []) if clinical.relevant(k, r)],
+        reports=[r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
+        studies=[r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
+        drugs=drugs,
+        statins=[r for r in records if drugs.is_statin(r.data)],
+        draft_statins=[r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)],
+        therapy=[r for r in records if treatments.treatment_classes(k, drugs, r.data)],
+    )
+    _validate(
+        [
+            *selected.patients,
+            *selected.lab_results,
+            *selected.spirometry,
+            *selected.findings,
+            *selected.conditions,
+            *selected.reports,
+            *selected.studies,
+            *selected.statins,
+            *selected.therapy,
+            *selected.draft_statins,
+        ]
+    )
+    return selected
+
+
 def build(
     k,
     resources: Iterable[Resource],
@@ -51,32 +108,12 @@ def build(
     drafts: Iterable[Resource] = (),
 ) -> FactSet:
     """Select what can matter, validate it, and map it to facts; drafts are the orders being placed."""
-    by_type: dict[str, list[Resource]] = {}
-    for resource in resources:
-        by_type.setdefault(resource.type, []).append(resource)
-    observations = by_type.get("Observation", [])
-    lab_results = [r for r in observations if labs.relevant(k, r.data)]
-    spirometry = [r for r in observations if respiratory.is_fvc(k, r.data)]
-    taken = {id(r) for r in lab_results}
-    findings = [r for r in observations if id(r) not in taken and clinical.relevant(k, r)]
-    conditions = [r for r in by_type.get("Condition", []) if clinical.relevant(k, r)]
-    reports = [r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)]
-    studies = [r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)]
-    drugs = medications.Medications(k, by_type.get("Medication", []))
-    statins = [
-        r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, []) if drugs.is_statin(r.data)
-    ]
-    draft_statins = [r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)]
-    therapy = [
-        r
-        for kind in medications.MEDICATION_TYPES
-        for r in by_type.get(kind, [])
-        if treatments.treatment_classes(k, drugs, r.data)
-    ]
-    patients = by_type.get("Patient", [])
-    relevant = [*patients, *lab_results, *spirometry, *findings, *conditions, *reports, *studies]
-    _validate([*relevant, *statins, *therapy, *draft_statins])
+    return from_selected(k, select(k, resources, drafts), now=now, available=available)
 
+
+def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[str]) -> FactSet:
+    """Map the selected resources to facts, each with what it rests on."""
+    patients, lab_results, drugs = selected.patients, selected.lab_results, selected.drugs
     notes: list[str] = []
     entries = [patient_fact(patients[0] if patients else None, now)]
     ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes)
@@ -86,23 +123,25 @@ def build(
     antibodies = [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
     entries += [*antibodies, labs.profile_fact(k, [fact for fact, _, _ in antibodies])]
     concepts = [
-        clinical.clinical_fact(k, name, clinical.mentions(k, name, conditions, findings), now)
+        clinical.clinical_fact(
+            k, name, clinical.mentions(k, name, selected.conditions, selected.findings), now
+        )
         for name in clinical.CONCEPTS
     ]
     entries += concepts
     birth = parse_time(patients[0].data.get("birthDate")) if patients else None
     onset = screening.onset_fact(k, ck_results, {f["name"]: (f, t, r) for f, t, r in concepts}, birth, now)
-    entries += [onset, screening.screening_fact(k, studies, onset[0], now)]
-    entries.append(biopsy.biopsy_fact(k, reports, now))
+    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now)]
+    entries.append(biopsy.biopsy_fact(k, selected.reports, now))
     history = medications.History(
-        records=tuple(e for e in (medications.exposure(drugs, r, now) for r in statins) if e),
+        records=tuple(e for e in (medications.exposure(drugs, r, now) for r in selected.statins) if e),
         available=any(kind in available for kind in medications.MEDICATION_TYPES),
     )
     entries.append(medications.statin_fact(history, now))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
-    entries.append(draft_fact(draft_statins))
-    entries.append(respiratory.fvc_fact(k, spirometry, now))
-    entries.append(treatments.immunosuppression_fact(k, drugs, therapy, now))
+    entries.append(draft_fact(selected.draft_statins))
+    entries.append(respiratory.fvc_fact(k, selected.spirometry, now))
+    entries.append(treatments.immunosuppression_fact(k, drugs, selected.therapy, now))
     return FactSet(
         facts=tuple(fact for fact, _, _ in entries),
         basis=MappingProxyType({fact["id"]: Basis(text, refs) for fact, text, refs in entries}),

@@ -32,7 +32,7 @@ def report_text(data: dict) -> str:
 
 def is_muscle_biopsy(k, data: dict) -> bool:
     """Tell whether a final report is a muscle biopsy (no LOINC is specific to it, so by its words)."""
-    return data.get("status") in FINAL_RESULT and k.valueset("pathology-report").has_text(report_text(data))
+    return data.get("status") in FINAL_RESULT and "pathology-report" in k.texted_as([report_text(data)])
 
 
 def read_features(k, text: str) -> dict[str, str]:
@@ -64,7 +64,7 @@ def biopsy_fact(k, reports: list[Resource], now: datetime) -> tuple[dict, str, t
     )
     time = effective_time(latest.data)
     fact.update(read_features(k, report_text(latest.data)))
-    if any(matches(k.valueset("diagnosis-imnm"), c) for c in as_list(latest.data.get("conclusionCode"))):
+    if any(matches(k, "diagnosis-imnm", c) for c in as_list(latest.data.get("conclusionCode"))):
         fact["necrosis"] = "present"
     fact["reported"] = True
     if time:

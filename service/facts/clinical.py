@@ -15,6 +15,7 @@ from service.facts.fhir import (
     days_before,
     effective_time,
     matches,
+    names,
     parse_time,
 )
 
@@ -45,6 +46,7 @@ VERIFICATION_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-statu
 # Only confirmed conditions count, or those that do not say (many EHRs omit verificationStatus).
 # Refuted and entered-in-error never count; unconfirmed, provisional and differential do not yet.
 COUNTED_VERIFICATION = frozenset({"confirmed", None})
+NAMED = frozenset(CONCEPTS)
 
 
 @dataclass(frozen=True)
@@ -87,19 +89,18 @@ def observation_present(k, data: dict) -> bool:
         return data["valueBoolean"]
     if "valueCodeableConcept" in data:
         value = data["valueCodeableConcept"]
-        return not matches(k.valueset("result-negative"), value)
+        return not matches(k, "result-negative", value)
     if "valueString" in data:
-        return not k.valueset("result-negative").has_text(as_str(data["valueString"]))
+        return "result-negative" not in k.texted_as([as_str(data["valueString"])])
     return "dataAbsentReason" not in data
 
 
 def mentions(k, name: str, conditions: list[Resource], observations: list[Resource]) -> list[Mention]:
     """Find every counted Condition or Observation naming one concept."""
-    valueset = k.valueset(name)
     found = []
     for resource in conditions:
         state = condition_state(resource.data)
-        if state and matches(valueset, resource.data.get("code")):
+        if state and matches(k, name, resource.data.get("code")):
             onset = condition_onset(resource.data)
             noted = max(filter(None, (onset, parse_time(resource.data.get("recordedDate")))), default=None)
             found.append(Mention(resource, state, onset, noted))
@@ -107,8 +108,8 @@ def mentions(k, name: str, conditions: list[Resource], observations: list[Resour
         data = resource.data
         if data.get("status") not in FINAL_RESULT:
             continue
-        named_by_code = matches(valueset, data.get("code")) and observation_present(k, data)
-        named_by_value = matches(valueset, data.get("valueCodeableConcept"))
+        named_by_code = matches(k, name, data.get("code")) and observation_present(k, data)
+        named_by_value = matches(k, name, data.get("valueCodeableConcept"))
         if named_by_code or named_by_value:
             found.append(Mention(resource, "present", effective_time(data), effective_time(data)))
     return found
@@ -143,4 +144,4 @@ def relevant(k, resource: Resource) -> bool:
         concepts = [data.get("code"), data.get("valueCodeableConcept")]
     else:
         return False
-    return any(matches(k.valueset(name), concept) for name in CONCEPTS for concept in concepts)
+    return any(names(k, concept) & NAMED for concept in concepts)

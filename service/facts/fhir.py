@@ -102,9 +102,14 @@ def texts(concept) -> list[str]:
     return [t for t in found if t]
 
 
-def matches(valueset, concept) -> bool:
-    """Tell whether a CodeableConcept names the value set's concept, by code or by text."""
-    return valueset.matches(codings(concept), texts(concept))
+def names(k, concept) -> frozenset[str]:
+    """Name the value sets that name a CodeableConcept, by any of its codings or texts."""
+    return k.coded_as(codings(concept)) | k.texted_as(texts(concept))
+
+
+def matches(k, valueset: str, concept) -> bool:
+    """Tell whether a CodeableConcept names a value set's concept, by code or by text."""
+    return k.valueset(valueset).id in names(k, concept)
 
 
 def parse_time(value) -> datetime | None:

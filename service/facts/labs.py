@@ -18,6 +18,7 @@ from service.facts.fhir import (
     days_before,
     effective_time,
     matches,
+    names,
     texts,
 )
 
@@ -66,15 +67,18 @@ class AntibodyResult:
 def is_ck(k, data: dict) -> bool:
     """Tell whether an Observation is a total CK (never CK-MB)."""
     code = data.get("code")
-    return matches(k.valueset("ck-total"), code) and not matches(k.valueset("ck-mb"), code)
+    named = names(k, code)
+    return "ck-total" in named and "ck-mb" not in named
 
 
 def antibody_names(k, concept) -> list[str]:
     """Name the antibodies a code names: by code if any matches, else by unambiguous text."""
-    by_code = [n for n in ANTIBODIES if any(k.valueset(n).has_code(s, c) for s, c in codings(concept))]
+    coded = k.coded_as(codings(concept))
+    by_code = [n for n in ANTIBODIES if n in coded]
     if by_code:
         return by_code
-    return [n for n in ANTIBODIES if any(k.valueset(n).has_text(t) for t in texts(concept))]
+    texted = k.texted_as(texts(concept))
+    return [n for n in ANTIBODIES if n in texted]
 
 
 def ck_results(k, observations: list[Resource], notes: list[str]) -> list[CkResult]:
@@ -204,12 +208,12 @@ def read_result(k, name: str, part: dict) -> tuple[str | None, str]:
                 return state, _shown(part)
     if "valueCodeableConcept" in part:
         for state in RESULTS:
-            if matches(k.valueset(f"result-{state}"), part["valueCodeableConcept"]):
+            if matches(k, f"result-{state}", part["valueCodeableConcept"]):
                 return state, ""
     text = as_str(part.get("valueString"))
     if text:
         for state in RESULTS:
-            if k.valueset(f"result-{state}").has_text(text):
+            if f"result-{state}" in k.texted_as([text]):
                 return state, text[:40]
     if isinstance(part.get("valueBoolean"), bool):
         return ("positive" if part["valueBoolean"] else "negative"), ""
@@ -282,7 +286,7 @@ def relevant(k, data: dict) -> bool:
 
 def is_tsh(k, data: dict) -> bool:
     """Tell whether an Observation is a TSH."""
-    return matches(k.valueset("tsh"), data.get("code"))
+    return matches(k, "tsh", data.get("code"))
 
 
 def tsh_fact(k, observations: list[Resource], now: datetime) -> tuple[dict, str, tuple[str, ...]]:

@@ -74,7 +74,7 @@ class Medications:
 
     def matches(self, data: dict, valueset: str) -> bool:
         """Tell whether a medication record's drug is in a value set."""
-        return any(matches(self._k.valueset(valueset), concept) for concept in self.concepts(data))
+        return any(matches(self._k, valueset, concept) for concept in self.concepts(data))
 
     def is_statin(self, data: dict) -> bool:
         """Tell whether a medication record is for a statin (ingredient, product, ATC class or name)."""

@@ -19,9 +19,7 @@ from service.facts.fhir import (
 
 def is_fvc(k, data: dict) -> bool:
     """Tell whether an Observation is a final FVC in % predicted."""
-    return data.get("status") in FINAL_RESULT and matches(
-        k.valueset("fvc-percent-predicted"), data.get("code")
-    )
+    return data.get("status") in FINAL_RESULT and matches(k, "fvc-percent-predicted", data.get("code"))
 
 
 def fvc_fact(k, observations: list[Resource], now: datetime) -> tuple[dict, str, tuple[str, ...]]:

@@ -55,7 +55,7 @@ def panels(k, data: dict) -> list[str]:
     if data.get("status") not in FINAL_RESULT:
         return []
     text = report_text(data)
-    return [name for name, valueset in PANELS.items() if k.valueset(valueset).has_text(text)]
+    return [name for name, valueset in PANELS.items() if valueset in k.texted_as([text])]
 
 
 def screening_fact(

@@ -1,0 +1,65 @@
+"""What every benchmark shares: percentiles, a plain table, the machine it ran on, and saved results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def percentiles(values: list[float]) -> dict:
+    """Summarise timings in milliseconds: p50, p95, p99, mean and how many."""
+    ordered = sorted(values)
+
+    def at(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(len(ordered) * p))], 3)
+
+    return {
+        "p50": at(0.50),
+        "p95": at(0.95),
+        "p99": at(0.99),
+        "mean": round(statistics.fmean(ordered), 3),
+        "n": len(ordered),
+    }
+
+
+def table(rows: dict[str, dict]) -> str:
+    """Render {name: percentiles} as aligned text."""
+    width = max(map(len, rows))
+    lines = [f"{'':<{width}}  {'p50':>9} {'p95':>9} {'p99':>9}"]
+    lines += [
+        f"{name:<{width}}  {r['p50']:>9.2f} {r['p95']:>9.2f} {r['p99']:>9.2f}" for name, r in rows.items()
+    ]
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    """Describe the run: when, which commit, which machine, how busy it was."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit.stdout.strip() or None,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "loadAverageBefore": os.getloadavg()[0],
+    }
+
+
+def save(name: str, results: dict) -> Path:
+    """Write results to bench/results/<name>-<date>.json for the next run to compare with."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path

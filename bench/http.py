@@ -1,0 +1,225 @@
+"""Throughput and latency over HTTP under gunicorn on loopback, and a worker's memory over many requests.
+
+Usage: .venv/bin/python bench/http.py [--seconds 20] [--memory-requests 100000] [--quick]
+Needs wrk (Debian: apt-get install wrk).
+
+For 100 and 1,000 resources, and several worker × thread layouts, it starts `imnm-cds serve`, warms
+it up, and lets wrk post one generated patient-view request over concurrent connections: requests per
+second, latency percentiles, and any non-2xx answer or socket error (there must be none). Then, with
+the default layout, it sends --memory-requests requests and samples every worker's resident memory
+each second: it must stay flat. Results go to bench/results/http-<date>.json as well as the screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import workload
+from common import ROOT, environment, save
+
+LAYOUTS = [(2, 1), (2, 4), (2, 8), (4, 2)]  # (workers, threads)
+DEFAULT_LAYOUT = (2, 8)  # what `imnm-cds serve` uses unless told otherwise
+CONNECTIONS = {100: 16, 1000: 8}
+REPORT = """
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "seconds": %f, "non2xx": %d, "socketErrors": %d, ' ..
+    '"p50": %f, "p90": %f, "p99": %f, "max": %f}\\n',
+    summary.requests, summary.duration / 1e6, errors.status,
+    errors.connect + errors.read + errors.write + errors.timeout,
+    latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3,
+    latency.max / 1e3))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(workers: int, threads: int, directory: Path):
+    """Run `imnm-cds serve` with this layout; yield its URL and master pid once it answers."""
+    port = free_port()
+    environ = {**os.environ, "IMNM_CDS_DATABASE_URL": f"sqlite:///{directory}/feedback.sqlite"}
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    command += ["--workers", str(workers), "--threads", str(threads)]
+    with (directory / "server.log").open("a") as log:
+        server = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(1.0)  # every worker up, not just the first
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def wrk(url: str, body: Path, connections: int, seconds: float, directory: Path) -> dict:
+    """Post the body for this long over this many connections; return wrk's summary."""
+    script = directory / "post.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.body = io.open("{body}"):read("*a")\n{REPORT}'
+    )
+    command = [
+        "wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{round(seconds)}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+    ]
+    output = subprocess.run(
+        [*command, f"{url}/cds-services/imnm-patient-view"], capture_output=True, text=True, check=True
+    )
+    summary = json.loads(output.stdout.strip().splitlines()[-1])
+    summary["perSecond"] = round(summary["requests"] / summary["seconds"], 1)
+    return summary
+
+
+def workers_of(master: int) -> list[int]:
+    """List the gunicorn worker pids under a master."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def throughput(
+    sizes: list[int], layouts: list[tuple[int, int]], seconds: float, directory: Path
+) -> list[dict]:
+    """Measure every size under every layout."""
+    rows = []
+    for size in sizes:
+        body = directory / f"request-{size}.json"
+        body.write_text(json.dumps(workload.request(size, 1)))
+        for workers, threads in layouts:
+            with serving(workers, threads, directory) as (url, _):
+                wrk(url, body, CONNECTIONS[size], 3, directory)  # warm-up
+                result = wrk(url, body, CONNECTIONS[size], seconds, directory)
+            row = {
+                "resources": size,
+                "workers": workers,
+                "threads": threads,
+                "connections": CONNECTIONS[size],
+            }
+            rows.append(row | result)
+            print(
+                f"{size:>5} resources  {workers} workers × {threads} threads  "
+                f"{result['perSecond']:>7.1f} req/s  "
+                f"p50 {result['p50']:.1f} ms  p90 {result['p90']:.1f} ms  p99 {result['p99']:.1f} ms  "
+                f"non-2xx {result['non2xx']}  socket errors {result['socketErrors']}",
+                flush=True,
+            )
+    return rows
+
+
+def memory(requests: int, directory: Path) -> dict:
+    """Send this many requests to the default layout, sampling each worker's RSS every second."""
+    body = directory / "request-100.json"
+    body.write_text(json.dumps(workload.request(100, 1)))
+    with serving(*DEFAULT_LAYOUT, directory) as (url, master):
+        wrk(url, body, CONNECTIONS[100], 3, directory)
+        pids = workers_of(master)
+        samples: list[dict] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            started = time.monotonic()
+            while not stop.is_set():
+                samples.append(
+                    {"second": round(time.monotonic() - started), **{str(p): rss_mib(p) for p in pids}}
+                )
+                stop.wait(1.0)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        rate = wrk(url, body, CONNECTIONS[100], 5, directory)["perSecond"]
+        result = wrk(url, body, CONNECTIONS[100], max(5.0, (requests - 5 * rate) / rate), directory)
+        stop.set()
+        sampler.join()
+        survivors = workers_of(master)
+    per_worker = {
+        pid: {
+            "startMiB": round(samples[0][str(pid)], 1),
+            "maxMiB": round(max(s[str(pid)] for s in samples), 1),
+            "endMiB": round(samples[-1][str(pid)], 1),
+        }
+        for pid in pids
+    }
+    report = {
+        "requests": result["requests"] + round(5 * rate),
+        "perSecond": result["perSecond"],
+        "non2xx": result["non2xx"],
+        "socketErrors": result["socketErrors"],
+        "workersRestarted": survivors != pids,
+        "rss": per_worker,
+        "samples": samples,
+    }
+    for pid, rss in per_worker.items():
+        print(
+            f"worker {pid}: RSS {rss['startMiB']} MiB at start, "
+            f"{rss['maxMiB']} max, {rss['endMiB']} at the end"
+        )
+    print(
+        f"{report['requests']} requests, non-2xx {report['non2xx']}, "
+        f"workers restarted: {report['workersRestarted']}"
+    )
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per layout")
+    parser.add_argument("--memory-requests", type=int, default=100_000)
+    parser.add_argument("--quick", action="store_true", help="short runs, to try the script")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    seconds = 3.0 if args.quick else args.seconds
+    with tempfile.TemporaryDirectory() as temporary:
+        directory = Path(temporary)
+        results = {"environment": environment()}
+        results["throughput"] = throughput([100, 1000], LAYOUTS, seconds, directory)
+        results["memory"] = memory(5_000 if args.quick else args.memory_requests, directory)
+    print(f"saved {save('http', results)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""In-process latency of a patient-view request, stage by stage, at 10 to 5,000 resources; and its floors.
+
+Usage: .venv/bin/python bench/latency.py [--sizes 10,100,1000,5000] [--quick]
+
+Every request is a different generated patient (bench/workload.py). For each size it reports p50, p95
+and p99 in milliseconds of: parse (JSON and the nesting check), gather (the hook request checked, the
+prefetch unpacked), validate (what can matter picked out and validated as FHIR R4), facts, rules,
+cards, serialise, their total, and the same request through the whole Flask app (WSGI). Floors for the
+same payloads: a bare JSON parse and serialise, and a parse with every resource validated by
+fhir.resources. Results go to bench/results/latency-<date>.json as well as the screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import UTC, datetime
+
+import workload
+from common import environment, percentiles, save, table
+from service import app as app_module
+from service import hooks
+from service.app import create_app
+from service.facts.fhir import Resource, validate
+
+RUNS = {10: 400, 100: 400, 1000: 100, 5000: 30}
+
+
+def measure(size: int, runs: int, app) -> dict:
+    """Time each stage of `runs` distinct requests of this size, after a warm-up."""
+    evaluator = app.extensions["imnm_cds"]
+    client = app.test_client()
+    stages: dict[str, list[float]] = {}
+    for seed in range(-20, runs):  # negative seeds warm up and are not counted
+        raw = json.dumps(workload.request(size, seed)).encode()
+        started = time.perf_counter()
+        body = json.loads(raw)
+        app_module._depth_exceeds(body, evaluator.settings.max_json_depth)
+        parse = (time.perf_counter() - started) * 1000
+        evaluation = evaluator.hook(hooks.PATIENT_VIEW, body, datetime.now(UTC))
+        started = time.perf_counter()
+        json.dumps(evaluation.response(), ensure_ascii=False)
+        serialise = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        response = client.post(
+            f"/cds-services/{hooks.PATIENT_VIEW.id}", data=raw, content_type="application/json"
+        )
+        wsgi = (time.perf_counter() - started) * 1000
+        assert response.status_code == 200, response.get_json()
+        if seed < 0:
+            continue
+        timings = {"parse": parse, **evaluation.timings, "serialise": serialise}
+        timings["total"] = sum(timings.values())
+        timings["wsgi"] = wsgi
+        for stage, ms in timings.items():
+            stages.setdefault(stage, []).append(ms)
+    return {stage: percentiles(values) for stage, values in stages.items()}
+
+
+def floors(size: int, runs: int) -> dict:
+    """Time the least any service must spend on the same payloads: parse, serialise, validate all."""
+    bare, validated = [], []
+    for seed in range(runs):
+        request = workload.request(size, seed)
+        raw = json.dumps(request).encode()
+        started = time.perf_counter()
+        json.dumps(json.loads(raw))
+        bare.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        body = json.loads(raw)
+        for value in body["prefetch"].values():
+            for entry in (
+                value.get("entry", []) if value["resourceType"] == "Bundle" else [{"resource": value}]
+            ):
+                validate(Resource(entry["resource"]))
+        validated.append((time.perf_counter() - started) * 1000)
+    return {"parse+serialise": percentiles(bare), "parse+validate every resource": percentiles(validated)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,1000,5000")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the runs, to try the script")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        app = create_app({"log_level": "WARNING", "database_url": f"sqlite:///{directory}/feedback.sqlite"})
+        results = run(app, args)
+    print(f"\nsaved {save('latency', results)}")
+
+
+def run(app, args) -> dict:
+    """Measure every size asked for and print each as it finishes."""
+    results = {"environment": environment(), "sizes": {}}
+    for size in map(int, args.sizes.split(",")):
+        runs = max(10, RUNS.get(size, 100) // (10 if args.quick else 1))
+        stages = measure(size, runs, app)
+        stages |= floors(size, min(runs, 50))
+        results["sizes"][str(size)] = {"runs": runs, "ms": stages}
+        print(f"\n{size} resources, {runs} distinct requests (ms)")
+        print(table(stages))
+        per_resource = stages["total"]["p50"] / size
+        print(f"p50 per resource: {per_resource * 1000:.1f} µs")
+    return results
+
+
+if __name__ == "__main__":
+    main()
