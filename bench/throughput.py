@@ -1,13 +1,13 @@
 """Throughput and latency over HTTP under gunicorn on loopback, and a worker's memory over many requests.
 
-Usage: .venv/bin/python bench/http.py [--seconds 20] [--memory-requests 100000] [--quick]
+Usage: .venv/bin/python bench/throughput.py [--seconds 20] [--memory-requests 100000] [--quick]
 Needs wrk (Debian: apt-get install wrk).
 
 For 100 and 1,000 resources, and several worker × thread layouts, it starts `imnm-cds serve`, warms
 it up, and lets wrk post one generated patient-view request over concurrent connections: requests per
 second, latency percentiles, and any non-2xx answer or socket error (there must be none). Then, with
 the default layout, it sends --memory-requests requests and samples every worker's resident memory
-each second: it must stay flat. Results go to bench/results/http-<date>.json as well as the screen.
+each second: it must stay flat. Results go to bench/results/throughput-<date>.json as well as the screen.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def main() -> None:
         results = {"environment": environment()}
         results["throughput"] = throughput([100, 1000], LAYOUTS, seconds, directory)
         results["memory"] = memory(5_000 if args.quick else args.memory_requests, directory)
-    print(f"saved {save('http', results)}")
+    print(f"saved {save('throughput', results)}")
 
 
 if __name__ == "__main__":
