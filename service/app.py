@@ -182,6 +182,7 @@ def _log_evaluation(service_id: str, evaluation: Evaluation) -> None:
                 "cards": len(evaluation.cards),
                 "rules": list(evaluation.rules),
                 "ms": evaluation.timings,
+                **({"ranOut": evaluation.ran_out} if evaluation.ran_out else {}),
             }
         },
     )

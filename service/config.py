@@ -94,6 +94,17 @@ def _database_url(text: str) -> str:
     return text
 
 
+def _base_urls(text: str) -> tuple[str, ...]:
+    """Parse base URLs separated by spaces or commas, each one host's, without credentials."""
+    urls = tuple(_base_url(url) for url in text.replace(",", " ").split())
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.username is not None or not parts.hostname:
+            raise ValueError(f"{url!r} must name a host, without credentials")
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    return urls
+
+
 def about(parse: Callable[[str], object], doc: str) -> dict:
     """Describe a setting: how its environment text is parsed and checked, and what it is for."""
     return {"parse": parse, "doc": doc}
@@ -196,15 +207,79 @@ class Settings:
             "e.g. `https://sandbox.cds-hooks.org`; `*` for any.",
         ),
     )
+    fhir_servers: tuple[str, ...] = field(
+        default=(),
+        metadata=about(
+            _base_urls,
+            "FHIR server base URLs (space- or comma-separated) the service may fetch from; a request that "
+            "needs a fetch from any other `fhirServer` gets 403 and nothing is contacted.",
+        ),
+    )
+    fhir_allow_http: bool = field(
+        default=False,
+        metadata=about(_flag, "Allow `http://` FHIR servers (development only); otherwise `https` only."),
+    )
+    deadline_ms: int = field(
+        default=400,
+        metadata=about(
+            _number(int, 50, 60_000),
+            "Time a CDS Hooks call has to answer; once spent, it answers with the cards it has, or none.",
+        ),
+    )
+    fetch_budget_ms: int = field(
+        default=250,
+        metadata=about(
+            _number(int, 10, 60_000),
+            "Part of the deadline fetching may take; keys not fetched by then count as unknown.",
+        ),
+    )
+    fetch_connect_timeout_ms: int = field(
+        default=200,
+        metadata=about(_number(int, 10, 60_000), "Connect timeout of one call to a FHIR server."),
+    )
+    fetch_read_timeout_ms: int = field(
+        default=250,
+        metadata=about(
+            _number(int, 10, 60_000), "Read timeout of one call to a FHIR server (between bytes)."
+        ),
+    )
+    fetch_max_pages: int = field(
+        default=10,
+        metadata=about(_number(int, 1, 1000), "Most pages (`next` links) fetched for one prefetch key."),
+    )
+    fetch_max_resources: int = field(
+        default=1000,
+        metadata=about(_number(int, 1, 100_000), "Most resources fetched for one prefetch key."),
+    )
+    fetch_threads: int = field(
+        default=9,
+        metadata=about(_number(int, 1, 16), "Prefetch keys one request fetches at once."),
+    )
+    prefetch_failure: str = field(
+        default="fetch",
+        metadata=about(
+            _choice("fail", "omit", "fetch"),
+            "What a prefetch key the client reports as failed (an OperationOutcome) gets: `fail` (412), "
+            "`omit` (unknown; 412 if required) or `fetch` (fetched from `fhirServer` as if missing).",
+        ),
+    )
 
     def __post_init__(self):
         """Check the settings that only make sense together."""
         if self.auth == "jwt" and not (self.trusted_issuers and self.public_url):
             raise ConfigError("IMNM_CDS_AUTH=jwt needs IMNM_CDS_TRUSTED_ISSUERS and IMNM_CDS_PUBLIC_URL")
+        if self.fetch_budget_ms >= self.deadline_ms:
+            raise ConfigError("IMNM_CDS_FETCH_BUDGET_MS must be less than IMNM_CDS_DEADLINE_MS")
         if self.production:
             if self.auth != "jwt":
                 raise ConfigError("IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off (development mode)")
-            urls = [self.public_url, *(url for issuer in self.trusted_issuers for url in issuer.jku)]
+            if self.fhir_allow_http:
+                raise ConfigError("IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_FHIR_ALLOW_HTTP")
+            urls = [
+                self.public_url,
+                *(url for issuer in self.trusted_issuers for url in issuer.jku),
+                *self.fhir_servers,
+            ]
             plain = [url for url in urls if not url.startswith("https://")]
             if plain:
                 raise ConfigError(f"IMNM_CDS_PRODUCTION=true needs https URLs, not {', '.join(plain)}")

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import re
+import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from service.facts.fhir import Resource, as_dict, as_list, as_str
-from service.hooks import HookRequest
-from service.outcome import error
+from service.fhirclient import Answer, FhirClient, Query, reports_failure
+from service.hooks import HookRequest, PrefetchKey
+from service.logs import ms_since
+from service.outcome import ApiError, Issue, error
+
+log = logging.getLogger("service.gather")
 
 BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction", "batch"})
-FAILED = frozenset({"error", "fatal"})
+_MISSING = object()
+TOKEN = re.compile(r"\{\{context\.(\w+)\}\}")
 # Where each resource type names its patient.
 SUBJECT = {
     "Observation": "subject",
@@ -29,32 +39,69 @@ SUBJECT = {
 class Gathered:
     patient_id: str
     resources: tuple[Resource, ...]
-    available: frozenset[str]  # resource types whose data was sent, even if there was none
+    available: frozenset[str]  # resource types whose data was sent or fetched, even if there was none
     drafts: tuple[Resource, ...] = ()  # orders being placed now (order-select: only the selected ones)
+    out_of_time: bool = False  # the fetch budget ran out before every key came in
 
 
-def from_prefetch(request: HookRequest) -> Gathered:
-    """Collect the prefetched resources, key by key: null means no data, a missing required key is a 412."""
-    resources: list[Resource] = []
-    available: set[str] = set()
-    for key in request.service.prefetch:
-        where = f"prefetch.{key.key}"
-        if key.key not in request.prefetch:
-            if key.required:
-                raise error(
-                    412,
-                    "processing",
-                    f"required prefetch key {key.key!r} is missing and no FHIR server was given to fetch it",
-                    where,
-                )
-            continue
-        available.add(key.resource_type)
-        value = request.prefetch[key.key]
-        if value is not None:
-            resources += _unpack(value, where)
+def from_prefetch(
+    request: HookRequest,
+    fhir: FhirClient,
+    *,
+    until: float = math.inf,
+    failed_prefetch: str = "fetch",
+) -> Gathered:
+    """Take each key as sent (null means no data), else fetch it; a required key not had is a 412."""
+    found, wanted = _sent(request, failed_prefetch)
+    answers = _fetch(request, wanted, fhir, until) if wanted and request.fhir_server else {}
+    found |= {key: _fetched(key, answer) for key, answer in answers.items() if answer.failure is None}
+    late = {key for key, answer in answers.items() if answer.failure and answer.failure.reason == "deadline"}
+    unobtainable = [
+        Issue(
+            "processing",
+            f"required prefetch key {key.key!r} {_why_not(request, key, answers)}",
+            f"prefetch.{key.key}",
+        )
+        for key in wanted
+        if key.required and key not in found and key not in late
+    ]
+    if unobtainable:
+        raise ApiError(412, *unobtainable)
+    resources = [r for listed in found.values() for r in listed]
     drafts = _drafts(request)
     _check_subjects([*resources, *drafts], request.patient_id)
-    return Gathered(request.patient_id, tuple(resources), frozenset(available), tuple(drafts))
+    available = frozenset(key.resource_type for key in found)
+    return Gathered(request.patient_id, tuple(resources), available, tuple(drafts), out_of_time=bool(late))
+
+
+def _sent(
+    request: HookRequest, failed_prefetch: str
+) -> tuple[dict[PrefetchKey, list[Resource]], list[PrefetchKey]]:
+    """Sort the keys into those the client sent usable (with their resources) and those to fetch."""
+    found: dict[PrefetchKey, list[Resource]] = {}
+    wanted: list[PrefetchKey] = []
+    for key in request.service.prefetch:
+        value = request.prefetch.get(key.key, _MISSING)
+        failed = _failed(value)
+        if value is _MISSING or (failed and failed_prefetch == "fetch"):
+            wanted.append(key)
+        elif not failed:
+            found[key] = [] if value is None else _unpack(value, f"prefetch.{key.key}")
+        elif failed_prefetch == "fail" or key.required:
+            raise error(
+                412,
+                "processing",
+                f"the client reported that prefetch key {key.key!r} failed (OperationOutcome)",
+                f"prefetch.{key.key}",
+            )
+    return found, wanted
+
+
+def _fetched(key: PrefetchKey, answer: Answer) -> list[Resource]:
+    return [
+        Resource(resource, full_url, f"fetched.{key.key}.entry[{index}].resource")
+        for index, (resource, full_url) in enumerate(answer.entries)
+    ]
 
 
 def _drafts(request: HookRequest) -> list[Resource]:
@@ -68,9 +115,62 @@ def _drafts(request: HookRequest) -> list[Resource]:
     return [d for d in drafts if d.reference in selections]
 
 
+def _fetch(
+    request: HookRequest, keys: list[PrefetchKey], fhir: FhirClient, until: float
+) -> dict[PrefetchKey, Answer]:
+    """Run the keys' own query templates on the client's FHIR server, if it is one we may contact."""
+    refusal = fhir.refusal(request.fhir_server)
+    if refusal:
+        raise error(403, "forbidden", refusal, "fhirServer")
+    token = as_str((request.fhir_authorization or {}).get("access_token"))
+    started = time.perf_counter()
+    queries = {key.key: Query(_fill(key.query, request.context), key.resource_type) for key in keys}
+    answers = fhir.fetch(request.fhir_server, token, queries, until)
+    log.info(
+        "fetched",
+        extra={
+            "fields": {
+                "hookInstance": request.hook_instance,
+                "ms": ms_since(started),
+                "keys": {key: _summary(answer) for key, answer in answers.items()},
+            }
+        },
+    )
+    return {key: answers[key.key] for key in keys}
+
+
+def _why_not(request: HookRequest, key: PrefetchKey, answers: dict[PrefetchKey, Answer]) -> str:
+    if key in answers:
+        return f"could not be fetched: {answers[key].failure.describe()}"
+    sent = "reported failed" if key.key in request.prefetch else "missing"
+    return f"is {sent} and no FHIR server was given to fetch it"
+
+
+def _fill(template: str, context) -> str:
+    """Put the request's context values, URL-encoded, in place of a template's {{context.name}} tokens."""
+    return TOKEN.sub(lambda token: quote(str(context[token[1]]), safe=""), template)
+
+
+def _summary(answer: Answer) -> dict:
+    if answer.failure:
+        return {"failed": answer.failure.reason, "status": answer.failure.status, "ms": answer.ms}
+    return {"resources": len(answer.entries), "pages": answer.pages, "ms": answer.ms}
+
+
+def _failed(value) -> bool:
+    """Say whether a sent value, or an entry of its Bundle, is an OperationOutcome reporting a failure."""
+    if not isinstance(value, dict):
+        return False
+    candidates = [value, *(as_dict(entry).get("resource") for entry in as_list(value.get("entry")))]
+    return any(
+        isinstance(c, dict) and c.get("resourceType") == "OperationOutcome" and reports_failure(c)
+        for c in candidates
+    )
+
+
 def _unpack(value: dict, where: str) -> list[Resource]:
+    """Return the resources of a sent value or Bundle; OperationOutcomes (warnings by now) are skipped."""
     if value.get("resourceType") == "OperationOutcome":
-        _check_outcome(value, where)
         return []
     if value.get("resourceType") != "Bundle":
         return [Resource(value, location=where)]
@@ -86,20 +186,9 @@ def _unpack(value: dict, where: str) -> list[Resource]:
                 "a Bundle entry's resource must be a FHIR resource",
                 f"{where}.entry[{index}].resource",
             )
-        if resource["resourceType"] == "OperationOutcome":
-            _check_outcome(resource, f"{where}.entry[{index}]")
-            continue
-        found.append(Resource(resource, as_str(entry.get("fullUrl")), f"{where}.entry[{index}].resource"))
+        if resource["resourceType"] != "OperationOutcome":
+            found.append(Resource(resource, as_str(entry.get("fullUrl")), f"{where}.entry[{index}].resource"))
     return found
-
-
-def _check_outcome(outcome: dict, where: str) -> None:
-    """Fail on an OperationOutcome reporting an error (the client could not prefetch); ignore warnings."""
-    severities = {as_dict(issue).get("severity") for issue in as_list(outcome.get("issue"))}
-    if severities & FAILED or not severities:
-        raise error(
-            412, "processing", "the client reported that this prefetch failed (OperationOutcome)", where
-        )
 
 
 def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
@@ -109,6 +198,10 @@ def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
     if bundle.get("type") not in BUNDLE_TYPES:
         raise error(
             400, "value", f"Bundle.type must be one of {', '.join(sorted(BUNDLE_TYPES))}", "Bundle.type"
+        )
+    if _failed(bundle):
+        raise error(
+            412, "processing", "the Bundle reports that gathering it failed (OperationOutcome)", "Bundle"
         )
     resources = _unpack(bundle, "Bundle")
     patients = [r for r in resources if r.type == "Patient"]

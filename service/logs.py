@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from datetime import UTC, datetime
 
@@ -38,3 +39,10 @@ def configure(level: str) -> None:
     root.setLevel(level)
     # The durable library logs action failures with their messages; our engine wrapper reports them.
     logging.getLogger("durable").setLevel(logging.CRITICAL)
+    # urllib3 logs request lines, whose URLs carry patient ids, and retries and pool events with URLs.
+    logging.getLogger("urllib3").setLevel(logging.CRITICAL)
+
+
+def ms_since(started: float) -> float:
+    """Return the milliseconds since a time.perf_counter() reading, as logs show them."""
+    return round((time.perf_counter() - started) * 1000, 3)

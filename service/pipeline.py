@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -12,7 +14,11 @@ from service import cards, facts, gather, hooks
 from service.config import Settings
 from service.engine import Engine, EngineBusy, EngineError
 from service.facts.fhir import Resource, parse_time, validate
+from service.fhirclient import FhirClient
+from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
+
+STAGES = ("validate", "facts", "rules", "cards")  # the stages after gathering, in order
 
 
 @dataclass
@@ -23,6 +29,7 @@ class Evaluation:
     hook_instance: str | None = None
     rules: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+    ran_out: str | None = None  # the stage during which the deadline passed
 
     def response(self) -> dict:
         return {"cards": self.cards}
@@ -40,16 +47,39 @@ class Evaluator:
             max_sessions=settings.engine_sessions,
             wait_seconds=settings.engine_wait_seconds,
         )
+        self.fhir = FhirClient(settings)
         warm_up()
 
     def hook(self, service: hooks.Service, body, now: datetime) -> Evaluation:
-        """Evaluate a CDS Hooks request for one of our services."""
-        started = time.perf_counter()
+        """Evaluate a CDS Hooks request for one of our services; past its deadline, answer no cards."""
+        started, arrived = time.perf_counter(), time.monotonic()
         request = hooks.parse(service, body, now)
-        gathered = gather.from_prefetch(request)
-        evaluation = self._evaluate(service, gathered, request.now, {"gather": _since(started)})
+        gathered = gather.from_prefetch(
+            request,
+            self.fhir,
+            until=arrived + self.settings.fetch_budget_ms / 1000,
+            failed_prefetch=self.settings.prefetch_failure,
+        )
+        deadline = arrived + self.settings.deadline_ms / 1000
+        evaluation = self._by(deadline, service, gathered, request.now, {"gather": ms_since(started)})
         evaluation.hook_instance = request.hook_instance
         return evaluation
+
+    def _by(
+        self, deadline: float, service: hooks.Service, gathered: gather.Gathered, now: datetime, timings: dict
+    ) -> Evaluation:
+        """Evaluate on a worker thread, waited for only until the deadline: after it, no cards."""
+        stage = "gather"
+        if time.monotonic() < deadline:
+            worker = ThreadPoolExecutor(1, "evaluate")
+            future = worker.submit(self._evaluate, service, gathered, now, timings, deadline)
+            worker.shutdown(wait=False)
+            try:
+                return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except (TimeoutError, OutOfTime):
+                # The stage under way; the worker stops before it would begin another.
+                stage = next((s for s in STAGES if s not in timings), STAGES[-1])
+        return Evaluation([], gathered.patient_id, now, timings=dict(timings), ran_out=stage)
 
     def bundle(self, body, now: datetime, as_of: str | None = None, hook: str = "patient-view") -> Evaluation:
         """Evaluate a Bundle as our service for the hook would; 'now' is asOf, else Bundle.timestamp."""
@@ -60,20 +90,28 @@ class Evaluator:
             now = parse_time(as_of) or _bad_as_of()
         else:
             now = parse_time(body.get("timestamp")) or now
-        return self._evaluate(service, gathered, now, {"gather": _since(started)})
+        return self._evaluate(service, gathered, now, {"gather": ms_since(started)})
 
     def _evaluate(
-        self, service: hooks.Service, gathered: gather.Gathered, now: datetime, timings: dict
+        self,
+        service: hooks.Service,
+        gathered: gather.Gathered,
+        now: datetime,
+        timings: dict,
+        deadline: float = math.inf,
     ) -> Evaluation:
+        """Validate, make facts, run rules, build cards: each stage timed, none begun past the deadline."""
         started = time.perf_counter()
         try:
             selected = facts.select(self.knowledge, gathered.resources, gathered.drafts)
         except facts.InvalidData as exc:
             raise ApiError(400, *_invalid_issues(exc)) from None
-        timings["validate"] = _since(started)
+        timings["validate"] = ms_since(started)
+        in_time(deadline)
         started = time.perf_counter()
         fact_set = facts.from_selected(self.knowledge, selected, now=now, available=gathered.available)
-        timings["facts"] = _since(started)
+        timings["facts"] = ms_since(started)
+        in_time(deadline)
         started = time.perf_counter()
         try:
             outcome = self.engine.evaluate(fact_set.facts)
@@ -83,12 +121,14 @@ class Evaluator:
             raise error(
                 500, "exception", "the rule engine failed on this request; no advice was produced"
             ) from exc
-        timings["rules"] = _since(started)
+        timings["rules"] = ms_since(started)
+        in_time(deadline)
         started = time.perf_counter()
         built = cards.build(self.knowledge, outcome, fact_set, gathered.patient_id, service.topics)
-        timings["cards"] = _since(started)
+        timings["cards"] = ms_since(started)
         fired = tuple(sorted({r for c in outcome.conclusions for r in c.rules}))
-        return Evaluation(built, gathered.patient_id, now, rules=fired, timings=timings)
+        ran_out = "gather" if gathered.out_of_time else None
+        return Evaluation(built, gathered.patient_id, now, rules=fired, timings=timings, ran_out=ran_out)
 
     def readiness_problem(self) -> str | None:
         """Say why this process should not take traffic (the engine cannot evaluate), or None."""
@@ -140,8 +180,14 @@ def warm_up() -> None:
         validate(Resource(data))
 
 
-def _since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
+class OutOfTime(Exception):
+    """The deadline passed: the stages not yet begun are skipped."""
+
+
+def in_time(deadline: float) -> None:
+    """Go on to the next stage only while the deadline has not passed."""
+    if time.monotonic() > deadline:
+        raise OutOfTime
 
 
 def _invalid_issues(exc: facts.InvalidData) -> list[Issue]:

@@ -1,7 +1,9 @@
-"""Shared pytest fixtures: one app per session, databases, a served instance, scenarios, request builders."""
+"""Shared pytest fixtures: one app per session, databases, a served instance, a FHIR server, scenarios,
+request builders."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -45,6 +47,17 @@ def scenarios() -> list[Path]:
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# Hook scenarios that answer cards for a patient they send: the same data can be posted as a Bundle
+# or put on a FHIR server.
+HOOK_SCENARIOS = [
+    s
+    for s in scenarios()
+    if load(s / "request.json").get("hook") == "patient-view"
+    and load(s / "expected.json").get("cards")
+    and (load(s / "request.json")["prefetch"].get("patient") or {}).get("resourceType") == "Patient"
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -153,16 +166,96 @@ def serve(log: Path, port: int | None = None, **environ: str) -> tuple[subproces
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
+    if ready(f"{url}/health/ready", process):
+        return process, url
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(30)
     pytest.fail(f"imnm-cds serve did not become ready: {log.read_text()[-2000:]}")
+
+
+def ready(url: str, process: subprocess.Popen) -> bool:
+    """Wait up to a minute for a server the tests started to answer url with 200; False if it never does."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return True
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    return False
+
+
+FHIR_TOKEN = "fhir-access-token-3c5e9a"  # the one bearer token the test FHIR server accepts
+
+
+@contextlib.contextmanager
+def sekmet(directory: Path):
+    """Run a real FHIR R4 server (sekmet) on loopback that wants FHIR_TOKEN; yield its base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/fhir"
+    settings = {
+        "base_url": base,
+        "host": "127.0.0.1",
+        "port": port,
+        "data_dir": str(directory / "data"),
+        "simulator": {"enabled": False},
+        "log_inbound": False,
+        "server_auth": {"types": ["bearer"], "tokens": [FHIR_TOKEN]},
+    }
+    (directory / "settings.yaml").write_text(json.dumps(settings))  # YAML reads JSON
+    command = [str(Path(sys.executable).with_name("sekmet")), "serve", "-c", "settings.yaml"]
+    log = directory / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        if not ready(f"{base}/metadata", process):
+            pytest.fail(f"sekmet did not become ready: {log.read_text()[-2000:]}")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory):
+    with sekmet(tmp_path_factory.mktemp("sekmet")) as base:
+        yield base
+
+
+def store(base: str, resources) -> None:
+    """Put resources on a FHIR server under their own ids, in one transaction."""
+    entries = [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+        for r in resources
+    ]
+    response = requests.post(
+        base,
+        json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
+        headers={"Authorization": f"Bearer {FHIR_TOKEN}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text[:2000]
+
+
+def authorised(request: dict, base: str, token: str | None = FHIR_TOKEN) -> dict:
+    """Name the FHIR server in a hook request and, unless token is None, the access token for it."""
+    request["fhirServer"] = base
+    if token is not None:
+        request["fhirAuthorization"] = {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "imnm-cds",
+        }
+    return request
+
+
+def resources_of(value) -> list[dict]:
+    """The resources in a prefetch value: a Bundle's entries, a single resource, or none for null."""
+    if value is None:
+        return []
+    return [e["resource"] for e in value.get("entry", [])] if value["resourceType"] == "Bundle" else [value]
 
 
 def hook_request(patient_id: str = "p1", resources=(), **prefetch_overrides) -> dict:

@@ -16,6 +16,15 @@ def test_defaults_and_environment():
     assert Settings.from_env({}).engine_sessions == 32
     settings = Settings.from_env({"IMNM_CDS_ENGINE_SESSIONS": "8", "IMNM_CDS_LOG_LEVEL": "debug"})
     assert settings.engine_sessions == 8 and settings.log_level == "DEBUG"
+    fetching = Settings.from_env(
+        {
+            "IMNM_CDS_FHIR_SERVERS": "https://ehr.example.org/fhir/, https://other.example.org",
+            "IMNM_CDS_FHIR_ALLOW_HTTP": "true",
+            "IMNM_CDS_PREFETCH_FAILURE": "OMIT",
+        }
+    )
+    assert fetching.fhir_servers == ("https://ehr.example.org/fhir", "https://other.example.org")
+    assert fetching.fhir_allow_http and fetching.prefetch_failure == "omit"
 
 
 @pytest.mark.parametrize(
@@ -29,6 +38,12 @@ def test_defaults_and_environment():
         {"IMNM_CDS_DATABASE_URL": "mysql://cds@db/feedback"},
         {"IMNM_CDS_DATABASE_URL": "sqlite://"},
         {"IMNM_CDS_DATABASE_URL": "feedback.sqlite"},
+        {"IMNM_CDS_FHIR_SERVERS": "https://ehr.example.org/fhir ftp://files.example.org"},
+        {"IMNM_CDS_FHIR_SERVERS": "https://user:secret@ehr.example.org/fhir"},
+        {"IMNM_CDS_FHIR_SERVERS": "https://ehr.example.org:99999/fhir"},
+        {"IMNM_CDS_FHIR_ALLOW_HTTP": "perhaps"},
+        {"IMNM_CDS_PREFETCH_FAILURE": "ignore"},
+        {"IMNM_CDS_FETCH_BUDGET_MS": "500"},  # not less than the deadline (400)
     ],
 )
 def test_bad_settings_refuse_to_start(environ):

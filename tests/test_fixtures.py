@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from conftest import load, scenarios
+from conftest import HOOK_SCENARIOS, load, scenarios
 from service.cli import scenario_target
 
 SCENARIOS = scenarios()
@@ -30,15 +30,6 @@ def test_same_request_gives_same_response(client, scenario):
     first = client.post(scenario_target(request, ""), json=request).get_json()
     second = client.post(scenario_target(request, ""), json=copy.deepcopy(request)).get_json()
     assert first == second
-
-
-HOOK_SCENARIOS = [
-    s
-    for s in SCENARIOS
-    if load(s / "request.json").get("hook") == "patient-view"
-    and load(s / "expected.json").get("cards")
-    and (load(s / "request.json")["prefetch"].get("patient") or {}).get("resourceType") == "Patient"
-]
 
 
 @pytest.mark.parametrize("scenario", HOOK_SCENARIOS, ids=[s.name for s in HOOK_SCENARIOS])

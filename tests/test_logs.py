@@ -6,8 +6,12 @@ import json
 import logging
 import time
 
+import pytest
+
 import signing
-from conftest import load, scenarios
+from conftest import FHIR_TOKEN, FIXTURES, authorised, load, resources_of, scenarios, store
+from service import hooks
+from service.app import create_app
 from service.cli import scenario_target
 from service.logs import JsonFormatter
 
@@ -60,6 +64,9 @@ def test_a_full_request_logs_no_patient_data_or_tokens(client, caplog):
                 "subject": "client",
             }
             request["fhirServer"] = "https://ehr.example.org/fhir"
+            # Every key sent (null where the scenario has none), so nothing is fetched from that server.
+            for key in hooks.service_for(request["hook"]).prefetch:
+                request["prefetch"].setdefault(key.key, None)
         response = client.post(
             scenario_target(request, ""), json=request, headers={"Authorization": f"Bearer {SECRET}"}
         )
@@ -113,6 +120,28 @@ def test_requests_with_valid_and_invalid_jwts_log_no_patient_data_or_tokens(auth
     assert "evaluated" in text and signing.ISSUER in text
     assert [token for token in tokens if token in text] == []
     assert "eyJ" not in text and "Bearer" not in text
+    assert [value for value in seen if value in text] == []
+
+
+@pytest.fixture(scope="module")
+def debug_fetching(fhir_server):
+    settings = {"fhir_servers": fhir_server, "fhir_allow_http": True, "log_level": "DEBUG"}
+    return create_app({**settings, "deadline_ms": 30_000, "fetch_budget_ms": 20_000}).test_client()
+
+
+def test_fetching_logs_counts_and_times_never_urls_ids_or_tokens(debug_fetching, fhir_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    request = load(FIXTURES / "seropositive-hmgcr" / "request.json")
+    named(request)
+    store(fhir_server, [r for value in request["prefetch"].values() for r in resources_of(value)])
+    seen = patient_values(request)
+    request["prefetch"] = {}
+    authorised(request, fhir_server)
+    assert debug_fetching.post("/cds-services/imnm-patient-view", json=request).status_code == 200
+    text = logged(caplog)
+    assert '"fetched"' in text and '"pages": 1' in text
+    assert FHIR_TOKEN not in text and "Bearer" not in text
+    assert fhir_server.split("//")[1] not in text and "patient=" not in text
     assert [value for value in seen if value in text] == []
 
 
