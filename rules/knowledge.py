@@ -462,7 +462,7 @@ def _load_orders(table: dict) -> dict[str, Order]:
     return dict(sorted(orders.items(), key=lambda item: list(table).index(item[0])))
 
 
-def service_request(order: Order, patient_id: str) -> dict:
+def service_request(order: Order, patient: str) -> dict:
     """Return the FHIR R4 ServiceRequest a suggestion proposes for this order."""
     code = {"text": order.text}
     if order.coding:
@@ -472,7 +472,7 @@ def service_request(order: Order, patient_id: str) -> dict:
         "status": "draft",
         "intent": "proposal",
         "code": code,
-        "subject": {"reference": f"Patient/{patient_id}"},
+        "subject": {"reference": patient},
         "reasonCode": [{"text": order.reason}],
     }
 

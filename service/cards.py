@@ -98,12 +98,21 @@ def suggestion(order, identity: uuid.UUID, facts: FactSet, patient_id: str, sex:
     else:
         creates = [item for item in order.items if item.sex in (None, sex)] if order.items else [order]
         actions = [
-            {"type": "create", "description": item.label, "resource": service_request(item, patient_id)}
+            {
+                "type": "create",
+                "description": item.label,
+                "resource": service_request(item, patient_reference(patient_id)),
+            }
             for item in creates
         ]
     if not actions:
         return None
     return {"label": order.label, "uuid": str(uuid.uuid5(identity, order.key)), "actions": actions}
+
+
+def patient_reference(patient_id: str) -> str:
+    """Reference the patient: Patient/id, or the urn:uuid fullUrl a Bundle gave a Patient without an id."""
+    return patient_id if patient_id.startswith("urn:") else f"Patient/{patient_id}"
 
 
 def template_values(params: Mapping) -> dict:

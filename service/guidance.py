@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from service.cards import NAMESPACE
+from service.cards import NAMESPACE, patient_reference
 
 EXTENSION = "urn:imnm-cds:StructureDefinition:"
 URI = "urn:ietf:rfc:3986"
@@ -18,7 +18,7 @@ ISSUE_SEVERITY = {"critical": "high", "warning": "moderate"}
 def bundle(
     cards: list[dict], patient_id: str, service_id: str, now: datetime, request_id: str | None
 ) -> dict:
-    """Return a transaction Bundle an integration engine can post as is; re-posting creates nothing twice."""
+    """Return a transaction Bundle an integration engine can post as is; posting it again adds nothing."""
     entries = []
     for card in cards:
         entries.append(guidance_response(card, patient_id, service_id, now, request_id))
@@ -142,8 +142,8 @@ def detected_issue(card: dict, patient_id: str, now: datetime) -> dict:
 
 
 def subject(patient_id: str) -> dict:
-    """Reference the patient: by id, or by the fullUrl a Bundle gave a Patient without one."""
-    return _reference(patient_id if patient_id.startswith("urn:") else f"Patient/{patient_id}")
+    """Reference the patient, by identifier where the Bundle named it only by a urn."""
+    return _reference(patient_reference(patient_id))
 
 
 def _reference(ref: str) -> dict:
@@ -158,13 +158,15 @@ def _identifier(value: str) -> dict:
 
 
 def _entry(resource: dict) -> dict:
+    # The id is the deterministic uuid, and PUT creates or replaces it: posting twice adds nothing.
     full_url = resource["identifier"][0]["value"]
+    resource = {
+        "resourceType": resource["resourceType"],
+        "id": full_url.removeprefix("urn:uuid:"),
+        **resource,
+    }
     return {
         "fullUrl": full_url,
         "resource": resource,
-        "request": {
-            "method": "POST",
-            "url": resource["resourceType"],
-            "ifNoneExist": f"identifier={URI}|{full_url}",
-        },
+        "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
     }

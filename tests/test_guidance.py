@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import requests
 from fhir.resources.R4B.bundle import Bundle
 
-from conftest import load, scenarios
+from conftest import FHIR_TOKEN, load, scenarios, store
 
 FHIR = {"Accept": "application/fhir+json"}
 WORKED = next(p for p in scenarios() if p.name == "bundle-worked-example")
@@ -66,7 +67,9 @@ def test_every_card_becomes_valid_fhir_with_its_reasons_and_suggestions(client, 
         else:
             assert group is None and "result" not in response
     for entry in results["entry"]:
-        assert entry["request"]["ifNoneExist"].endswith(entry["fullUrl"])
+        resource = entry["resource"]
+        assert entry["fullUrl"] == f"urn:uuid:{resource['id']}" == resource["identifier"][0]["value"]
+        assert entry["request"] == {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
 
 
 def test_severity_maps_to_the_detected_issue(client):
@@ -81,7 +84,11 @@ def test_severity_maps_to_the_detected_issue(client):
 
 def test_a_patient_known_only_by_fullurl_is_referenced_by_identifier(client):
     bundle = load(WORKED / "request.json")
-    _, results = both(client, bundle)
+    cards, results = both(client, bundle)
+    proposed = [
+        a["resource"]["subject"] for c in cards for s in c.get("suggestions", []) for a in s["actions"]
+    ]
+    assert proposed and all(p == {"reference": bundle["entry"][0]["fullUrl"]} for p in proposed)
     subjects = [e["resource"].get("subject") or e["resource"]["patient"] for e in results["entry"]]
     by_full_url = {"identifier": {"system": "urn:ietf:rfc:3986", "value": bundle["entry"][0]["fullUrl"]}}
     assert subjects and all(subject == by_full_url for subject in subjects)
@@ -109,3 +116,40 @@ def test_content_negotiation_on_evaluate(client, accept, status, kind):
     assert response.status_code == status
     body = response.get_json()
     assert (body.get("resourceType") or "cards") == kind
+
+
+def test_a_fhir_server_takes_the_results_and_posting_them_again_creates_nothing(client, fhir_server):
+    request = load(
+        next(p for p in scenarios() if p.name == "severity-refractory-on-treatment") / "request.json"
+    )
+    bundle = as_bundle(request)
+    store(fhir_server, [e["resource"] for e in bundle["entry"]])
+    _, results = both(client, bundle, "?asOf=2024-06-01T12:00:00Z")
+    headers = {"Authorization": f"Bearer {FHIR_TOKEN}"}
+    patient = request["context"]["patientId"]
+
+    def written() -> dict[str, int]:
+        return {
+            kind: requests.get(f"{fhir_server}/{kind}?patient={patient}", headers=headers, timeout=10)
+            .json()
+            .get("total", 0)
+            for kind in ("GuidanceResponse", "DetectedIssue")
+        }
+
+    for attempt in range(2):
+        answer = requests.post(fhir_server, json=results, headers=headers, timeout=30)
+        assert answer.status_code == 200, answer.text[:2000]
+        assert written() == {
+            "GuidanceResponse": len(of_type(results, "GuidanceResponse")),
+            "DetectedIssue": len(of_type(results, "DetectedIssue")),
+        }, attempt
+    stored = requests.get(
+        f"{fhir_server}/GuidanceResponse?patient={patient}", headers=headers, timeout=10
+    ).json()
+    escalation = next(
+        e["resource"]
+        for e in stored["entry"]
+        if e["resource"]["reasonCode"][0]["coding"][0]["code"] == "treatment-escalation"
+    )
+    assert escalation["subject"]["reference"].endswith(f"Patient/{patient}")
+    assert any(c["resourceType"] == "RequestGroup" for c in escalation["contained"])

@@ -84,7 +84,7 @@ def test_value_set_text_fallback(knowledge, valueset, text, expected):
 def test_orders_are_valid_service_requests_and_code_only_verified_codes(knowledge):
     for order in knowledge.orders.values():
         for single in order.items or ([order] if order.text else []):
-            ServiceRequest.model_validate(service_request(single, "p1"))
+            ServiceRequest.model_validate(service_request(single, "Patient/p1"))
         if order.coding is not None:
             levels = [
                 vs.codes.get((order.coding["system"], order.coding["code"]))
