@@ -27,5 +27,4 @@ USER 10001
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2)"]
-CMD ["gunicorn", "--bind", "0.0.0.0:8080", "--workers", "2", "--worker-class", "gthread", "--threads", "8", \
-     "--timeout", "30", "service.app:create_app()"]
+CMD ["imnm-cds", "serve", "--host", "0.0.0.0", "--port", "8080", "--workers", "2", "--threads", "8"]

@@ -100,6 +100,13 @@ def wrk(url: str, body: Path, connections: int, seconds: float, directory: Path)
     return summary
 
 
+def cut_short(log: Path) -> int:
+    """Count the calls that reached the deadline (answered with fewer cards than they would have had)."""
+    if not log.exists():
+        return 0
+    return sum('"ranOut"' in line for line in log.read_text().splitlines())
+
+
 def workers_of(master: int) -> list[int]:
     """List the gunicorn worker pids under a master."""
     found = []
@@ -132,7 +139,9 @@ def throughput(
         for workers, threads in layouts:
             with serving(workers, threads, directory) as (url, _):
                 wrk(url, body, CONNECTIONS[size], 3, directory)  # warm-up
+                before = cut_short(directory / "server.log")
                 result = wrk(url, body, CONNECTIONS[size], seconds, directory)
+                result["cutShortByDeadline"] = cut_short(directory / "server.log") - before
             row = {
                 "resources": size,
                 "workers": workers,
@@ -144,7 +153,8 @@ def throughput(
                 f"{size:>5} resources  {workers} workers × {threads} threads  "
                 f"{result['perSecond']:>7.1f} req/s  "
                 f"p50 {result['p50']:.1f} ms  p90 {result['p90']:.1f} ms  p99 {result['p99']:.1f} ms  "
-                f"non-2xx {result['non2xx']}  socket errors {result['socketErrors']}",
+                f"non-2xx {result['non2xx']}  socket errors {result['socketErrors']}  "
+                f"past the deadline {result['cutShortByDeadline']}",
                 flush=True,
             )
     return rows

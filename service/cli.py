@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gc
 import json
 import os
 import sys
@@ -104,10 +105,19 @@ def run_serve(args) -> int:
             self.cfg.set("accesslog", None)
 
         def load(self):
-            return create_app(settings)
+            return frozen(create_app(settings))
 
     Server().run()
     return 0
+
+
+def frozen(app):
+    """Exempt everything loaded so far from garbage collection, then return the app."""
+    # The knowledge, compiled rules and FHIR models live as long as the process. Left in the collector's
+    # sight, every full collection scans them, and one during a large request held it up by ~70 ms.
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def run_evaluate(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -245,6 +246,8 @@ _worker: dict = {}
 
 def _start_worker(stage: str, as_of: str) -> None:
     _worker["evaluator"] = Evaluator(Settings.from_env())
+    gc.collect()
+    gc.freeze()  # what a worker keeps for its whole life need not be scanned by every collection
     _worker["db"] = sqlite3.connect(f"file:{stage}?mode=ro", uri=True)
     _worker["as_of"] = parse_time(as_of)
 

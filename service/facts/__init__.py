@@ -14,7 +14,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
-from service.facts.fhir import InvalidResource, Resource, day, parse_time, validate
+from service.facts.fhir import InvalidResource, Resource, day, naming_once, parse_time, validate
 
 __all__ = ["Basis", "FactSet", "InvalidData", "Resource", "Selected", "build", "from_selected", "select"]
 
@@ -59,6 +59,7 @@ class Selected:
     therapy: list[Resource]
 
 
+@naming_once()
 def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) -> Selected:
     """Pick what can matter to a rule and validate it; the rest is never parsed as FHIR."""
     by_type: dict[str, list[Resource]] = {}
@@ -111,6 +112,7 @@ def build(
     return from_selected(k, select(k, resources, drafts), now=now, available=available)
 
 
+@naming_once()
 def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[str]) -> FactSet:
     """Map the selected resources to facts, each with what it rests on."""
     patients, lab_results, drugs = selected.patients, selected.lab_results, selected.drugs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,6 +18,8 @@ from pydantic import ValidationError
 FINAL_RESULT = frozenset({"final", "amended", "corrected", "appended"})
 TEXT_LIMIT = 100_000
 PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
+# One evaluation asks what the same concept names many times (is it a CK? an antibody? a finding?).
+_named: ContextVar[dict[int, tuple[object, frozenset[str]]] | None] = ContextVar("named", default=None)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,23 @@ def texts(concept) -> list[str]:
 
 def names(k, concept) -> frozenset[str]:
     """Name the value sets that name a CodeableConcept, by any of its codings or texts."""
-    return k.coded_as(codings(concept)) | k.texted_as(texts(concept))
+    seen = _named.get()
+    if seen is not None and id(concept) in seen:
+        return seen[id(concept)][1]
+    named = k.coded_as(codings(concept)) | k.texted_as(texts(concept))
+    if seen is not None:
+        seen[id(concept)] = (concept, named)  # holding the concept keeps its id from being reused
+    return named
+
+
+@contextmanager
+def naming_once():
+    """Within this block, work out each CodeableConcept's value sets once, however often it is asked."""
+    token = _named.set({})
+    try:
+        yield
+    finally:
+        _named.reset(token)
 
 
 def matches(k, valueset: str, concept) -> bool:
