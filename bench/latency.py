@@ -23,6 +23,7 @@ from common import environment, percentiles, save, table
 from service import app as app_module
 from service import hooks
 from service.app import create_app
+from service.cli import frozen
 from service.facts.fhir import Resource, validate
 
 RUNS = {10: 400, 100: 400, 1000: 100, 5000: 30}
@@ -88,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         # A deadline long enough that every stage of even the largest request is measured, not cut off.
         settings = {"log_level": "WARNING", "database_url": f"sqlite:///{directory}/feedback.sqlite"}
-        app = create_app(settings | {"deadline_ms": 60_000})
+        app = frozen(create_app(settings | {"deadline_ms": 60_000}))  # as a served worker runs it
         results = run(app, args)
     print(f"\nsaved {save('latency', results)}")
 

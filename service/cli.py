@@ -101,6 +101,9 @@ def run_serve(args) -> int:
             self.cfg.set("workers", args.workers)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("threads", args.threads)
+            # A worker takes no more connections than it has threads: otherwise the first worker to wake
+            # accepts every keep-alive connection of a busy client and the others sit idle (measured).
+            self.cfg.set("worker_connections", args.threads)
             self.cfg.set("timeout", args.timeout)
             self.cfg.set("accesslog", None)
 
