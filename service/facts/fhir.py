@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,6 +21,9 @@ TEXT_LIMIT = 100_000
 PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
 # One evaluation asks what the same concept names many times (is it a CK? an antibody? a finding?).
 _named: ContextVar[dict[int, tuple[object, frozenset[str]]] | None] = ContextVar("named", default=None)
+# Moments outside these years are read as undated: no clinical record has them, and date arithmetic
+# (a window before now, a supply after a start) would overflow near years 1 and 9999.
+EARLIEST, LATEST = datetime(1000, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def validate(resource: Resource) -> None:
     """Validate a resource against its fhir.resources R4B model, raising InvalidResource."""
     try:
         model = get_fhir_model_class(resource.type)
-    except KeyError:
+    except ValueError:
         raise InvalidResource(resource, [("resourceType", "unknown resource type")]) from None
     try:
         model.model_validate(resource.data)
@@ -87,7 +91,8 @@ def as_str(value) -> str | None:
 def as_number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    number = float(value)  # an integer past the float range overflows
+    return number if math.isfinite(number) else None
 
 
 def codings(concept) -> list[tuple[str | None, str | None]]:
@@ -141,11 +146,18 @@ def parse_time(value) -> datetime | None:
     try:
         if partial:
             year, month, day = partial.groups()
-            return datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
+            moment = datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
+        else:
+            parsed = datetime.fromisoformat(value)
+            moment = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):  # an offset can carry year 1 or 9999 past the calendar
         return None
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return moment if EARLIEST <= moment < LATEST else None
+
+
+def is_final(data: dict) -> bool:
+    """Tell whether a result counts: final, or a final result corrected later."""
+    return as_str(data.get("status")) in FINAL_RESULT
 
 
 def effective_time(data: dict) -> datetime | None:
