@@ -13,7 +13,7 @@ from rules import knowledge
 from service import cards, facts, gather, hooks
 from service.config import Settings
 from service.engine import Engine, EngineBusy, EngineError
-from service.facts.fhir import Resource, parse_time, validate
+from service.facts.fhir import Resource, parse_datetime, parse_time, validate
 from service.fhirclient import FhirClient
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
@@ -87,7 +87,7 @@ class Evaluator:
         service = hooks.service_for(hook)
         gathered = gather.from_bundle(body, with_drafts="draftOrders" in service.context)
         if as_of is not None:
-            now = parse_time(as_of) or _bad_as_of()
+            now = parse_datetime(as_of) or _bad_as_of()
         else:
             now = parse_time(body.get("timestamp")) or now
         return self._evaluate(service, gathered, now, {"gather": ms_since(started)})
