@@ -16,6 +16,9 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[postgres]'
 FROM ${PYTHON}
 # Production mode: refuses to start without JWT verification (see the README, "Trust").
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 IMNM_CDS_PRODUCTION=true
+# glibc gives each thread that allocates its own arena (up to 8 a core); with request and evaluation
+# threads they fragment, and a worker's memory crept up 9 MiB over a 100,000-request soak. Two keep it flat.
+ENV MALLOC_ARENA_MAX=2
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cds \

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from service import auth, feedback, guidance, headers, hooks, logs
+from service import auth, feedback, guidance, headers, hooks, logs, openapi
 from service.config import ConfigError, Settings
 from service.feedback_store import FeedbackStore, StoreUnavailable
 from service.outcome import ApiError, Issue, error, operation_outcome
@@ -19,6 +21,8 @@ from service.pipeline import Evaluation, Evaluator
 log = logging.getLogger("service.http")
 
 JSON_TYPES = ("application/json", "application/fhir+json")
+# An escaped UTF-16 surrogate: a pair is one character, but half of one is valid JSON that is no text.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 HTTP_ISSUE = {
     404: "not-found",
     405: "not-supported",
@@ -34,7 +38,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     logs.configure(settings.log_level)
     evaluator = Evaluator(settings)
     store = FeedbackStore(settings.database_url)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: every route is in the OpenAPI document
     if app.debug:
         # Flask's debug mode (FLASK_DEBUG) serves an interactive debugger: never in any configuration.
         raise ConfigError("FLASK_DEBUG is on; the service never runs in debug mode")
@@ -89,6 +93,8 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
             return _json(results, mimetype="application/fhir+json")
         return _json(evaluation.response())
 
+    app.add_url_rule("/openapi.json", "openapi", functools.partial(_json, openapi.document(settings)))
+
     @app.get("/health")
     def health():
         return _json({"status": "ok"})
@@ -130,15 +136,25 @@ def _body(settings: Settings):
     if request.mimetype not in JSON_TYPES:
         raise error(415, "not-supported", "send the body as application/json or application/fhir+json")
     raw = request.get_data(cache=False)
+    if request.content_length is None and len(raw) >= settings.max_body_bytes:
+        raise RequestEntityTooLarge()  # a chunked body is cut at the limit, so one that reaches it is longer
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8-sig")  # RFC 8259 section 8.1: UTF-8, a byte order mark ignored
+        body = json.loads(text, parse_constant=_not_json)
+        if SURROGATE_ESCAPE.search(text):
+            json.dumps(body, ensure_ascii=False).encode()  # a pair escaped is one character; a half fails
     except RecursionError:
         raise error(400, "structure", "the JSON is nested too deeply") from None
     except ValueError:
-        raise error(400, "structure", "the body is not valid JSON (UTF-8)") from None
+        raise error(400, "structure", "the body is not valid JSON in UTF-8") from None
     if _depth_exceeds(body, settings.max_json_depth):
         raise error(400, "structure", f"the JSON is nested deeper than {settings.max_json_depth} levels")
     return body
+
+
+def _not_json(constant: str):
+    """Refuse NaN and Infinity, which Python reads but JSON (RFC 8259) does not have."""
+    raise ValueError(constant)
 
 
 def _wants_fhir() -> bool:

@@ -119,7 +119,9 @@ def template_values(params: Mapping) -> dict:
     """Format rule parameters for wording templates: counts with separators, multiples, percentages."""
     values = {}
     for name, value in params.items():
-        if isinstance(value, list):
+        if value is None:  # e.g. the CK multiple when no CK was measured
+            values[name] = "unknown"
+        elif isinstance(value, list):
             values[name] = "; ".join(str(v) for v in value)
         elif name.startswith("days_"):
             values[name] = f"{value:.0f}"

@@ -131,7 +131,7 @@ def _override(value, outcome, where: str, issues: list[Issue]) -> tuple[Coding |
             Issue("required", "overrideReason needs a reason (a Coding), a userComment or both", where)
         )
     if comment is not None and not _text(comment):
-        issues.append(Issue("value", "userComment must be a non-empty string", f"{where}.userComment"))
+        issues.append(Issue("value", "userComment must be non-empty text", f"{where}.userComment"))
     if reason is None:
         return None, comment
     if not isinstance(reason, dict):
@@ -143,9 +143,10 @@ def _override(value, outcome, where: str, issues: list[Issue]) -> tuple[Coding |
         if not _text(reason.get(name)):
             issues.append(Issue("required", f"a Coding needs a {name}", f"{where}.reason.{name}"))
     if "display" in reason and not _text(reason["display"]):
-        issues.append(Issue("value", "display must be a non-empty string", f"{where}.reason.display"))
+        issues.append(Issue("value", "display must be non-empty text", f"{where}.reason.display"))
     return Coding(reason.get("system"), reason.get("code"), reason.get("display")), comment
 
 
 def _text(value) -> bool:
-    return isinstance(value, str) and bool(value.strip())
+    # NUL is no text, and PostgreSQL cannot store it in a text column.
+    return isinstance(value, str) and bool(value.strip()) and "\x00" not in value

@@ -18,7 +18,8 @@ from service.config import Settings
 from service.facts.fhir import as_dict, as_list, as_str
 from service.logs import ms_since
 
-FAILED = frozenset({"error", "fatal"})
+# Severities that report no failure; any other (error, fatal, or one that cannot be read) does.
+IGNORED = frozenset({"warning", "information"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 CHUNK_BYTES = 64 * 1024
 # Why a query went unanswered, in the words an OperationOutcome gives the EHR.
@@ -199,9 +200,9 @@ class _Bearer(requests.auth.AuthBase):
 
 
 def reports_failure(outcome: dict) -> bool:
-    """Say whether an OperationOutcome reports a failure (an error, or no issue at all); warnings do not."""
-    severities = {as_dict(issue).get("severity") for issue in as_list(outcome.get("issue"))}
-    return bool(severities & FAILED) or not severities
+    """Say whether an OperationOutcome reports a failure (anything but warnings, or no issue at all)."""
+    severities = {as_str(as_dict(issue).get("severity")) for issue in as_list(outcome.get("issue"))}
+    return not severities or not severities <= IGNORED
 
 
 def within(url: str, base: str) -> bool:

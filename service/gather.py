@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from service.facts.fhir import Resource, as_dict, as_list, as_str
+from service.facts.fhir import Resource, as_dict, as_list, as_str, is_resource
 from service.fhirclient import Answer, FhirClient, Query, reports_failure
 from service.hooks import HookRequest, PrefetchKey
 from service.logs import ms_since
@@ -175,11 +175,11 @@ def _unpack(value: dict, where: str) -> list[Resource]:
     if value.get("resourceType") != "Bundle":
         return [Resource(value, location=where)]
     found = []
-    for index, entry in enumerate(as_list(value.get("entry"))):
-        resource = as_dict(entry).get("resource")
+    for index, entry in enumerate(_entries(value, where)):
+        resource = entry.get("resource")
         if resource is None:
             continue
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        if not is_resource(resource):
             raise error(
                 400,
                 "structure",
@@ -191,11 +191,22 @@ def _unpack(value: dict, where: str) -> list[Resource]:
     return found
 
 
+def _entries(bundle: dict, where: str) -> list[dict]:
+    """Return a Bundle's entries; a malformed one is refused, never skipped (its data would go unseen)."""
+    entries = bundle.get("entry", [])
+    if not isinstance(entries, list):
+        raise error(400, "structure", "Bundle.entry must be an array", f"{where}.entry")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise error(400, "structure", "a Bundle entry must be a JSON object", f"{where}.entry[{index}]")
+    return entries
+
+
 def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
     """Collect one patient's resources from a Bundle; with_drafts, its draft MedicationRequests are orders."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise error(400, "structure", "the body must be a FHIR Bundle", "resourceType")
-    if bundle.get("type") not in BUNDLE_TYPES:
+    if as_str(bundle.get("type")) not in BUNDLE_TYPES:
         raise error(
             400, "value", f"Bundle.type must be one of {', '.join(sorted(BUNDLE_TYPES))}", "Bundle.type"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import MethodNotAllowed
 
 # The service answers JSON only: nothing to sniff, cache, frame, run or refer from.
 SECURITY_HEADERS = {
@@ -29,6 +30,8 @@ def install(app: Flask, cors_origins: tuple[str, ...]) -> None:
         response.headers.update(SECURITY_HEADERS)
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750 §3, with no error detail
+        if isinstance(request.routing_exception, MethodNotAllowed):
+            response.allow.update(request.routing_exception.valid_methods or ())  # RFC 9110 §15.5.6
         if cors_origins and "*" not in cors_origins:
             response.vary.add("Origin")
         origin = request.headers.get("Origin")

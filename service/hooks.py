@@ -10,7 +10,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from rules.knowledge import TOPICS
-from service.facts.fhir import parse_time
+from service.facts.fhir import is_resource, parse_datetime
 from service.outcome import error
 
 AS_OF = "imnm-cds.asOf"  # request extension: evaluate as of this instant (replays and tests)
@@ -176,11 +176,13 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
         raise error(400, "value", "fhirServer must be an absolute http(s) URL", "fhirServer")
     if authorization is not None:
         _check_authorization(authorization, server)
-    prefetch = body.get("prefetch", {})
+    prefetch = body.get("prefetch")
+    if prefetch is None:  # null, like every optional member, is as if it were absent
+        prefetch = {}
     if not isinstance(prefetch, dict):
         raise error(400, "structure", "prefetch must be a JSON object", "prefetch")
     for key, value in prefetch.items():
-        if value is not None and not (isinstance(value, dict) and isinstance(value.get("resourceType"), str)):
+        if value is not None and not is_resource(value):
             raise error(
                 400,
                 "structure",
@@ -245,7 +247,7 @@ def _as_of(extension, now: datetime) -> datetime:
         raise error(400, "structure", "extension must be a JSON object", "extension")
     if AS_OF not in extension:
         return now
-    moment = parse_time(extension[AS_OF])
+    moment = parse_datetime(extension[AS_OF])
     if moment is None:
         raise error(400, "value", f"extension.{AS_OF} must be a FHIR dateTime", f"extension.{AS_OF}")
     return moment

@@ -7,16 +7,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from logging import getLogger
 
 import rules
 from rules import knowledge
 from service import cards, facts, gather, hooks
 from service.config import Settings
 from service.engine import Engine, EngineBusy, EngineError
-from service.facts.fhir import Resource, parse_time, validate
+from service.facts.fhir import Resource, parse_datetime, parse_time, validate
 from service.fhirclient import FhirClient
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
+
+log = getLogger(__name__)
 
 STAGES = ("validate", "facts", "rules", "cards")  # the stages after gathering, in order
 
@@ -87,7 +90,7 @@ class Evaluator:
         service = hooks.service_for(hook)
         gathered = gather.from_bundle(body, with_drafts="draftOrders" in service.context)
         if as_of is not None:
-            now = parse_time(as_of) or _bad_as_of()
+            now = parse_datetime(as_of) or _bad_as_of()
         else:
             now = parse_time(body.get("timestamp")) or now
         return self._evaluate(service, gathered, now, {"gather": ms_since(started)})
@@ -116,8 +119,11 @@ class Evaluator:
         try:
             outcome = self.engine.evaluate(fact_set.facts)
         except EngineBusy:
+            log.warning("rule engine busy", extra={"fields": {"sessions": self.settings.engine_sessions}})
             raise error(503, "transient", "the service is at capacity; retry shortly") from None
         except EngineError as exc:
+            # Engine errors name the rule and the exception type, never a value from the request.
+            log.error("rule engine failed", extra={"fields": {"error": str(exc)}})
             raise error(
                 500, "exception", "the rule engine failed on this request; no advice was produced"
             ) from exc

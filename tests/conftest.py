@@ -29,7 +29,7 @@ from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fhir_fixtures"
-SCHEMA = json.loads((Path(__file__).parent / "data" / "cds-hooks-2.0.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "service" / "cds-hooks-2.0.schema.json").read_text())
 CLI = [sys.executable, "-m", "service.cli"]
 # A PostgreSQL database the tests may wipe; README "Feedback" says how to start one.
 POSTGRES_URL = os.environ.get(
@@ -256,6 +256,15 @@ def resources_of(value) -> list[dict]:
     if value is None:
         return []
     return [e["resource"] for e in value.get("entry", [])] if value["resourceType"] == "Bundle" else [value]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The service under gunicorn on loopback, for the tests that need real HTTP."""
+    process, url = serve(tmp_path_factory.mktemp("serve") / "stderr.log")
+    yield url
+    process.terminate()
+    process.wait(30)
 
 
 def hook_request(patient_id: str = "p1", resources=(), **prefetch_overrides) -> dict:

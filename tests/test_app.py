@@ -132,9 +132,14 @@ def test_unknown_service_and_path_get_404(client):
     assert_outcome(client.get("/nowhere"), 404)
 
 
-def test_wrong_method_gets_405(client):
-    assert_outcome(client.get(SERVICE), 405)
-    assert_outcome(client.delete("/cds-services"), 405)
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", SERVICE, {"POST", "OPTIONS"}), ("DELETE", "/cds-services", {"GET", "HEAD", "OPTIONS"})],
+)
+def test_wrong_method_gets_405_naming_the_allowed_ones(client, method, path, allowed):
+    response = client.open(path, method=method)
+    assert_outcome(response, 405)
+    assert response.allow == allowed  # RFC 9110 section 15.5.6
 
 
 def test_missing_required_prefetch_gets_412(client):

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from datetime import UTC, datetime
 
-import pytest
 import requests
 
 import signing
@@ -39,14 +38,6 @@ def test_evaluate_several_files_keys_them_by_path_and_fails_on_a_refused_one(tmp
     output = json.loads(result.stdout)
     assert output[str(good)] == load(FIXTURES / "bundle-worked-example" / "expected.json")
     assert output[str(bad)]["resourceType"] == "OperationOutcome"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    process, url = serve(tmp_path_factory.mktemp("serve") / "stderr.log")
-    yield url
-    process.terminate()
-    process.wait(30)
 
 
 def test_served_discovery_and_replay_of_every_fixture(server):

@@ -6,7 +6,10 @@ import json
 import logging
 import time
 
+import faulty_rules
 import pytest
+from test_faults import FAULTS, request_for
+from test_hostile import ENDPOINTS, HOSTILE
 
 import signing
 from conftest import FHIR_TOKEN, FIXTURES, authorised, load, resources_of, scenarios, store
@@ -156,3 +159,35 @@ def test_an_exception_is_logged_by_type_and_place_not_message():
     line = json.loads(JsonFormatter().format(record))
     assert line["error"] == "ValueError" and line["where"]
     assert "Jane" not in json.dumps(line)
+
+
+@pytest.fixture(scope="module")
+def faulty_client():
+    # Made before the test: building an app sets up logging afresh, which would unhook caplog.
+    return faulty_rules.install(create_app(), sessions=4).test_client()
+
+
+def test_hostile_inputs_and_engine_faults_log_no_patient_data(faulty_client, caplog):
+    caplog.set_level(logging.DEBUG)
+    client = faulty_client
+    seen = {"Jane Doe", "2017-01-01"}  # what the faulty rule's exception says
+    for path in sorted(HOSTILE.glob("*.json")):
+        body = path.read_bytes()
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if isinstance(document, dict):
+            named(document)
+            seen |= patient_values(document)
+            body = json.dumps(document).encode()
+        for target, headers in ENDPOINTS.values():
+            client.post(target, data=body, content_type="application/json", headers=headers)
+    for patient, _ in FAULTS.values():
+        request = request_for(patient)
+        named(request)
+        client.post("/cds-services/imnm-patient-view", json=request)
+        seen |= patient_values(request)
+    text = logged(caplog)
+    assert "rule engine failed" in text
+    assert [value for value in seen if value in text] == []

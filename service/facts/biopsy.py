@@ -6,7 +6,6 @@ import re
 from datetime import datetime
 
 from service.facts.fhir import (
-    FINAL_RESULT,
     Resource,
     as_list,
     as_str,
@@ -14,6 +13,7 @@ from service.facts.fhir import (
     day,
     days_before,
     effective_time,
+    is_final,
     matches,
     texts,
 )
@@ -32,7 +32,7 @@ def report_text(data: dict) -> str:
 
 def is_muscle_biopsy(k, data: dict) -> bool:
     """Tell whether a final report is a muscle biopsy (no LOINC is specific to it, so by its words)."""
-    return data.get("status") in FINAL_RESULT and "pathology-report" in k.texted_as([report_text(data)])
+    return is_final(data) and "pathology-report" in k.texted_as([report_text(data)])
 
 
 def read_features(k, text: str) -> dict[str, str]:

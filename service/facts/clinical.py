@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from service.facts.fhir import (
-    FINAL_RESULT,
     Resource,
     as_dict,
     as_str,
@@ -14,6 +13,7 @@ from service.facts.fhir import (
     day,
     days_before,
     effective_time,
+    is_final,
     matches,
     names,
     parse_time,
@@ -106,7 +106,7 @@ def mentions(k, name: str, conditions: list[Resource], observations: list[Resour
             found.append(Mention(resource, state, onset, noted))
     for resource in observations:
         data = resource.data
-        if data.get("status") not in FINAL_RESULT:
+        if not is_final(data):
             continue
         named_by_code = matches(k, name, data.get("code")) and observation_present(k, data)
         named_by_value = matches(k, name, data.get("valueCodeableConcept"))
@@ -140,7 +140,7 @@ def relevant(k, resource: Resource) -> bool:
         if condition_state(data) is None:
             return False
         concepts = [data.get("code")]
-    elif data.get("status") in FINAL_RESULT:
+    elif is_final(data):
         concepts = [data.get("code"), data.get("valueCodeableConcept")]
     else:
         return False

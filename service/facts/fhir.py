@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,6 +21,15 @@ TEXT_LIMIT = 100_000
 PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
 # One evaluation asks what the same concept names many times (is it a CK? an antibody? a finding?).
 _named: ContextVar[dict[int, tuple[object, frozenset[str]]] | None] = ContextVar("named", default=None)
+RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]+")
+# FHIR R4 dateTime (http://hl7.org/fhir/R4/datatypes.html#dateTime): a time needs its offset.
+DATETIME = re.compile(
+    r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])"
+    r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
+)
+# Moments outside these years are read as undated: no clinical record has them, and date arithmetic
+# (a window before now, a supply after a start) would overflow near years 1 and 9999.
+EARLIEST, LATEST = datetime(1000, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -56,10 +66,14 @@ def validate(resource: Resource) -> None:
     """Validate a resource against its fhir.resources R4B model, raising InvalidResource."""
     try:
         model = get_fhir_model_class(resource.type)
-    except KeyError:
+    except ValueError:
         raise InvalidResource(resource, [("resourceType", "unknown resource type")]) from None
+    nulls = null_members(resource.data)
+    if nulls:  # fhir.resources reads null as absent, which would silently drop what the sender meant
+        raise InvalidResource(resource, [(path, "null is not allowed in FHIR JSON") for path in nulls[:20]])
     try:
         model.model_validate(resource.data)
+        return
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False, include_context=False):
@@ -67,9 +81,30 @@ def validate(resource: Resource) -> None:
             # Custom validators may quote the offending value in their message; built-in ones do not.
             message = "invalid value" if error["type"] in ("value_error", "assertion_error") else error["msg"]
             problems.append((path, message))
-        raise InvalidResource(resource, problems[:20]) from None
     except (TypeError, ValueError) as exc:
-        raise InvalidResource(resource, [("", type(exc).__name__)]) from None
+        problems = [("", type(exc).__name__)]
+    # Raised once the ValidationError is gone, not from within its handler: it would be our exception's
+    # context, and pydantic-core holds the validators' own exceptions where the garbage collector cannot
+    # see them, so the cycle through their tracebacks (and the request in their frames) would never be freed.
+    raise InvalidResource(resource, problems[:20])
+
+
+def null_members(value, path: str = "") -> list[str]:
+    """Name the members whose value is null: FHIR JSON allows null only in arrays (to align extensions)."""
+    found = []
+    if isinstance(value, dict):
+        for name, child in value.items():
+            where = f"{path}.{name}" if path else name
+            found += [where] if child is None else null_members(child, where)
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found += null_members(child, f"{path}.{index}")
+    return found
+
+
+def is_resource(value) -> bool:
+    """Tell whether a JSON value has the shape of a FHIR resource: an object naming its resourceType."""
+    return isinstance(value, dict) and bool(RESOURCE_TYPE.fullmatch(as_str(value.get("resourceType")) or ""))
 
 
 def as_dict(value) -> dict:
@@ -87,7 +122,8 @@ def as_str(value) -> str | None:
 def as_number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    number = float(value)  # an integer past the float range overflows
+    return number if math.isfinite(number) else None
 
 
 def codings(concept) -> list[tuple[str | None, str | None]]:
@@ -141,11 +177,23 @@ def parse_time(value) -> datetime | None:
     try:
         if partial:
             year, month, day = partial.groups()
-            return datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
+            moment = datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
+        else:
+            parsed = datetime.fromisoformat(value)
+            moment = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):  # an offset can carry year 1 or 9999 past the calendar
         return None
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return moment if EARLIEST <= moment < LATEST else None
+
+
+def is_final(data: dict) -> bool:
+    """Tell whether a result counts: final, or a final result corrected later."""
+    return as_str(data.get("status")) in FINAL_RESULT
+
+
+def parse_datetime(value) -> datetime | None:
+    """Parse a time the caller chose (asOf): a FHIR dateTime exactly, not whatever Python would read."""
+    return parse_time(value) if isinstance(value, str) and DATETIME.fullmatch(value) else None
 
 
 def effective_time(data: dict) -> datetime | None:

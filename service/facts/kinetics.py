@@ -55,9 +55,11 @@ def kinetics_fact(
         count = f"{len(after)} result{'s' if len(after) > 1 else ''}"
         after_days = fact["latest_days_after_stop"]
         text += f"; {count} since, latest {latest.value:,.0f} U/L {after_days:.0f} days after it"
-        ratio = (
-            latest.value / expected_value(peak, latest.time, half_life) if latest.time > peak.time else 1.0
-        )
+        ratio = 1.0
+        if latest.time > peak.time:
+            expected = expected_value(peak, latest.time, half_life)
+            # The curve is 0 from a peak of 0, or underflows long after the peak: any CK left is above it.
+            ratio = latest.value / expected if expected else RATIO_CAP if latest.value else 1.0
         fact["expected_ratio"] = min(ratio, RATIO_CAP)
         if latest.time > normal_by:
             text += f" (toxicity would have brought it to normal by {day(normal_by)})"

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from service.facts.fhir import (
-    FINAL_RESULT,
     Resource,
     as_dict,
     as_list,
@@ -17,6 +16,7 @@ from service.facts.fhir import (
     day,
     days_before,
     effective_time,
+    is_final,
     matches,
     names,
     texts,
@@ -91,6 +91,10 @@ def ck_results(k, observations: list[Resource], notes: list[str]) -> list[CkResu
         quantity = as_dict(data.get("valueQuantity"))
         value, time = as_number(quantity.get("value")), effective_time(data)
         if value is None:
+            if quantity.get("value") is not None:  # e.g. "3000": FHIR JSON has numbers for decimals
+                notes.append(
+                    f"CK result {resource.reference} has a value that is not a number and was not used."
+                )
             continue
         unit = as_str(quantity.get("code")) or as_str(quantity.get("unit")) or ""
         factor = factors.get(unit.casefold())
@@ -103,9 +107,11 @@ def ck_results(k, observations: list[Resource], notes: list[str]) -> list[CkResu
             notes.append(f"CK result {resource.reference} has no date and was not used.")
             continue
         uln = _reference_high(data, unit, factors)
-        results.append(
-            CkResult(resource, time, value * factor, uln if uln else default_uln, uln_assumed=uln is None)
-        )
+        result = CkResult(resource, time, value * factor, uln or default_uln, uln_assumed=uln is None)
+        if not (result.value >= 0 and math.isfinite(result.x_uln)):
+            notes.append(f"CK result {resource.reference} is not a possible activity and was not used.")
+            continue
+        results.append(result)
     return sorted(results, key=lambda r: (r.time, r.resource.reference))
 
 
@@ -143,7 +149,8 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
     trend = "single"
     if len(results) > 1:
         trend_days = days_before(results[-2].time, latest.time)
-        ratio = latest.x_uln / results[-2].x_uln
+        before = results[-2].x_uln
+        ratio = latest.x_uln / before if before else math.inf if latest.x_uln else 1.0  # from a CK of 0
         change = k.value("labs.ck.trend-change")
         trend = "rising" if ratio >= 1 + change else "falling" if ratio <= 1 - change else "stable"
     fact = {
@@ -277,7 +284,7 @@ def antibody_fact(
 
 def relevant(k, data: dict) -> bool:
     """Tell whether a laboratory Observation can matter to a rule (cheap, before validation)."""
-    if data.get("status") not in FINAL_RESULT:
+    if not is_final(data):
         return False
     if is_ck(k, data) or is_tsh(k, data) or antibody_names(k, data.get("code")):
         return True

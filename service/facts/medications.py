@@ -123,7 +123,10 @@ def _supply_end(data: dict, start: datetime | None) -> datetime | None:
         fills = 1 + (
             repeats if isinstance(repeats, int) and not isinstance(repeats, bool) and repeats > 0 else 0
         )
-        end = start + timedelta(days=days * fills)
+        try:
+            end = start + timedelta(days=days * fills)
+        except OverflowError:  # a supply outlasting the calendar: its end is unknown
+            return None
     return end
 
 

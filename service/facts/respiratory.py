@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from service.facts.fhir import (
-    FINAL_RESULT,
     Resource,
     as_dict,
     as_number,
@@ -13,13 +12,14 @@ from service.facts.fhir import (
     day,
     days_before,
     effective_time,
+    is_final,
     matches,
 )
 
 
 def is_fvc(k, data: dict) -> bool:
     """Tell whether an Observation is a final FVC in % predicted."""
-    return data.get("status") in FINAL_RESULT and matches(k, "fvc-percent-predicted", data.get("code"))
+    return is_final(data) and matches(k, "fvc-percent-predicted", data.get("code"))
 
 
 def fvc_fact(k, observations: list[Resource], now: datetime) -> tuple[dict, str, tuple[str, ...]]:

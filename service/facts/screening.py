@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from service.facts.biopsy import report_text
-from service.facts.fhir import FINAL_RESULT, Resource, day, effective_time
+from service.facts.fhir import Resource, day, effective_time, is_final
 from service.facts.labs import CkResult
 
 DIAGNOSES = (
@@ -52,7 +52,7 @@ def onset_fact(
 
 def panels(k, data: dict) -> list[str]:
     """Name the screening panels a final report belongs to (a chest radiograph, a CT of thorax to pelvis)."""
-    if data.get("status") not in FINAL_RESULT:
+    if not is_final(data):
         return []
     text = report_text(data)
     return [name for name, valueset in PANELS.items() if valueset in k.texted_as([text])]

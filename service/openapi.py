@@ -1,0 +1,488 @@
+"""The OpenAPI 3.1 document of the HTTP surface, built from the services offered and the settings in force."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+from rules.knowledge import TOPICS
+from service import auth, feedback, gather, hooks
+from service.config import Settings
+from service.facts.fhir import DATETIME, RESOURCE_TYPE
+
+# JSON Schema (2020-12) of CDS Hooks 2.0 requests, responses and discovery, from the HL7 logical
+# models and their invariants; OpenAPI 3.1 takes it as it is, under components.
+CDS_HOOKS = json.loads((Path(__file__).with_name("cds-hooks-2.0.schema.json")).read_text(encoding="utf-8"))
+ISSUE_TYPES = (
+    "invalid", "structure", "required", "value", "invariant", "security", "login", "unknown", "expired",
+    "forbidden", "suppressed", "processing", "not-supported", "duplicate", "multiple-matches", "not-found",
+    "deleted", "too-long", "code-invalid", "extension", "too-costly", "business-rule", "conflict",
+    "transient", "lock-error", "no-store", "exception", "timeout", "incomplete", "throttled", "informational",
+)  # fmt: skip
+ERRORS = {
+    400: "Malformed JSON, wrong shape, a bad field, nesting deeper than the limit, invalid FHIR in a "
+    "resource that matters, or data about another patient; `issue.expression` names where.",
+    401: "No valid signed JWT from a trusted CDS client. Says nothing of why, as CDS Hooks asks.",
+    403: "The request needs data fetched from a `fhirServer` the service may not contact.",
+    406: "The Accept header allows neither application/json nor application/fhir+json.",
+    412: "A required prefetch key was neither sent nor could be fetched (or, as configured, the client "
+    "reported that prefetching it failed); for /evaluate, the Bundle holds an OperationOutcome reporting "
+    "a failure.",
+    413: "The body is larger than the limit.",
+    415: "The body is not application/json or application/fhir+json.",
+    500: "The rule engine failed on this request; no advice was produced. The next request is served.",
+    503: "Every rule-engine session is busy, the feedback database is unavailable, or (readiness) the "
+    "engine cannot evaluate; retry.",
+}
+JSON = "application/json"
+FHIR_JSON = "application/fhir+json"
+GUIDANCE = ["GuidanceResponse", "DetectedIssue"]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _cds_hooks_schemas() -> dict:
+    """Return the CDS Hooks definitions as components named CdsHooks.<name>, their references rewritten."""
+    text = json.dumps(CDS_HOOKS["$defs"])
+    text = re.sub(r'"#/\$defs/([A-Za-z]+)"', r'"#/components/schemas/CdsHooks.\1"', text)
+    return {f"CdsHooks.{name}": schema for name, schema in json.loads(text).items()}
+
+
+NON_BLANK = {"type": "string", "pattern": r"\S"}
+UUID = {"type": "string", "pattern": CDS_HOOKS["$defs"]["uuid"]["pattern"]}
+RESOURCE = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {"resourceType": {"type": "string", "pattern": f"^{RESOURCE_TYPE.pattern}$"}},
+    "description": "A FHIR R4 resource; only the types a service reads matter, and those must be valid.",
+}
+SCHEMAS = {
+    "OperationOutcome": {
+        "type": "object",
+        "required": ["resourceType", "issue"],
+        "properties": {
+            "resourceType": {"const": "OperationOutcome"},
+            "issue": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["severity", "code"],
+                    "properties": {
+                        "severity": {"enum": ["fatal", "error", "warning", "information"]},
+                        "code": {"enum": list(ISSUE_TYPES)},
+                        "diagnostics": {"type": "string"},
+                        "expression": {"type": "array", "items": {"type": "string"}},
+                    },
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+    "Resource": RESOURCE,
+    "Bundle": {
+        "type": "object",
+        "required": ["resourceType"],
+        "properties": {
+            "resourceType": {"const": "Bundle"},
+            "type": {"type": "string"},
+            "timestamp": {"type": "string"},
+            "entry": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "fullUrl": {"type": "string"},
+                        "resource": {"anyOf": [_ref("Resource"), {"type": "null"}]},
+                    },
+                },
+            },
+        },
+    },
+    "EvaluateBundle": {
+        "allOf": [_ref("Bundle")],
+        "required": ["type", "entry"],
+        "properties": {
+            "type": {"enum": sorted(gather.BUNDLE_TYPES)},
+        },
+        "description": "One patient's record: exactly one Patient, and resources about that patient only.",
+    },
+    "Card": {
+        "allOf": [_ref("CdsHooks.card")],
+        "required": ["uuid", "detail", "extension"],
+        "properties": {
+            "source": {
+                "required": ["label", "url", "topic"],
+                "properties": {"topic": {"properties": {"code": {"enum": list(TOPICS)}}}},
+            },
+            "extension": {
+                "type": "object",
+                "required": ["rules", "evidence"],
+                "properties": {
+                    "rules": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "evidence": {"type": "array", "items": {"type": "string"}},
+                    "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                    "pretestProbability": {"type": "number", "minimum": 0, "maximum": 1},
+                    "riskTier": {"enum": ["standard", "moderate", "high"]},
+                },
+                "additionalProperties": False,
+            },
+        },
+    },
+    "Cards": {
+        "allOf": [_ref("CdsHooks.response")],
+        "properties": {"cards": {"type": "array", "items": _ref("Card")}},
+    },
+    "GuidanceBundle": {
+        "allOf": [_ref("Bundle")],
+        "required": ["type", "timestamp", "entry"],
+        "properties": {
+            "type": {"const": "transaction"},
+            "entry": {
+                "items": {
+                    "required": ["fullUrl", "resource", "request"],
+                    "properties": {
+                        "fullUrl": {"pattern": "^urn:uuid:"},
+                        "resource": {
+                            "required": ["id", "identifier", "status"],
+                            "properties": {"resourceType": {"enum": GUIDANCE}},
+                        },
+                        "request": {
+                            "type": "object",
+                            "required": ["method", "url"],
+                            "properties": {
+                                "method": {"const": "PUT"},
+                                "url": {"type": "string", "pattern": f"^({'|'.join(GUIDANCE)})/"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "description": "Each card as a GuidanceResponse (suggestions in a contained RequestGroup), and each "
+        "warning or critical card also as a preliminary DetectedIssue, put under ids derived from the card: "
+        "posting the Bundle again adds nothing.",
+    },
+    "Feedback": {
+        "type": "object",
+        "required": ["feedback"],
+        "properties": {
+            "feedback": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["card", "outcome", "outcomeTimestamp"],
+                    "properties": {
+                        "card": UUID,
+                        "outcome": {"enum": list(feedback.OUTCOMES)},
+                        "outcomeTimestamp": {"type": "string", "pattern": feedback.RFC3339.pattern},
+                        "acceptedSuggestions": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "object", "required": ["id"], "properties": {"id": UUID}},
+                        },
+                        "overrideReason": {
+                            "type": "object",
+                            "minProperties": 1,
+                            "properties": {
+                                "reason": {
+                                    "type": "object",
+                                    "required": ["system", "code"],
+                                    "properties": {
+                                        "system": NON_BLANK,
+                                        "code": NON_BLANK,
+                                        "display": NON_BLANK,
+                                    },
+                                },
+                                "userComment": NON_BLANK,
+                            },
+                        },
+                    },
+                    "allOf": [
+                        {
+                            "if": {"properties": {"outcome": {"const": "accepted"}}},
+                            "then": {
+                                "required": ["acceptedSuggestions"],
+                                "not": {"required": ["overrideReason"]},
+                            },
+                        },
+                        {
+                            "if": {"properties": {"outcome": {"const": "overridden"}}},
+                            "then": {"not": {"required": ["acceptedSuggestions"]}},
+                        },
+                    ],
+                },
+            }
+        },
+    },
+    "FeedbackReceipt": {
+        "type": "object",
+        "required": ["received", "stored", "duplicates"],
+        "properties": {
+            name: {"type": "integer", "minimum": 0} for name in ("received", "stored", "duplicates")
+        },
+        "additionalProperties": False,
+    },
+    "FeedbackSummary": {
+        "type": "object",
+        "required": ["rules", "unmatchedFeedback"],
+        "properties": {
+            "rules": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["rule", "topic", "issued", "cards", "accepted", "overridden"],
+                    "properties": {
+                        "rule": {"type": "string"},
+                        "topic": {"type": "string"},
+                        **{
+                            name: {"type": "integer", "minimum": 0}
+                            for name in ("issued", "cards", "accepted", "overridden")
+                        },
+                        "topOverrideReasons": {
+                            "type": "array",
+                            "maxItems": 3,
+                            "items": {
+                                "type": "object",
+                                "required": ["system", "code", "count"],
+                                "properties": {
+                                    "system": {"type": "string"},
+                                    "code": {"type": "string"},
+                                    "display": {"type": "string"},
+                                    "count": {"type": "integer", "minimum": 1},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+            "unmatchedFeedback": {
+                "type": "object",
+                "required": ["accepted", "overridden"],
+                "properties": {
+                    "accepted": {"type": "integer", "minimum": 0},
+                    "overridden": {"type": "integer", "minimum": 0},
+                },
+            },
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"enum": ["ok", "ready"]}, "rules": {"type": "integer", "minimum": 1}},
+    },
+}
+
+
+def document(settings: Settings) -> dict:
+    """Return the OpenAPI document of this service as configured (limits, and whether a JWT is needed)."""
+    paths: dict[str, dict] = {"/cds-services": {"get": _discovery()}}
+    for service in hooks.SERVICES.values():
+        paths[f"/cds-services/{service.id}"] = {"post": _service(service)}
+        paths[f"/cds-services/{service.id}/feedback"] = {"post": _feedback(service)}
+    paths |= {
+        "/feedback/summary": {"get": _summary()},
+        "/evaluate": {"post": _evaluate()},
+        "/health": {"get": _health("Liveness: the process answers.")},
+        "/health/ready": {"get": _health("Readiness: the rule engine evaluates.", ready=True)},
+        "/openapi.json": {"get": _openapi()},
+    }
+    if settings.auth == "jwt":
+        for path, operations in paths.items():
+            for operation in operations.values():
+                if path not in auth.OPEN_PATHS:
+                    operation["security"] = [{"cdsClient": []}]
+                    operation["responses"]["401"] = _error(401)
+    result = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "imnm-cds",
+            "version": version("imnm-cds"),
+            "summary": "CDS Hooks 2.0 service for immune-mediated necrotizing myopathy",
+            "description": (
+                "Every answer other than 2xx is a FHIR OperationOutcome (application/fhir+json). "
+                f"Bodies are limited to {settings.max_body_bytes} bytes (413) and "
+                f"{settings.max_json_depth} levels of JSON nesting (400). An unknown path answers 404, "
+                "a method a path does not serve 405 with an Allow header."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {**_cds_hooks_schemas(), **SCHEMAS},
+            "securitySchemes": {
+                "cdsClient": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "A JWT signed by a trusted CDS client (CDS Hooks 2.0, Trusting CDS "
+                    "Clients), its aud the public URL of the path called.",
+                }
+            },
+        },
+    }
+    if settings.public_url:
+        result["servers"] = [{"url": settings.public_url}]
+    return result
+
+
+def _error(status: int) -> dict:
+    response = {"description": ERRORS[status], "content": {FHIR_JSON: {"schema": _ref("OperationOutcome")}}}
+    if status == 401:
+        response["headers"] = {"WWW-Authenticate": {"schema": {"const": "Bearer"}, "required": True}}
+    return response
+
+
+def _errors(*statuses: int) -> dict:
+    return {str(status): _error(status) for status in statuses}
+
+
+def _body(schema: dict) -> dict:
+    """Describe a JSON request body (application/json or application/fhir+json)."""
+    return {"required": True, "content": {kind: {"schema": schema} for kind in (JSON, FHIR_JSON)}}
+
+
+def _ok(description: str, schema: dict, media: str = JSON) -> dict:
+    return {"200": {"description": description, "content": {media: {"schema": schema}}}}
+
+
+def _discovery() -> dict:
+    return {
+        "operationId": "discovery",
+        "summary": "CDS Hooks discovery: the services and their prefetch templates",
+        "responses": _ok("The services.", _ref("CdsHooks.discovery")),
+    }
+
+
+def _hook_request(service: hooks.Service) -> dict:
+    """Return the JSON Schema of a request to one service: its hook, its context and its prefetch keys."""
+    kinds = {str: NON_BLANK, list: {"type": "array", "items": {"type": "string"}}, dict: _ref("Bundle")}
+    return {
+        "type": "object",
+        "required": ["hook", "hookInstance", "context"],
+        "properties": {
+            "hook": {"const": service.hook},
+            "hookInstance": UUID,
+            "fhirServer": {
+                "anyOf": [_ref("CdsHooks.url"), {"type": "null"}],
+                "description": "The FHIR server's base URL, to fetch what prefetch lacks.",
+            },
+            "fhirAuthorization": {
+                "anyOf": [_ref("CdsHooks.fhirAuthorization"), {"type": "null"}],
+                "description": "An OAuth 2.0 access token for fhirServer (CDS Hooks 2.0, "
+                "Passing the Access Token); never logged.",
+            },
+            "context": {
+                "type": "object",
+                "required": list(service.context),
+                "properties": {name: kinds[kind] for name, kind in service.context.items()},
+            },
+            "prefetch": {
+                "type": ["object", "null"],
+                "properties": {
+                    key.key: {
+                        "anyOf": [_ref("Resource"), {"type": "null"}],
+                        "description": f"{key.query} ({'required' if key.required else 'optional'}; "
+                        "null: no data)",
+                    }
+                    for key in service.prefetch
+                },
+                "additionalProperties": {"anyOf": [_ref("Resource"), {"type": "null"}]},
+            },
+            "extension": {
+                "type": ["object", "null"],
+                "properties": {
+                    hooks.AS_OF: {
+                        "type": "string",
+                        "pattern": f"^{DATETIME.pattern}$",
+                        "description": "Evaluate as of this moment (replays and tests).",
+                    }
+                },
+            },
+        },
+        "dependentRequired": {"fhirAuthorization": ["fhirServer"]},
+    }
+
+
+def _service(service: hooks.Service) -> dict:
+    return {
+        "operationId": f"call-{service.id}",
+        "summary": service.title,
+        "description": f"{service.description}\n\n{service.usage}",
+        "requestBody": _body(_hook_request(service)),
+        "responses": {
+            **_ok("Cards; none when nothing applies.", _ref("Cards")),
+            **_errors(400, 403, 412, 413, 415, 500, 503),
+        },
+    }
+
+
+def _feedback(service: hooks.Service) -> dict:
+    return {
+        "operationId": f"feedback-{service.id}",
+        "summary": f"CDS Hooks feedback on the cards of {service.id}",
+        "description": "Stored in one transaction, or not at all; an item sent again counts as a duplicate.",
+        "requestBody": _body(_ref("Feedback")),
+        "responses": {**_ok("What was stored.", _ref("FeedbackReceipt")), **_errors(400, 413, 415, 503)},
+    }
+
+
+def _summary() -> dict:
+    return {
+        "operationId": "feedback-summary",
+        "summary": "Per rule and topic: cards issued, accepted, overridden, top override reasons",
+        "responses": {**_ok("The summary.", _ref("FeedbackSummary")), **_errors(503)},
+    }
+
+
+def _evaluate() -> dict:
+    return {
+        "operationId": "evaluate",
+        "summary": "Evaluate one patient's FHIR Bundle as the service for the hook would",
+        "description": "Accept: application/fhir+json answers the cards as a FHIR transaction Bundle.",
+        "parameters": [
+            {
+                "name": "hook",
+                "in": "query",
+                "schema": {"enum": [s.hook for s in hooks.SERVICES.values()], "default": "patient-view"},
+                "description": "order-sign or order-select: the Bundle's draft MedicationRequests are the "
+                "orders being placed.",
+            },
+            {
+                "name": "asOf",
+                "in": "query",
+                "schema": {"type": "string", "pattern": f"^{DATETIME.pattern}$"},
+                "description": "Evaluate as of this moment; otherwise Bundle.timestamp, otherwise now.",
+            },
+        ],
+        "requestBody": _body(_ref("EvaluateBundle")),
+        "responses": {
+            "200": {
+                "description": "Cards, or with Accept: application/fhir+json the same as FHIR resources.",
+                "content": {
+                    JSON: {"schema": _ref("Cards")},
+                    FHIR_JSON: {"schema": _ref("GuidanceBundle")},
+                },
+            },
+            **_errors(400, 406, 412, 413, 415, 500, 503),
+        },
+    }
+
+
+def _health(summary: str, ready: bool = False) -> dict:
+    responses = _ok("Healthy.", _ref("Health"))
+    if ready:
+        responses |= _errors(503)
+    return {"operationId": "ready" if ready else "health", "summary": summary, "responses": responses}
+
+
+def _openapi() -> dict:
+    return {
+        "operationId": "openapi",
+        "summary": "This document",
+        "responses": _ok("The OpenAPI 3.1 document.", {"type": "object", "required": ["openapi", "paths"]}),
+    }

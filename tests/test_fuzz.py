@@ -1,0 +1,102 @@
+"""Schema-driven fuzzing (schemathesis) of every operation in /openapi.json, in process through WSGI.
+
+Valid and invalid requests are generated from the document: no answer may be a 5xx, every answer
+must conform to the document (status, media type, body schema, headers), a request the document
+rules out must be refused with a 4xx, and every 4xx must be a FHIR OperationOutcome. The run is
+derandomized and bounded, so CI tries the same cases every time; `test_fuzzing_ran_its_cases` says
+how many ran. With JWT verification on, requests without a token get 401 and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import schemathesis
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from service import openapi
+from service.auth import OPEN_PATHS
+from service.config import Settings
+
+EXAMPLES = 20  # per operation and mode, besides the boundary cases schemathesis derives from the schema
+FUZZ = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+# The document describes the shape of a request; only the service can tell that a well-shaped one is
+# valid FHIR about one patient, so a valid shape may still get a 4xx.
+NOT_CHECKED = [positive_data_acceptance]
+REFUSALS = ["400", "401", "403", "404", "405", "406", "412", "413", "415"]
+CASES: Counter = Counter()
+
+
+@schemathesis.check
+def failures_are_operation_outcomes(ctx, response, case):
+    """Every 4xx and 5xx is a FHIR OperationOutcome, whatever the document says of that status."""
+    if response.status_code >= 400:
+        assert response.headers["content-type"][0].startswith("application/fhir+json"), response.status_code
+        OperationOutcome.model_validate(response.json())
+
+
+def fuzzed(examples: int, boundaries: bool = True):
+    """The service's document as the tests run it (test_openapi checks it is the one served), set up."""
+    loaded = schemathesis.openapi.from_dict(openapi.document(Settings()))
+    loaded.config.generation.update(
+        modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=examples
+    )
+    loaded.config.phases.coverage.enabled = boundaries
+    loaded.config.checks.negative_data_rejection.expected_statuses = REFUSALS
+    return loaded
+
+
+schema = fuzzed(EXAMPLES)
+# Without a token nothing is read past the Authorization header: a few cases of each operation do.
+schema_without_token = fuzzed(10, boundaries=False)
+
+
+@schema.parametrize()
+@FUZZ
+def test_every_operation_holds_under_fuzzing(app, case):
+    CASES[case.operation.label] += 1
+    case.call_and_validate(
+        app=app, excluded_checks=NOT_CHECKED, additional_checks=[failures_are_operation_outcomes]
+    )
+
+
+@schema.include(path="/evaluate").parametrize()
+@FUZZ
+def test_evaluate_as_fhir_holds_under_fuzzing(app, case):
+    CASES[f"{case.operation.label} (Accept: application/fhir+json)"] += 1
+    case.call_and_validate(
+        app=app,
+        headers={"Accept": "application/fhir+json"},
+        excluded_checks=NOT_CHECKED,
+        additional_checks=[failures_are_operation_outcomes],
+    )
+
+
+@schema_without_token.parametrize()
+@FUZZ
+def test_without_a_token_every_protected_operation_answers_401(auth_app, case):
+    CASES[f"{case.operation.label} (JWT on, no token)"] += 1
+    response = case.call(app=auth_app)
+    # Open without a token: health, and CORS preflights (schemathesis also tries other methods).
+    if case.operation.path not in OPEN_PATHS and response.request.method != "OPTIONS":
+        assert response.status_code == 401, (response.request.method, response.request.url)
+        assert response.headers["www-authenticate"] == ["Bearer"]
+    case.validate_response(response, checks=[failures_are_operation_outcomes])
+
+
+def test_fuzzing_ran_its_cases(capsys):
+    if not CASES:
+        pytest.skip("the fuzzing tests did not run")
+    with capsys.disabled():
+        print(
+            f"\nfuzzing: {sum(CASES.values())} cases",
+            *(f"  {n:5} {label}" for label, n in sorted(CASES.items())),
+            sep="\n",
+        )
+    operations = {operation.ok().label for operation in schema.get_all_operations()}
+    assert operations <= set(CASES), operations - set(CASES)
+    assert all(CASES[label] >= EXAMPLES for label in operations if label.startswith("POST")), CASES

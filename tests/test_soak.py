@@ -1,0 +1,21 @@
+"""A short soak (bench/soak.py): gunicorn under concurrent clients, every answer checked, no worker lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_a_short_soak_has_no_server_error_wrong_answer_or_crash():
+    command = [sys.executable, "bench/soak.py", "--requests", "1000", "--clients", "4", "--json"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    figures = json.loads(result.stdout)
+    assert figures["failures"] == [], figures
+    assert result.returncode == 0
+    assert figures["requests"] == 1000 and figures["serverErrors"] == 0 and figures["wrongAnswers"] == 0
+    assert figures["workersUnchanged"] and figures["workerExits"] == 0
+    assert figures["feedbackInDatabase"] == figures["feedbackAcknowledged"] > 0
+    assert set(figures["statuses"]) >= {"200", "400", "404", "405", "406", "412", "415"}
