@@ -40,8 +40,8 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
     return summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
 
 
-def _attributed(line: str) -> tuple[str, dict] | None:
-    """Return (patient, resource) for a line a rule can use, else None."""
+def _attributed(line: str) -> tuple[str, str] | None:
+    """Return (patient, line) for a line a rule can use, else None."""
     try:
         resource = json.loads(line)
     except ValueError:
@@ -49,15 +49,17 @@ def _attributed(line: str) -> tuple[str, dict] | None:
     if not isinstance(resource, dict) or resource.get("resourceType") not in KEPT:
         return None
     patient = patient_of(resource)
-    return (patient, resource) if patient else None
+    # The shuffle carries the line, not the parsed resource: less than half the memory, fewer bytes.
+    return (patient, line) if patient else None
 
 
-def _evaluate_group(group: tuple[str, list[tuple[str, dict]]], as_of: str) -> dict:
+def _evaluate_group(group: tuple[str, list[tuple[str, str]]], as_of: str) -> dict:
     patient, rows = group
     if not _evaluator:
         _evaluator.append(Evaluator(Settings.from_env()))
-    return evaluate_patient(_evaluator[0], patient, [resource for _, resource in rows], parse_time(as_of))
+    resources = [json.loads(line) for _, line in rows]
+    return evaluate_patient(_evaluator[0], patient, resources, parse_time(as_of))
 
 
-def _patient(row: tuple[str, dict]) -> str:
+def _patient(row: tuple[str, str]) -> str:
     return row[0]
