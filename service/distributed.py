@@ -37,7 +37,9 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
         by_patient = lines.map(_attributed).filter(None).groupby(_patient)
         results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=False)
         results.to_textfiles(str(out / "results-*.ndjson"), last_endline=True)
-    return summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
+    summary = summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
+    summary.save(out)
+    return summary
 
 
 def _attributed(line: str) -> tuple[str, str] | None:

@@ -59,6 +59,10 @@ class Summary:
             "thisRun": self.run,
         }
 
+    def save(self, out: Path) -> None:
+        """Write the summary to OUT/summary.json."""
+        (out / SUMMARY).write_text(json.dumps(self.as_json(), indent=2) + "\n", encoding="utf-8")
+
     def table(self) -> str:
         """Render patients per card topic and indicator as a plain-text table."""
         indicators = ("critical", "warning", "info")
@@ -308,7 +312,7 @@ def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progre
         "perSecond": round(evaluated / seconds, 1) if seconds else None,
         "workers": workers,
     }
-    (out / SUMMARY).write_text(json.dumps(summary.as_json(), indent=2) + "\n", encoding="utf-8")
+    summary.save(out)
     return summary
 
 

@@ -209,3 +209,8 @@ def test_dask_in_local_mode_gives_the_same_results(fixtures_only, tmp_path):
         merged |= results(part)
     assert merged == results(tmp_path / "local" / screen.RESULTS)
     assert on_dask.cards == local.cards and on_dask.patients == local.patients
+    written = json.loads((tmp_path / "dask" / screen.SUMMARY).read_text())
+    assert (
+        written["patientsByCard"]
+        == json.loads((tmp_path / "local" / screen.SUMMARY).read_text())["patientsByCard"]
+    )
