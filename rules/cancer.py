@@ -11,12 +11,12 @@ DIAGNOSES = (
     "diagnosis-antisynthetase",
 )
 ANTIBODY_FACTORS = ("anti-tif1g", "anti-nxp2", "anti-sae1", "anti-hmgcr")
-TIERS = ("standard", "moderate", "high")
 
 
 def define(k, emit):
     """Register the cancer-screening rules in the active ruleset."""
     window = k.value("cancer.window")
+    adult_age = k.value("cancer.adult")
 
     # Stage 3 (after the IMNM and differential conclusions): is there myositis at all?
 
@@ -52,7 +52,7 @@ def define(k, emit):
     @when_all(
         pri(4),
         c.my << finding("myositis"),
-        c.pt << (of_type("patient") & (m.adult == "yes")),
+        c.pt << (of_type("patient") & (m.age >= adult_age)),
         c.on << (of_type("myositis-onset") & (m.known == True) & (m.days_ago <= window)),
         c.done << of_type("cancer-screening"),
     )

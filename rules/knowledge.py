@@ -192,7 +192,7 @@ class Knowledge:
             raise KnowledgeError(f"no parameter {key!r} in rules/") from None
 
     def text(self, key: str) -> str:
-        """Return a plain text entry by its dotted key, e.g. 'imnm.tests.anti-hmgcr.label'."""
+        """Return a plain text entry by its dotted key, e.g. 'imnm.tests.anti-hmgcr.positive'."""
         try:
             return self.texts[key]
         except KeyError:
@@ -411,6 +411,8 @@ def _valueset(raw: dict) -> ValueSet:
                 )
             codes[(system, normalise_code(system, concept["code"]))] = level
         for flt in include.get("filter", []):
+            if _extension(include, "verification") not in ("A", "B", "C"):
+                raise KnowledgeError(f"valueset {raw['id']}: a filter lacks a verification level A-C")
             if flt["property"] != "concept" or flt["op"] != "is-a":
                 raise KnowledgeError(f"valueset {raw['id']}: only 'concept is-a' filters are supported")
             low, _, high = flt["value"].partition("-")

@@ -125,7 +125,9 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.error("unhandled error", exc_info=exc, extra={"fields": {"path": request.path}})
+        # The route, not the path: a path the client chose may hold identifiers.
+        route = request.url_rule.rule if request.url_rule else None
+        log.error("unhandled error", exc_info=exc, extra={"fields": {"route": route}})
         return _outcome(500, [Issue("exception", "internal error; no advice was produced")])
 
     return app

@@ -212,7 +212,7 @@ class RemoteKeySets:
         previous = self._cached.get(url, (0.0, {}))[1]
         try:
             keys = signing_keys(_fetch_json(url))
-        except (requests.RequestException, ValueError) as exc:
+        except (requests.RequestException, ValueError, RecursionError) as exc:
             # Keep the last good keys: a JWKS outage should not lock out clients whose keys we hold.
             log.warning("jwks fetch failed", extra={"fields": {"jku": url, "error": type(exc).__name__}})
             keys = previous

@@ -17,8 +17,8 @@ from gunicorn.app.base import BaseApplication
 from service import distributed, hooks, screen
 from service.app import create_app
 from service.config import ConfigError, Settings
-from service.facts.fhir import parse_time
-from service.feedback_store import FeedbackStore
+from service.facts.fhir import parse_datetime
+from service.feedback_store import FeedbackStore, StoreError
 from service.outcome import ApiError, operation_outcome
 from service.pipeline import Evaluator
 from service.screen import ScreenError
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands_by_name[args.command](args)
-    except (ConfigError, ScreenError) as exc:
+    except (ConfigError, ScreenError, StoreError, ApiError, requests.RequestException, OSError) as exc:
         print(f"imnm-cds: {exc}", file=sys.stderr)
         return 2
 
@@ -172,7 +172,7 @@ def run_screen(args) -> int:
 
 
 def _as_of(text: str) -> datetime:
-    moment = parse_time(text)
+    moment = parse_datetime(text)
     if moment is None:
         raise argparse.ArgumentTypeError("must be a FHIR dateTime, e.g. 2024-06-01T12:00:00Z")
     return moment

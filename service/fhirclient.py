@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -205,23 +205,31 @@ def reports_failure(outcome: dict) -> bool:
     return not severities or not severities <= IGNORED
 
 
+def is_http_url(text) -> bool:
+    """Say whether this is an absolute http(s) URL naming a host, with a valid port and no spaces."""
+    return isinstance(text, str) and not any(c.isspace() for c in text) and _origin(text) is not None
+
+
 def within(url: str, base: str) -> bool:
     """Say whether a URL lies at or under a base URL: same scheme, host and port, path inside it."""
-    target, root = urlsplit(url), urlsplit(base)
-    path = root.path.rstrip("/")
-    inside = target.path.rstrip("/") == path or target.path.startswith(path + "/")
     origin = _origin(url)
-    return inside and origin is not None and origin == _origin(base)
+    if origin is None or origin != _origin(base):
+        return False
+    target, path = urlsplit(url).path, urlsplit(base).path.rstrip("/")
+    # Clients resolve dot segments, so ../ would lead out of the base with the token.
+    if any(segment in (".", "..") for segment in unquote(target).split("/")):
+        return False
+    return target.rstrip("/") == path or target.startswith(path + "/")
 
 
 def _origin(url: str) -> tuple | None:
-    """Return (scheme, host, port), or None for a URL with credentials or a bad port."""
-    parts = urlsplit(url)
+    """Return (scheme, host, port), or None for a URL that is not http(s), has credentials or a bad port."""
     try:
+        parts = urlsplit(url)
         port = parts.port or DEFAULT_PORTS.get(parts.scheme)
     except ValueError:
         return None
-    if parts.username is not None or parts.password is not None:
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None:
         return None
     return parts.scheme, parts.hostname, port
 

@@ -112,7 +112,8 @@ def _drafts(request: HookRequest) -> list[Resource]:
     selections = request.context.get("selections")
     if selections is None:
         return drafts
-    return [d for d in drafts if d.reference in selections]
+    selected = set(selections)
+    return [d for d in drafts if d.reference in selected]
 
 
 def _fetch(
@@ -218,7 +219,10 @@ def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
     patients = [r for r in resources if r.type == "Patient"]
     if not patients:
         raise error(400, "invalid", "the Bundle holds no Patient", "Bundle.entry")
-    identities = {p.data.get("id") or p.full_url for p in patients}
+    for p in patients:
+        if "id" in p.data and not as_str(p.data["id"]):
+            raise error(400, "value", "Patient.id must be a non-empty string", f"{p.location}.id")
+    identities = {as_str(p.data.get("id")) or p.full_url for p in patients}
     if None in identities:
         raise error(400, "invalid", "a Patient in the Bundle has neither id nor fullUrl", "Bundle.entry")
     if len(identities) > 1:
@@ -229,14 +233,12 @@ def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
             "Bundle.entry",
         )
     patient = patients[0]
-    patient_id = patient.data.get("id") or patient.full_url
+    patient_id = identities.pop()
     _check_subjects(resources, patient_id, aliases={patient.full_url} - {None})
-    drafts = [
-        r
-        for r in resources
-        if with_drafts and r.type == "MedicationRequest" and r.data.get("status") == "draft"
-    ]
-    record = [r for r in resources if not any(r is d for d in drafts)]
+    drafts, record = [], []
+    for r in resources:
+        is_draft = with_drafts and r.type == "MedicationRequest" and r.data.get("status") == "draft"
+        (drafts if is_draft else record).append(r)
     # A Bundle is the record as the sender holds it: what it lacks is absent, not unknown.
     return Gathered(patient_id, tuple(record), frozenset({"Patient", *SUBJECT}), tuple(drafts))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from types import MappingProxyType
 
 from rules.knowledge import TOPICS
 from service.facts.fhir import is_resource, parse_datetime
+from service.fhirclient import is_http_url
 from service.outcome import error
 
 AS_OF = "imnm-cds.asOf"  # request extension: evaluate as of this instant (replays and tests)
@@ -71,8 +71,7 @@ ORDER_USAGE = (
 )
 ORDER_DESCRIPTION = (
     "Warns before a statin is ordered again for a patient with anti-HMGCR antibodies, an IMNM diagnosis, "
-    "or CK "
-    "that stayed raised after the last statin dose, and offers to remove the draft order."
+    "or CK that stayed raised after the last statin dose, and offers to remove the draft order."
 )
 PATIENT_VIEW = Service(
     id="imnm-patient-view",
@@ -172,7 +171,7 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
     for name, kind in service.context.items():
         _check_context(context, name, kind)
     server, authorization = body.get("fhirServer"), body.get("fhirAuthorization")
-    if server is not None and (not isinstance(server, str) or not re.match(r"^https?://\S+$", server)):
+    if server is not None and not is_http_url(server):
         raise error(400, "value", "fhirServer must be an absolute http(s) URL", "fhirServer")
     if authorization is not None:
         _check_authorization(authorization, server)
