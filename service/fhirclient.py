@@ -207,7 +207,7 @@ def reports_failure(outcome: dict) -> bool:
 
 def is_http_url(text) -> bool:
     """Say whether this is an absolute http(s) URL naming a host, with a valid port and no spaces."""
-    return isinstance(text, str) and not any(c.isspace() for c in text) and _origin(text) is not None
+    return isinstance(text, str) and not any(c.isspace() for c in text) and _split(text) is not None
 
 
 def within(url: str, base: str) -> bool:
@@ -222,15 +222,22 @@ def within(url: str, base: str) -> bool:
     return target.rstrip("/") == path or target.startswith(path + "/")
 
 
-def _origin(url: str) -> tuple | None:
-    """Return (scheme, host, port), or None for a URL that is not http(s), has credentials or a bad port."""
+def _split(url: str) -> tuple | None:
+    """Return the parts and port of an http(s) URL naming a host, or None for anything else."""
     try:
         parts = urlsplit(url)
         port = parts.port or DEFAULT_PORTS.get(parts.scheme)
     except ValueError:
         return None
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None:
+    return (parts, port) if parts.scheme in DEFAULT_PORTS and parts.hostname else None
+
+
+def _origin(url: str) -> tuple | None:
+    """Return (scheme, host, port), or None for a URL that is not http(s), has credentials or a bad port."""
+    split = _split(url)
+    if split is None or split[0].username is not None:
         return None
+    parts, port = split
     return parts.scheme, parts.hostname, port
 
 

@@ -279,8 +279,10 @@ def test_data_about_another_patient_is_refused(client, faulty):
         ({}, "http://user:secret@127.0.0.1:{port}/fhir"),
         ({}, "http://127.0.0.1:{port}/fhir?tenant=1"),
         ({"fhir_allow_http": False}, "http://127.0.0.1:{port}/fhir"),
+        ({}, "http://127.0.0.1:{port}/fhir/../elsewhere"),
+        ({}, "http://127.0.0.1:{port}/fhir/%2E%2E/elsewhere"),
     ],
-    ids=["not-listed", "credentials", "query", "http-not-allowed"],
+    ids=["not-listed", "credentials", "query", "http-not-allowed", "dot-segments", "encoded-dot-segments"],
 )
 def test_a_server_not_allowed_is_never_contacted(server, faulty, settings, base):
     client = fetching_client(server, **settings)
