@@ -4,8 +4,9 @@ Usage: .venv/bin/python bench/card_recording.py [--runs 2000] [--database-url UR
 
 Posts one 100-resource patient-view request (the worked example, its labs padded with earlier CK
 results) through the Flask test client, alternating blocks with card recording on and off (the
-store's record_cards replaced by a no-op), and prints p50/p99 of each and the difference. Also
-times record_cards alone, and how long the background writer takes to drain what was queued.
+store's record_cards replaced by a no-op), and prints p50/p95/p99 of each and the difference. Also
+times record_cards alone, and how long the background writer takes to drain what was queued. Results
+go to bench/results/card_recording-<date>.json as well as the screen.
 """
 
 from __future__ import annotations
@@ -13,24 +14,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from service.app import create_app  # noqa: E402
+from common import ROOT, environment, percentiles, save, table
+from service.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 RESOURCES = 100
 
 
 def request_with(resources: int) -> dict:
-    """The worked example with earlier CK results added until the prefetch holds this many resources."""
+    """Return the worked example with earlier CK results added until its prefetch holds this many."""
     request = json.loads((ROOT / "fhir_fixtures/worked-example-hmgcr-positive/request.json").read_text())
     labs = request["prefetch"]["labs"]["entry"]
     template = next(e for e in labs if e["resource"]["id"] == "ck-1")
@@ -48,12 +44,8 @@ def request_with(resources: int) -> dict:
     return request
 
 
-def percentile(values: list[float], p: float) -> float:
-    return sorted(values)[min(len(values) - 1, int(len(values) * p))]
-
-
 def counted(store) -> int:
-    """How many times the worked example's card has been recorded as issued."""
+    """Count the times the worked example's card has been recorded as issued."""
     return sum(row["issued"] for row in store.summary()["rules"] if row["rule"] == "imnm.seropositive_hmgcr")
 
 
@@ -62,6 +54,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000, help="requests per mode")
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary directory")
     args = parser.parse_args()
+    results = {"environment": environment(), "resources": RESOURCES, "runs": args.runs}
     with tempfile.TemporaryDirectory() as directory:
         url = args.database_url or f"sqlite:///{directory}/feedback.sqlite"
         app = create_app({"database_url": url, "log_level": "WARNING"})
@@ -97,18 +90,24 @@ def main() -> None:
         assert store.flush(60)
         issued = counted(store) - before
         store.close()
-    database = url.split(":")[0]
-    print(f"{RESOURCES}-resource patient-view, {len(cards)} card(s), {args.runs} requests a mode, {database}")
-    for mode in ("off", "on"):
-        print(
-            f"  recording {mode:>3}: p50 {statistics.median(times[mode]):.2f} ms, "
-            f"p99 {percentile(times[mode], 0.99):.2f} ms"
-        )
-    added = statistics.median(times["on"]) - statistics.median(times["off"])
-    print(f"  added at p50: {added:+.3f} ms")
-    alone = f"p50 {statistics.median(enqueue):.1f} µs, p99 {percentile(enqueue, 0.99):.1f} µs"
-    print(f"  record_cards alone: {alone}")
-    print(f"  writer drained the backlog {drained:.0f} ms after the last request; issues recorded: {issued}")
+    results |= {
+        "cards": len(cards),
+        "database": url.split(":")[0],
+        "ms": {"recording off": percentiles(times["off"]), "recording on": percentiles(times["on"])},
+        "recordCardsAloneMicroseconds": percentiles(enqueue),
+        "drainedMs": round(drained),
+        "issuesRecorded": issued,
+    }
+    added = results["ms"]["recording on"]["p50"] - results["ms"]["recording off"]["p50"]
+    results["addedAtP50Ms"] = round(added, 3)
+    heading = f"{RESOURCES}-resource patient-view, {len(cards)} card(s), {args.runs} requests a mode"
+    print(f"{heading}, {results['database']} (ms)")
+    print(table(results["ms"]))
+    print(f"added at p50: {added:+.3f} ms")
+    alone = results["recordCardsAloneMicroseconds"]
+    print(f"record_cards alone: p50 {alone['p50']:.1f} µs, p99 {alone['p99']:.1f} µs")
+    print(f"writer drained the backlog {drained:.0f} ms after the last request; issues recorded: {issued}")
+    print(f"saved {save('card_recording', results)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What every benchmark shares: percentiles, a plain table, the machine it ran on, and saved results."""
+"""What every benchmark shares: percentiles, memory growth, a table, the machine it ran on, saved results."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def percentiles(values: list[float]) -> dict:
         "mean": round(statistics.fmean(ordered), 3),
         "n": len(ordered),
     }
+
+
+def second_half_growth(series: list[float]) -> float:
+    """Return how far a series rose in its second half: last tenth's mean less the tenth's up to half-way."""
+    # Caches, the engine's session memory (kept for reuse at its high-water mark) and SQLite's page
+    # cache fill up first; a leak grows with requests. So the growth that counts is over the second half.
+    tenth = max(1, len(series) // 10)
+    middle = max(tenth, len(series) // 2)
+    return round(statistics.fmean(series[-tenth:]) - statistics.fmean(series[middle - tenth : middle]), 1)
 
 
 def table(rows: dict[str, dict]) -> str:

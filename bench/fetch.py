@@ -59,7 +59,7 @@ def delaying_proxy(target: str, delay: float) -> ThreadingHTTPServer:
 
 
 def measure(base: str, threads: int, runs: int) -> list[float]:
-    """Milliseconds of each call with no prefetch: every key fetched from base."""
+    """Time each call with no prefetch, every key fetched from base; return the milliseconds."""
     settings = {"fhir_servers": base, "fhir_allow_http": True, "fetch_threads": threads, "log_level": "ERROR"}
     limits = {"deadline_ms": 30_000, "fetch_budget_ms": 20_000, "fetch_read_timeout_ms": 10_000}
     client = create_app({**settings, **limits}).test_client()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -238,7 +239,8 @@ def main() -> None:
         row = {"resources": lines, "megabytes": round(megabytes, 1)}
         for engine in ["local", *(["dask"] if args.dask else [])]:
             out = POPULATIONS / f"out-{size}-{engine}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            if out.exists():
+                shutil.rmtree(out)
             result = screen(export, out, engine == "dask")
             result["patientsPerSecond"] = round(size / result["seconds"], 1)
             row[engine] = result

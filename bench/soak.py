@@ -17,8 +17,9 @@ It fails (exit 1) on any 5xx, any answer that differs, any failed connection, a 
 the one it started with or a restart in the server's log, feedback acknowledged but not in the
 database, issued cards not recorded without a log line saying so, or a worker whose memory grew by
 more than --rss-growth-mib over the second half of the run (the first half fills caches and the
-engine's reusable session memory). `GET /feedback/summary`
-changes as feedback arrives: only its status is checked.
+engine's reusable session memory). `GET /feedback/summary` changes as feedback arrives: only its
+status is checked. The figures go to bench/results/soak-<date>.json as well as the screen; on a
+failure the server's log is kept and its path printed.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,14 +43,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from service.cli import scenario_target  # noqa: E402
+from common import ROOT, environment, save, second_half_growth
+from service.cli import scenario_target
+from service.config import Settings
 
 FIXTURES = ROOT / "fhir_fixtures"
 JSON, FHIR_JSON = "application/json", "application/fhir+json"
 NEW_FEEDBACK = b'{"received": 1, "stored": 1, "duplicates": 0}'
+DEADLINE_MS = Settings().deadline_ms  # the server runs with a longer one, to check every answer in full
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class Kind:
     body: bytes | None = None
     headers: dict = field(default_factory=dict)
     weight: int = 1
-    check: str = "same"  # same: as the single-threaded answer; status: only the status; new-feedback
+    # same: as the single-threaded answer; status: only the status; new-feedback: a new item's receipt
+    check: str = "same"
 
 
 def load(path: Path) -> dict:
@@ -85,7 +87,7 @@ def as_bundle(request: dict) -> dict:
 
 
 def mix() -> list[Kind]:
-    """Every input of the soak, with its weight."""
+    """List every input of the soak, with its weight."""
     kinds = []
     posted = {"Content-Type": JSON}
     worked = load(FIXTURES / "worked-example-hmgcr-positive" / "request.json")
@@ -139,7 +141,7 @@ def mix() -> list[Kind]:
 
 
 def feedback(second: int) -> bytes:
-    """Override the worked example's IMNM card at a moment of its own: new feedback for each second."""
+    """Return feedback overriding the worked example's IMNM card at this second: new for each second."""
     moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(1_700_000_000 + second))
     item = {
         "card": "5a922250-289d-5cfd-ba14-6e988844f855",
@@ -164,6 +166,11 @@ def another_patient(request: dict) -> bytes:
     return json.dumps(other).encode()
 
 
+def body_of(kind: Kind, second: int) -> bytes | None:
+    """Return what to send for an input: its body, or for new feedback, feedback of this second."""
+    return feedback(second) if kind.check == "new-feedback" else kind.body
+
+
 def send(connection: http.client.HTTPConnection, kind: Kind, body: bytes | None) -> tuple[int, str, bytes]:
     connection.request(kind.method, kind.path, body=body, headers=kind.headers)
     response = connection.getresponse()
@@ -180,7 +187,7 @@ def client(port: int, kinds: list[Kind], expected: dict, *, count: int, seed: in
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for n in range(count):
         kind = rng.choices(kinds, weights)[0]
-        body = feedback(first_second + n) if kind.check == "new-feedback" else kind.body
+        body = body_of(kind, first_second + n)
         started = time.perf_counter()
         try:
             status, media, answer = send(connection, kind, body)
@@ -232,7 +239,7 @@ def free_port() -> int:
 
 
 def worker_pids(master: int) -> set[int]:
-    """The pids of a gunicorn master's workers (its child processes)."""
+    """Return the pids of a gunicorn master's workers (its child processes)."""
     return {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
 
 
@@ -250,8 +257,8 @@ def start(args, workdir: Path) -> tuple[subprocess.Popen, int]:
         "IMNM_CDS_DATABASE_URL": f"sqlite:///{workdir / 'soak.sqlite'}",
         "IMNM_CDS_LOG_LEVEL": "WARNING",
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as the Docker image runs it
-        # Past the hook deadline (400 ms by default) an answer has no cards: answers are checked here,
-        # so it is put out of reach, and the answers that would have been late are counted.
+        # Past the hook deadline an answer has no cards: answers are checked here, so it is put out of
+        # reach, and the answers that would have been late by the default one are counted.
         "IMNM_CDS_DEADLINE_MS": "60000",
     }
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
@@ -281,16 +288,42 @@ def sample_memory(master: int, samples: dict[int, list[float]], stop: threading.
 
 
 def soak(args) -> dict:
+    """Run the soak in a throwaway directory; keep the server's log if anything failed."""
+    with tempfile.TemporaryDirectory(prefix="imnm-cds-soak-") as directory:
+        workdir = Path(directory)
+        try:
+            figures = exercise(args, workdir)
+        except BaseException:
+            keep_log(workdir)
+            raise
+        if figures["failures"]:
+            figures["serverLog"] = keep_log(workdir)
+        return figures
+
+
+def keep_log(workdir: Path) -> str | None:
+    """Copy the server's log out of the throwaway directory and say where it is."""
+    log = workdir / "server.log"
+    if not log.exists():
+        return None
+    handle, kept = tempfile.mkstemp(prefix="imnm-cds-soak-", suffix=".log")
+    os.close(handle)
+    shutil.copyfile(log, kept)
+    print(f"server log kept at {kept}", file=sys.stderr)
+    return kept
+
+
+def exercise(args, workdir: Path) -> dict:
+    """Start the server, send the mix one at a time and then concurrently, and report on both sides."""
     kinds = mix()
-    workdir = Path(tempfile.mkdtemp(prefix="imnm-cds-soak-"))
     server, port = start(args, workdir)
     try:
         workers = worker_pids(server.pid)
         # Each input twice, one at a time: the second answer is the one every later copy must get (a
         # resent feedback item is new only the first time).
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        first = {kind.name: send(connection, kind, kind.body or feedback(-1)) for kind in kinds}
-        expected = {kind.name: send(connection, kind, kind.body or feedback(-1)) for kind in kinds}
+        first = {kind.name: send(connection, kind, body_of(kind, -1)) for kind in kinds}
+        expected = {kind.name: send(connection, kind, body_of(kind, -1)) for kind in kinds}
         connection.close()
         single = sum(cards_in(kind, *answers[kind.name]) for kind in kinds for answers in (first, expected))
         samples: dict[int, list[float]] = {}
@@ -339,15 +372,7 @@ def report(args, run: dict, results: list[dict], samples: dict, server: dict) ->
         statuses.update(result["statuses"])
     latencies = sorted(t for r in results for t in r["latencies"])
     stored = sum(r["feedbackStored"] for r in results)
-    # Caches, the engine's session memory (kept for reuse at its high-water mark) and SQLite's page
-    # cache fill up first; a leak grows with requests. So the growth that counts is over the second half.
-    growth = {}
-    for pid, series in samples.items():
-        tenth = max(1, len(series) // 10)
-        middle = len(series) // 2
-        growth[pid] = round(
-            statistics.mean(series[-tenth:]) - statistics.mean(series[middle - tenth : middle]), 1
-        )
+    growth = {pid: second_half_growth(series) for pid, series in samples.items()}
     wrong = statuses.pop("wrong", 0)
     figures = {
         "requests": sum(statuses.values()),
@@ -359,7 +384,7 @@ def report(args, run: dict, results: list[dict], samples: dict, server: dict) ->
         "perSecond": round(sum(statuses.values()) / run["seconds"]),
         "p50ms": round(latencies[len(latencies) // 2] * 1000, 1) if latencies else None,
         "p99ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1) if latencies else None,
-        "over400ms": sum(t > 0.4 for t in latencies),  # the default hook deadline, measured by the client
+        f"over{DEADLINE_MS}ms": sum(t * 1000 > DEADLINE_MS for t in latencies),  # measured by the client
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "serverErrors": sum(v for k, v in statuses.items() if k >= 500),
         "wrongAnswers": wrong,
@@ -409,12 +434,16 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args()
+    machine = environment()
     figures = soak(args)
+    saved = save("soak", {"environment": machine, **figures})
     if args.json:
         print(json.dumps(figures))
+        print(f"saved {saved}", file=sys.stderr)
     else:
         for name, value in figures.items():
             print(f"{name:>26}: {value}")
+        print(f"saved {saved}")
     return 1 if figures["failures"] else 0
 
 

@@ -3,11 +3,13 @@
 Usage: .venv/bin/python bench/throughput.py [--seconds 20] [--memory-requests 100000] [--quick]
 Needs wrk (Debian: apt-get install wrk).
 
-For 100 and 1,000 resources, and several worker × thread layouts, it starts `imnm-cds serve`, warms
-it up, and lets wrk post one generated patient-view request over concurrent connections: requests per
-second, latency percentiles, and any non-2xx answer or socket error (there must be none). Then, with
+For 100 and 1,000 resources, and several worker × thread layouts, it starts `imnm-cds serve`, waits
+until it is ready, warms it up, and lets wrk post one generated patient-view request over concurrent
+connections: requests per second, latency percentiles, non-2xx answers and socket errors. Then, with
 the default layout, it sends --memory-requests requests and samples every worker's resident memory
-each second: it must stay flat. Results go to bench/results/throughput-<date>.json as well as the screen.
+each second. Results go to bench/results/throughput-<date>.json as well as the screen. It fails (exit
+1, after saving) on any non-2xx answer, socket error or worker restart, or a worker whose memory grew
+by more than 5 MiB over the second half of the memory run.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import workload
-from common import ROOT, environment, save
+from common import ROOT, environment, save, second_half_growth
 
 LAYOUTS = [(2, 1), (2, 4), (2, 8), (4, 2)]  # (workers, threads)
 DEFAULT_LAYOUT = (2, 8)  # what `imnm-cds serve` uses unless told otherwise
 CONNECTIONS = {100: 16, 1000: 8}
+RSS_GROWTH_MIB = 5.0  # most a worker may grow over the second half of the memory run
 REPORT = """
 done = function(summary, latency, requests)
   local errors = summary.errors
@@ -53,7 +57,7 @@ def free_port() -> int:
 
 @contextmanager
 def serving(workers: int, threads: int, directory: Path):
-    """Run `imnm-cds serve` with this layout; yield its URL and master pid once it answers."""
+    """Run `imnm-cds serve` with this layout; yield its URL and master pid once it is ready."""
     port = free_port()
     environ = {
         "MALLOC_ARENA_MAX": "2",  # as the Docker image runs it (README, Speed)
@@ -66,17 +70,27 @@ def serving(workers: int, threads: int, directory: Path):
         server = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        time.sleep(1.0)  # every worker up, not just the first
+        wait_until_ready(url, server, directory / "server.log")
         yield url, server.pid
     finally:
         server.terminate()
         server.wait(30)
+
+
+def wait_until_ready(url: str, server: subprocess.Popen, log: Path) -> None:
+    """Poll /health/ready until it answers 200; stop if the server exits or a minute passes."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as answer:
+                if answer.status == 200:
+                    # One worker answered; the others began loading the app with it: give them a moment.
+                    time.sleep(1.0)
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server never became ready:\n{log.read_text()[-2000:]}")
 
 
 def wrk(url: str, body: Path, connections: int, seconds: float, directory: Path) -> dict:
@@ -141,11 +155,13 @@ def throughput(
         body = directory / f"request-{size}.json"
         body.write_text(json.dumps(workload.request(size, 1)))
         for workers, threads in layouts:
-            with serving(workers, threads, directory) as (url, _):
+            with serving(workers, threads, directory) as (url, master):
                 wrk(url, body, CONNECTIONS[size], 3, directory)  # warm-up
+                pids = workers_of(master)
                 before = cut_short(directory / "server.log")
                 result = wrk(url, body, CONNECTIONS[size], seconds, directory)
                 result["cutShortByDeadline"] = cut_short(directory / "server.log") - before
+                result["workersRestarted"] = workers_of(master) != pids
             row = {
                 "resources": size,
                 "workers": workers,
@@ -158,7 +174,8 @@ def throughput(
                 f"{result['perSecond']:>7.1f} req/s  "
                 f"p50 {result['p50']:.1f} ms  p90 {result['p90']:.1f} ms  p99 {result['p99']:.1f} ms  "
                 f"non-2xx {result['non2xx']}  socket errors {result['socketErrors']}  "
-                f"past the deadline {result['cutShortByDeadline']}",
+                f"past the deadline {result['cutShortByDeadline']}  "
+                f"workers restarted: {result['workersRestarted']}",
                 flush=True,
             )
     return rows
@@ -194,6 +211,7 @@ def memory(requests: int, directory: Path) -> dict:
             "startMiB": round(samples[0][str(pid)], 1),
             "maxMiB": round(max(s[str(pid)] for s in samples), 1),
             "endMiB": round(samples[-1][str(pid)], 1),
+            "secondHalfGrowthMiB": second_half_growth([s[str(pid)] for s in samples]),
         }
         for pid in pids
     }
@@ -208,17 +226,35 @@ def memory(requests: int, directory: Path) -> dict:
     }
     for pid, rss in per_worker.items():
         print(
-            f"worker {pid}: RSS {rss['startMiB']} MiB at start, "
-            f"{rss['maxMiB']} max, {rss['endMiB']} at the end"
+            f"worker {pid}: RSS {rss['startMiB']} MiB at start, {rss['maxMiB']} max, "
+            f"{rss['endMiB']} at the end, {rss['secondHalfGrowthMiB']:+} over the second half"
         )
     print(
         f"{report['requests']} requests, non-2xx {report['non2xx']}, "
-        f"workers restarted: {report['workersRestarted']}"
+        f"socket errors {report['socketErrors']}, workers restarted: {report['workersRestarted']}"
     )
     return report
 
 
-def main() -> None:
+def failures(results: dict) -> list[str]:
+    """Name every run that had a non-2xx answer, a socket error or a restart, and every worker that grew."""
+    runs = {f"{r['resources']} resources, {r['workers']} × {r['threads']}": r for r in results["throughput"]}
+    runs["memory run"] = results["memory"]
+    found = [
+        f"{name}: {r['non2xx']} non-2xx, {r['socketErrors']} socket errors"
+        + (", a worker restarted" if r["workersRestarted"] else "")
+        for name, r in runs.items()
+        if r["non2xx"] or r["socketErrors"] or r["workersRestarted"]
+    ]
+    found += [
+        f"worker {pid} grew {rss['secondHalfGrowthMiB']} MiB over the second half of the memory run"
+        for pid, rss in results["memory"]["rss"].items()
+        if rss["secondHalfGrowthMiB"] > RSS_GROWTH_MIB
+    ]
+    return found
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per layout")
     parser.add_argument("--memory-requests", type=int, default=100_000)
@@ -232,8 +268,12 @@ def main() -> None:
         results = {"environment": environment()}
         results["throughput"] = throughput([100, 1000], LAYOUTS, seconds, directory)
         results["memory"] = memory(5_000 if args.quick else args.memory_requests, directory)
+    results["failures"] = failures(results)
     print(f"saved {save('throughput', results)}")
+    for failure in results["failures"]:
+        print(f"FAILED: {failure}")
+    return 1 if results["failures"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

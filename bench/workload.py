@@ -77,12 +77,6 @@ def request(resources: int, seed: int) -> dict:
     }
 
 
-def size(request_body: dict) -> int:
-    """Count the resources in a request's prefetch."""
-    values = [v for v in request_body["prefetch"].values() if v]
-    return sum(len(v.get("entry", [])) if v["resourceType"] == "Bundle" else 1 for v in values)
-
-
 class _Maker:
     def __init__(self, rng: random.Random, pid: str):
         self.rng, self.pid, self.count = rng, pid, 0
