@@ -214,7 +214,7 @@ def screen(export: Path, out: Path, dask: bool) -> dict:
     seconds = time.monotonic() - started
     if process.returncode != 0:
         raise SystemExit(f"screen failed: {stderr[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text()) if not dask else {}
+    summary = json.loads((out / "summary.json").read_text())
     return {
         "seconds": round(seconds, 1),
         "peakMiB": {k: round(v, 1) for k, v in peaks.items()},

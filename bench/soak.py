@@ -433,17 +433,18 @@ def main() -> int:
         "--rss-growth-mib", type=float, default=5.0, help="most a worker may grow in the second half"
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
+    parser.add_argument("--no-save", action="store_true", help="keep no file in bench/results (test runs)")
     args = parser.parse_args()
     machine = environment()
     figures = soak(args)
-    saved = save("soak", {"environment": machine, **figures})
+    saved = None if args.no_save else save("soak", {"environment": machine, **figures})
     if args.json:
         print(json.dumps(figures))
-        print(f"saved {saved}", file=sys.stderr)
     else:
         for name, value in figures.items():
             print(f"{name:>26}: {value}")
-        print(f"saved {saved}")
+    if saved:
+        print(f"saved {saved}", file=sys.stderr if args.json else sys.stdout)
     return 1 if figures["failures"] else 0
 
 
