@@ -8,6 +8,7 @@ import copy
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -155,22 +156,36 @@ def free_port() -> int:
 
 def serve(log: Path, port: int | None = None, **environ: str) -> tuple[subprocess.Popen, str]:
     """Start `imnm-cds serve` (gunicorn) in its own process group; return it and its URL once ready."""
-    port = port or free_port()
+    start = log.stat().st_size if log.exists() else 0
     with log.open("a") as stderr:
         process = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port), "--workers", "2", "--threads", "4"],
+            # Port 0: the system picks a free port as gunicorn binds, so nothing else can take it first.
+            [*CLI, "serve", "--port", str(port or 0), "--workers", "2", "--threads", "4"],
             cwd=ROOT,
             env={**os.environ, **environ},
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
-    if ready(f"{url}/health/ready", process):
+    url = gunicorn_url(log, start, process)
+    if url is not None and ready(f"{url}/health/ready", process):
         return process, url
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(30)
     pytest.fail(f"imnm-cds serve did not become ready: {log.read_text()[-2000:]}")
+
+
+def gunicorn_url(log: Path, start: int, process: subprocess.Popen) -> str | None:
+    """Wait up to a minute for gunicorn to log, past offset start of its log, the URL it listens at."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        with log.open("rb") as text:
+            text.seek(start)
+            found = re.search(rb"Listening at: (http://[0-9.]+:[0-9]+)", text.read())
+        if found:
+            return found[1].decode()
+        time.sleep(0.1)
+    return None
 
 
 def ready(url: str, process: subprocess.Popen) -> bool:

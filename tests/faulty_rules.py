@@ -2,14 +2,19 @@
 
 Each fault is triggered by the patient sent, so a request with any other patient is evaluated normally:
 gender `other` makes an action raise; age 7 makes an action assert a fact the engine would choke on;
-age 5 makes a card's finisher raise; age 3 holds its engine session for HOLD_SECONDS, or until HOLD is
-set. `create()` is an app factory for gunicorn: the service with this rule base.
+age 5 makes a card's finisher raise; age 3 holds its engine session until released, for at most
+HOLD_SECONDS. In process, HELD tells that it holds and HOLD releases it; across processes, it creates
+the file named by $FAULTY_RULES_HELD_FILE and is released by the file named by $FAULTY_RULES_RELEASE_FILE.
+`create()` is an app factory for gunicorn: the service with this rule base.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import time
+from pathlib import Path
 
 from durable.lang import c, m, when_all
 
@@ -19,7 +24,7 @@ from service.engine import Engine
 
 HOLD = threading.Event()  # set: a held evaluation may finish
 HELD = threading.Event()  # set by an evaluation once it holds its session
-HOLD_SECONDS = 1.0
+HOLD_SECONDS = 30.0  # bounds a hold that nothing releases
 AGES = {"finding": 7, "finisher": 5, "hold": 3}
 
 
@@ -43,7 +48,13 @@ def define(k, emit):
     @when_all(c.p << ((m.t == "patient") & (m.age == AGES["hold"])))
     def holds_its_session(c):
         HELD.set()
-        HOLD.wait(HOLD_SECONDS)
+        if held := os.environ.get("FAULTY_RULES_HELD_FILE"):
+            Path(held).touch()
+        release = os.environ.get("FAULTY_RULES_RELEASE_FILE")
+        deadline = time.monotonic() + HOLD_SECONDS
+        while not HOLD.wait(0.05) and time.monotonic() < deadline:
+            if release and Path(release).exists():
+                break
 
 
 def install(app, sessions: int = 1, wait_seconds: float = 0.2):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -139,14 +140,18 @@ def test_rules_that_divide_or_shadow_the_closure_are_refused_at_start(knowledge)
         def alias(c):
             pass
 
-    for define in (divides, shadows):
-        with pytest.raises(ValueError):
+    refusals = [
+        (divides, "rules must not divide by fact values"),
+        (shadows, "rule alias 's' shadows the engine's own c.s"),
+    ]
+    for define, why in refusals:
+        with pytest.raises(ValueError, match=re.escape(why)):
             Engine(knowledge, [type("refused", (), {"define": staticmethod(define)})])
 
 
 def test_session_bound_is_validated(knowledge):
     for bad in (0, SESSION_CEILING + 1):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=re.escape(f"max_sessions must be 1..{SESSION_CEILING}")):
             Engine(knowledge, rules.RULE_MODULES, max_sessions=bad)
 
 
@@ -190,6 +195,7 @@ def test_concurrent_evaluations_match_single_threaded_answers(knowledge, engine)
         t.start()
     for t in threads:
         t.join(60)
+        assert not t.is_alive()
     assert errors == [] and mismatches == []
     assert engine.live_sessions == 0
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import faulty_rules
@@ -21,7 +22,7 @@ import pytest
 import requests
 from test_app import assert_outcome
 
-from conftest import ROOT, WEAKNESS, ck, condition, free_port, hook_request, ready
+from conftest import ROOT, WEAKNESS, ck, condition, gunicorn_url, hook_request, ready
 from service.logs import JsonFormatter
 
 SERVICE = "/cds-services/imnm-patient-view"
@@ -98,6 +99,7 @@ def test_an_exhausted_session_pool_answers_503_and_recovers(faulty, expected):
     finally:
         faulty_rules.HOLD.set()
         holder.join(10)
+    assert not holder.is_alive()
     assert answers[0].status_code == 200
     assert client.post(SERVICE, json=request_for()).get_json() == expected
 
@@ -107,40 +109,58 @@ def worker_pids(master: int) -> set[int]:
     return {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
 
 
+def wait_for(path: Path) -> bool:
+    """Wait up to a minute for a file to exist; False if it never does."""
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_under_gunicorn_the_worker_survives_every_fault(tmp_path, expected):
-    port, log = free_port(), tmp_path / "gunicorn.log"
+    log, holds, release = tmp_path / "gunicorn.log", tmp_path / "holds", tmp_path / "release"
     with log.open("w") as stderr:
         server = subprocess.Popen(
             [
                 *(sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "gthread"),
-                *("--threads", "4", "--bind", f"127.0.0.1:{port}", "--pythonpath", "tests"),
+                *("--threads", "4", "--bind", "127.0.0.1:0", "--pythonpath", "tests"),
                 "faulty_rules:create()",
             ],
             cwd=ROOT,
+            env={
+                **os.environ,
+                "FAULTY_RULES_HELD_FILE": str(holds),
+                "FAULTY_RULES_RELEASE_FILE": str(release),
+            },
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        assert ready(f"{url}/health/ready", server), log.read_text()[-2000:]
+        url = gunicorn_url(log, 0, server)
+        assert url is not None and ready(f"{url}/health/ready", server), log.read_text()[-2000:]
         workers = worker_pids(server.pid)
         assert len(workers) == 1
         for patient, _ in FAULTS.values():
             answer = requests.post(url + SERVICE, json=request_for(patient), timeout=10)
             assert answer.status_code == 500 and answer.json()["resourceType"] == "OperationOutcome"
             assert requests.post(url + SERVICE, json=request_for(), timeout=10).json() == expected
-        # One request holds the only session: requests arriving meanwhile get 503, then all is normal.
+        # One request holds the only session: a request arriving meanwhile gets 503, then all is normal.
         held = []
         holding = threading.Thread(
-            target=lambda: held.append(requests.post(url + SERVICE, json=request_for(HELD), timeout=10))
+            target=lambda: held.append(requests.post(url + SERVICE, json=request_for(HELD), timeout=60))
         )
         holding.start()
-        statuses = []
-        while holding.is_alive() and 503 not in statuses:
-            statuses.append(requests.post(url + SERVICE, json=request_for(), timeout=10).status_code)
-        holding.join(10)
-        assert 503 in statuses and set(statuses) <= {200, 503}
+        try:
+            assert wait_for(holds), log.read_text()[-2000:]
+            busy = requests.post(url + SERVICE, json=request_for(), timeout=10)
+            assert busy.status_code == 503 and busy.json()["issue"][0]["code"] == "transient"
+        finally:
+            release.touch()
+            holding.join(60)
+        assert not holding.is_alive()
         assert held[0].status_code == 200
         assert requests.post(url + SERVICE, json=request_for(), timeout=10).json() == expected
         assert worker_pids(server.pid) == workers

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import FIXTURES, authorised, free_port, load
+from conftest import FIXTURES, authorised, load
 from service.app import create_app
 from service.fhirclient import REASONS
 from service.hooks import PATIENT_VIEW
@@ -20,7 +21,10 @@ SCENARIO = FIXTURES / "worked-example-hmgcr-positive"
 TOKEN = "fault-token-8d1f"
 PAGE_LIMIT = 100_000  # IMNM_CDS_MAX_BODY_BYTES in these tests
 EMPTY = {"resourceType": "Bundle", "type": "searchset", "entry": []}
-CLOSED_PORT = free_port()  # nothing listens here
+# Bound but never listening, so nothing else can take its port and every connection to it is refused.
+CLOSED = socket.socket()
+CLOSED.bind(("127.0.0.1", 0))
+CLOSED_PORT = CLOSED.getsockname()[1]
 ERROR = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}
 
 
@@ -142,6 +146,13 @@ FAULTS = {
 }
 # Which key a fault hits: a required one (labs, patient) or an optional one (reports).
 FAULT_TYPE = {"labs": "Observation", "patient": "Patient", "reports": "DiagnosticReport"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def closed_port():
+    """Hold CLOSED_PORT while this module's tests run; close its socket after."""
+    with CLOSED:
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,10 @@ def test_the_default_knowledge_holds_the_worked_example(knowledge):
     assert knowledge.value("imnm.tests.anti-hmgcr.specificity") == 0.95
 
 
-def test_every_code_carries_a_verification_level_and_no_unverified_code_ships():
-    for path in sorted((RULES / "valuesets").glob("*.json")):
+def test_every_value_set_code_carries_a_verification_level_a_to_c():
+    paths = sorted((RULES / "valuesets").glob("*.json"))
+    assert paths
+    for path in paths:
         data = json.loads(path.read_text())
         for include in data.get("compose", {}).get("include", []):
             levels = [e["valueCode"] for c in include.get("concept", []) for e in c["extension"]]
@@ -93,7 +95,8 @@ def test_orders_are_valid_service_requests_and_code_only_verified_codes(knowledg
             assert {"A", "B"} & set(levels), order.key
 
 
-def test_every_card_cites_a_source_with_a_url_and_fits_its_summary(knowledge):
+def test_every_card_cites_sources_with_urls_and_has_a_known_topic(knowledge):
+    assert knowledge.cards
     for card in knowledge.cards.values():
         assert card.source.url and all(link.url for link in card.links)
         assert card.topic in TOPICS
