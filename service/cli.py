@@ -106,6 +106,9 @@ def run_serve(args) -> int:
             self.cfg.set("worker_connections", args.threads)
             self.cfg.set("timeout", args.timeout)
             self.cfg.set("accesslog", None)
+            # gunicorn's control socket would let any process of this user resize or stop the server,
+            # and every instance of a user shares its one default path.
+            self.cfg.set("control_socket_disable", True)
 
         def load(self):
             return frozen(create_app(settings))

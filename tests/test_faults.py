@@ -125,7 +125,7 @@ def test_under_gunicorn_the_worker_survives_every_fault(tmp_path, expected):
         server = subprocess.Popen(
             [
                 *(sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "gthread"),
-                *("--threads", "4", "--bind", "127.0.0.1:0", "--pythonpath", "tests"),
+                *("--threads", "4", "--bind", "127.0.0.1:0", "--no-control-socket", "--pythonpath", "tests"),
                 "faulty_rules:create()",
             ],
             cwd=ROOT,

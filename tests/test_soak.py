@@ -12,7 +12,7 @@ from conftest import ROOT
 def test_a_short_soak_has_no_server_error_wrong_answer_or_crash():
     # Worker memory over a run this short is noise: the growth bound is for long runs of bench/soak.py.
     command = [sys.executable, "bench/soak.py", "--requests", "1000", "--clients", "4", "--json"]
-    command += ["--rss-growth-mib", "1000000"]
+    command += ["--rss-growth-mib", "1000000", "--no-save"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     figures = json.loads(result.stdout)
