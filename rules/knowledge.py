@@ -7,7 +7,7 @@ import re
 import string
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -35,6 +35,10 @@ SUMMARY_LIMIT = 140
 PLACEHOLDER_WIDTH = 16
 CACHED_LENGTH = 200  # codes and texts longer than this are matched afresh, so caches stay small
 NONE: frozenset[str] = frozenset()
+# Wording quotes a parameter's value in force as [[key]]: brackets, unlike braces, leave str.format alone.
+QUOTE = re.compile(r"\[\[([^\[\]]*)\]\]")
+# A parameter counted in days with `display` set is quoted in that unit when it divides evenly.
+DISPLAY_DAYS = {"weeks": 7, "years": 365}
 EXTENSION = "urn:imnm-cds:StructureDefinition:"
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -191,6 +195,10 @@ class Knowledge:
         except KeyError:
             raise KnowledgeError(f"no parameter {key!r} in rules/") from None
 
+    def quote(self, key: str) -> str:
+        """Return a parameter's value as wording shows it, e.g. '4' or '2 weeks'."""
+        return quoted(self.param(key))
+
     def text(self, key: str) -> str:
         """Return a plain text entry by its dotted key, e.g. 'imnm.tests.anti-hmgcr.positive'."""
         try:
@@ -238,9 +246,17 @@ def load(overrides: Path | None = None, root: Path | None = None) -> Knowledge:
         _apply_overrides(overrides, parameters)
     for param in parameters.values():
         _check_pattern(param)
+        if "display" in param.attributes:
+            quoted(param)  # a bad display fails the start, quoted or not
+    # Quoted after the overrides, so the wording shows the values the rules use.
+    texts = {key: _fill(text, parameters, key) for key, text in texts.items()}
+    parameters = {
+        key: replace(param, attributes=MappingProxyType(_fill(dict(param.attributes), parameters, key)))
+        for key, param in parameters.items()
+    }
     valuesets = _load_valuesets(root / "valuesets")
-    orders = _load_orders(_read_toml(root / "orders.toml"))
-    wording = _read_toml(root / "cards.toml")
+    orders = _load_orders(_fill(_read_toml(root / "orders.toml"), parameters, "orders.toml"))
+    wording = _fill(_read_toml(root / "cards.toml"), parameters, "cards.toml")
     return Knowledge(
         sources=MappingProxyType(sources),
         parameters=MappingProxyType(parameters),
@@ -327,6 +343,47 @@ def _check_pattern(param: Parameter) -> None:
             re.compile(param.value)
         except re.error as exc:
             raise KnowledgeError(f"{param.key}: not a valid regular expression ({exc})") from exc
+
+
+def quoted(param: Parameter) -> str:
+    """Return a parameter's value as wording shows it: a number, or days in the unit `display` names."""
+    value = param.value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise KnowledgeError(f"{param.key}: only a number can be quoted in wording")
+    display = param.attributes.get("display")
+    if display is None:
+        return _number(value)
+    if display not in DISPLAY_DAYS or not param.unit.startswith("days"):
+        raise KnowledgeError(f"{param.key}: display takes {tuple(DISPLAY_DAYS)} for a value in days")
+    count, rest = divmod(value, DISPLAY_DAYS[display])
+    if rest:
+        return f"{_number(value)} days"
+    return f"{_number(count)} {display.removesuffix('s') if count == 1 else display}"
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
+
+
+def _fill(wording, parameters: Mapping[str, Parameter], where: str):
+    """Replace every [[key]] in wording (a string, or the strings of a table) by the parameter's value."""
+    if isinstance(wording, dict):
+        return {key: _fill(value, parameters, f"{where}.{key}") for key, value in wording.items()}
+    if isinstance(wording, list):
+        return [_fill(value, parameters, where) for value in wording]
+    if not isinstance(wording, str):
+        return wording
+
+    def value(match: re.Match) -> str:
+        param = parameters.get(match[1])
+        if param is None:
+            raise KnowledgeError(f"{where}: quotes [[{match[1]}]], which is not a parameter")
+        return quoted(param)
+
+    filled = QUOTE.sub(value, wording)
+    if "[[" in filled or "]]" in filled:
+        raise KnowledgeError(f"{where}: an unclosed [[parameter]] quote")
+    return filled
 
 
 def _apply_overrides(path: Path, parameters: dict[str, Parameter]) -> None:

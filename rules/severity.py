@@ -9,6 +9,7 @@ def define(k, emit):
     """Register the severity and escalation rules in the active ruleset."""
     low_fvc = k.value("severity.fvc.low")
     fvc_decline = k.value("severity.fvc.decline")
+    decline_window = k.quote("severity.fvc.decline-window")
     rapid = k.value("severity.srp-rising-within")
     refractory_days = k.value("severity.refractory.days")
     raised = k.value("imnm.ck.raised")
@@ -32,9 +33,8 @@ def define(k, emit):
     @when_all(pri(2), c.fvc << (of_type("fvc") & (m.decline >= fvc_decline)), muscle_involved())
     def falling_fvc(c):
         emit.finding(c, "fvc-falling", c.fvc)
-        emit.card(
-            c, "fvc-red-flag", c.fvc, c.mu, reasons=[f"FVC fell {c.fvc.decline:g} points within a year"]
-        )
+        reason = f"FVC fell {c.fvc.decline:g} points within {decline_window}"
+        emit.card(c, "fvc-red-flag", c.fvc, c.mu, reasons=[reason])
 
     @when_all(
         pri(2),

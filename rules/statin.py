@@ -11,6 +11,7 @@ def define(k, emit):
     """Register the statin rules in the active ruleset."""
     raised = k.value("imnm.ck.raised")
     window = k.value("statin.persistence-window")
+    window_words = k.quote("statin.persistence-window")
     tolerance = k.value("statin.expected-tolerance")
     relevance = k.value("statin.relevance-window")
     recent = k.value("statin.recent-ck")
@@ -100,7 +101,7 @@ def define(k, emit):
 
     @when_all(pri(2), *pattern("weakness-after-statin"))
     def autoimmune_new_weakness(c):
-        autoimmune(c, "proximal weakness began more than two weeks after stopping")
+        autoimmune(c, f"proximal weakness began more than {window_words} after stopping")
 
     @when_all(
         pri(2),

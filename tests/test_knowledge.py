@@ -113,6 +113,59 @@ def test_a_local_override_replaces_a_value_and_names_who_set_it(tmp_path):
     assert param.source.label == "Myositis clinic 2026-03"
 
 
+def test_wording_quotes_the_values_in_force(tmp_path):
+    path = tmp_path / "local.toml"
+    path.write_text(
+        '[statin.persistence-window]\nvalue = 21\nsource = "Lipid clinic 2026-03"\n'
+        '[statin.bands.moderate]\nvalue = 5\nsource = "Lipid clinic 2026-03"\n'
+        '[cancer.window]\nvalue = 1000\nsource = "Myositis clinic 2026-03"\n'
+    )
+    shipped, local = knowledge.load(), knowledge.load(path)
+    assert "within 2 weeks of the last dose" in shipped.cards["sams-high"].detail
+    assert "within 3 weeks of the last dose" in local.cards["sams-high"].detail
+    assert "(under 4×)" in shipped.cards["sams-mild"].summary
+    assert "(under 5×)" in local.cards["sams-mild"].summary
+    assert "screen within 1,000 days of onset" in local.cards["cancer-screening"].summary
+    assert local.param("cancer.factors.cancer-near-onset").attributes["label"] == (
+        "cancer diagnosed within 1,000 days of onset"
+    )
+    assert local.quote("statin.persistence-window") == "3 weeks"
+    assert "[[" not in json.dumps([card.summary + card.detail for card in local.cards.values()])
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "problem"),
+    [
+        ("cards.toml", "within [[cancer.window]]", "within [[cancer.windows]]", "not a parameter"),
+        ("orders.toml", "over [[statin.bands.very-high]]x", "over [[statin.bands.very-high]x", "unclosed"),
+        ("cancer.toml", "age [[cancer.older-onset]]", "age [[cancer.factors.male]]", "only a number"),
+        ("statin.toml", 'display = "weeks"', 'display = "fortnights"', "display takes"),
+    ],
+)
+def test_a_bad_quote_in_the_wording_fails_the_start(tmp_path, file, old, new, problem):
+    copy = tmp_path / "rules"
+    shutil.copytree(RULES, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    target = copy / file
+    text = target.read_text()
+    assert old in text
+    target.write_text(text.replace(old, new, 1))
+    with pytest.raises(KnowledgeError, match=problem):
+        knowledge.load(root=copy)
+
+
+def test_summaries_are_measured_with_the_values_in_force(tmp_path):
+    copy = tmp_path / "rules"
+    shutil.copytree(RULES, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    cards = copy / "cards.toml"
+    # Padded to 139 characters at the widest with the shipped band of 4: a band of 4.5 takes it to 141.
+    cards.write_text(cards.read_text().replace("exercise; recheck CK", "exercise; recheck CK" + "." * 35, 1))
+    assert knowledge.load(root=copy).cards["sams-mild"]
+    path = tmp_path / "local.toml"
+    path.write_text('[statin.bands.moderate]\nvalue = 4.5\nsource = "Lipid clinic 2026-03"\n')
+    with pytest.raises(KnowledgeError, match="card sams-mild: summary may reach 141"):
+        knowledge.load(path, root=copy)
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [

@@ -116,13 +116,24 @@ def test_fvc_falling_by_the_threshold_within_a_year(client, earlier, when, flagg
     flags = red_flags(evaluate(client, *IMNM, spirometry=series))
     assert ("falling_fvc" in flags) == flagged
     if flagged:
-        assert f"FVC fell {earlier - 81} points within a year" in flags["falling_fvc"]["detail"]
+        assert f"FVC fell {earlier - 81} points within 1 year" in flags["falling_fvc"]["detail"]
         assert {"Observation/f1", "Observation/f2"} <= set(flags["falling_fvc"]["extension"]["evidence"])
 
 
 def test_an_fvc_fall_from_before_the_window_does_not_count(client):
     series = [fvc("f1", 99, "2022-01-01T10:00:00Z"), fvc("f2", 85, "2024-05-20T10:00:00Z")]
     assert "falling_fvc" not in red_flags(evaluate(client, *IMNM, spirometry=series))
+
+
+def test_the_fvc_card_words_a_local_window(tmp_path):
+    overrides = tmp_path / "local.toml"
+    overrides.write_text('[severity.fvc.decline-window]\nvalue = 180\nsource = "Myositis MDT, 2026-01"\n')
+    client = create_app({"knowledge_overrides": str(overrides)}).test_client()
+    series = [fvc("f1", 90, "2024-01-01T10:00:00Z"), fvc("f2", 84, "2024-05-20T10:00:00Z")]
+    detail = red_flags(evaluate(client, *IMNM, spirometry=series))["falling_fvc"]["detail"]
+    assert "FVC fell 6 points within 180 days" in detail
+    assert "5% predicted or more within 180 days, after the ATS/ERS criteria" in detail
+    assert "1 year" not in detail
 
 
 def test_fvc_in_litres_is_not_read_as_percent_predicted(client):

@@ -180,7 +180,7 @@ def test_weakness_starting_after_the_statin_stopped_is_an_autoimmune_pattern(cli
         ck("b", 150, "2024-02-20T00:00:00Z"),
         condition("w", WEAKNESS, onsetDateTime="2024-04-01"),
     )
-    assert "weakness began" in found["statin-autoimmune-pattern"]["detail"]
+    assert "weakness began more than 2 weeks after stopping" in found["statin-autoimmune-pattern"]["detail"]
 
 
 def test_an_old_stop_gets_no_kinetics_card(client):
