@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
-from conftest import SCHEMA, WEAKNESS, antibody, ck, condition, hook_request
+from conftest import AS_OF, SCHEMA, WEAKNESS, antibody, ck, condition, hook_request
 from rules import knowledge as knowledge_module
 from service.app import create_app
 from service.engine import Engine
@@ -253,6 +253,22 @@ def test_evaluate_uses_bundle_timestamp_as_now(client):
     assert cards and "CK peak 3,000 U/L" in cards[0]["detail"]
     assert_outcome(client.post("/evaluate?hook=encounter-start", json=bundle), 400, "hook")
     assert_outcome(client.post("/evaluate?asOf=never", json=bundle), 400, "asOf")
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["2024-06-01 12:00", "2024-06-01T12:00:00", "yesterday", 20240601, "0001-01-01T00:00:00+01:00"],
+    ids=["space", "no-offset", "word", "number", "before-year-1"],
+)
+def test_evaluate_refuses_a_bundle_timestamp_that_is_no_fhir_datetime(client, timestamp):
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": timestamp,
+        "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}}, {"resource": ck("ck1", 3000)}],
+    }
+    assert_outcome(client.post("/evaluate", json=bundle), 400, "Bundle.timestamp")
+    assert client.post(f"/evaluate?asOf={AS_OF}", json=bundle).status_code == 200
 
 
 def test_health_and_readiness(client):
