@@ -142,8 +142,10 @@ class Evaluator:
             return "the rule engine needs a restart"
         try:
             self.engine.evaluate(
-                facts.build(self.knowledge, [], now=datetime.now(UTC), available=frozenset()).facts
+                facts.build(self.knowledge, [], now=datetime.now(UTC), available=frozenset()).facts, wait=0
             )
+        except EngineBusy:
+            return None  # busy evaluating is healthy: out of rotation, its load would only go elsewhere
         except EngineError:
             return "the rule engine cannot evaluate"
         return None

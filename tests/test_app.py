@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import jsonschema
 import pytest
@@ -330,6 +331,26 @@ def test_exhausted_engine_sessions_give_503(monkeypatch):
         gate.set()
         first.join(5)
     assert engine.live_sessions == 0
+
+
+def test_a_busy_engine_is_ready(monkeypatch):
+    app = create_app()
+    evaluator = app.extensions["imnm_cds"]
+    gate, entered = threading.Event(), threading.Event()
+    engine = Engine(knowledge_module.load(), [blocking_rules(gate, entered)], max_sessions=1, wait_seconds=60)
+    monkeypatch.setattr(evaluator, "engine", engine)
+    first = threading.Thread(target=lambda: app.test_client().post(SERVICE, json=hook_request()))
+    first.start()
+    assert entered.wait(5)
+    try:
+        started = time.monotonic()
+        ready = app.test_client().get("/health/ready")
+        waited = time.monotonic() - started
+    finally:
+        gate.set()
+        first.join(5)
+    assert ready.status_code == 200, ready.get_json()
+    assert waited < 5, "readiness waited for a session"  # the session is held for 10 s
 
 
 def test_antibody_only_by_text_counts(client):
