@@ -158,7 +158,6 @@ def warm_up() -> None:
         {"resourceType": "Observation", "status": "final", "code": {"text": "warm-up"}},
         {"resourceType": "Condition", "subject": {"reference": "Patient/x"}},
         {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "warm-up"}},
-        {"resourceType": "Medication"},
         {
             "resourceType": "MedicationRequest",
             "status": "active",
