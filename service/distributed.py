@@ -10,7 +10,7 @@ from pathlib import Path
 from service.config import Settings
 from service.facts.fhir import parse_time
 from service.pipeline import Evaluator
-from service.screen import KEPT, Summary, evaluate_patient, input_files, patient_of, summarise
+from service.screen import Summary, attribute, evaluate_patient, input_files, summarise
 
 _evaluator: list[Evaluator] = []  # one per worker process, built on its first patient
 
@@ -31,11 +31,17 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
         else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     )
     with cluster as address, Client(address):
-        # gzip cannot be split into blocks: such files are read one per partition.
+        # gzip cannot be split into blocks: such files are read one per partition. A byte that is
+        # not UTF-8 becomes a lone surrogate, so only its line is left out.
         splittable = all(f.suffix != ".gz" for f in files)
-        lines = bag.read_text([str(f) for f in files], blocksize="32MiB" if splittable else None)
+        lines = bag.read_text(
+            [str(f) for f in files],
+            blocksize="32MiB" if splittable else None,
+            errors="surrogateescape",
+        )
         by_patient = lines.map(_attributed).filter(None).groupby(_patient)
-        results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=False)
+        # ASCII, so that no text from the data can fail to be written.
+        results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=True)
         results.to_textfiles(str(out / "results-*.ndjson"), last_endline=True)
     summary = summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
     summary.save(out)
@@ -44,13 +50,7 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
 
 def _attributed(line: str) -> tuple[str, str] | None:
     """Return (patient, line) for a line a rule can use, else None."""
-    try:
-        resource = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(resource, dict) or resource.get("resourceType") not in KEPT:
-        return None
-    patient = patient_of(resource)
+    patient, _ = attribute(line)
     # The shuffle carries the line, not the parsed resource: less than half the memory, fewer bytes.
     return (patient, line) if patient else None
 

@@ -124,6 +124,41 @@ def test_what_cannot_be_used_is_counted_and_a_bad_patient_does_not_stop_the_rest
     }
 
 
+def unusable_lines() -> bytes:
+    """Lines no rule can use that once stopped a screen, and lines that look odd but are fine."""
+    lines = [
+        b'{"resourceType": "Patient", "id": "\\udc80"}',  # half of a surrogate pair, escaped
+        b'{"resourceType": "Patient", "id": "bad-byte\xff"}',  # not UTF-8
+        b'{"resourceType": "Condition", "subject": {"reference": "Patient/fx-pm"},'
+        b' "code": {"text": "\\ud800"}}',
+        b'{"resourceType": ["Patient"]}',
+        b"[" * 100_000,
+        b'{"resourceType": "Patient", "id": "emoji", "name": [{"text": "\\ud83d\\ude00 Zo\xc3\xab"}]}',
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
+def test_lines_that_are_not_utf8_or_not_json_are_left_out_and_the_rest_screened(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", fixtures_only)
+    (export / "Other.ndjson").write_bytes(unusable_lines())
+    summary = screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=1, progress=False)
+    assert summary.staged["leftOut"] == {"not UTF-8": 3, "not JSON": 1, "no resourceType (not used)": 1}
+    written = results(tmp_path / "out" / screen.RESULTS)
+    assert set(written) == {*fixtures_only, "emoji"}
+    assert (tmp_path / "out" / screen.RESULTS).read_bytes().isascii()
+
+
+def test_dask_leaves_out_the_same_lines(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", fixtures_only)
+    (export / "Other.ndjson").write_bytes(unusable_lines())
+    screen.screen(export, tmp_path / "local", parse_time(AS_OF), workers=1, progress=False)
+    screen_on_dask(export, tmp_path / "dask", parse_time(AS_OF), scheduler=None, workers=2)
+    merged = {}
+    for part in sorted((tmp_path / "dask").glob("results-*.ndjson")):
+        merged |= results(part)
+    assert merged == results(tmp_path / "local" / screen.RESULTS)
+
+
 def run_cli(export: Path, out: Path, *extra: str) -> subprocess.Popen:
     command = [
         sys.executable,
