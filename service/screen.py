@@ -12,6 +12,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -313,29 +315,17 @@ def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progre
     remaining = stage.count("patients") - stage.count("done")
     started = time.monotonic()
     evaluated = 0
+    start = (str(stage.path), as_of_text)
     with (
-        ProcessPoolExecutor(
-            workers, initializer=_start_worker, initargs=(str(stage.path), as_of_text)
-        ) as pool,
+        closing(_evaluated(_batches(stage.pending(), BATCH), workers, start)) as batches,
         (out / RESULTS).open("a", encoding="utf-8") as sink,
         tqdm(total=remaining, unit="patient", disable=not progress, smoothing=0.1) as bar,
     ):
-        window: deque[tuple[Future, int]] = deque()
-
-        def write_oldest() -> None:
-            nonlocal evaluated
-            future, size = window.popleft()
-            sink.write(future.result())
+        for lines, size in batches:
+            sink.write(lines)
             sink.flush()
             evaluated += size
             bar.update(size)
-
-        for batch in _batches(stage.pending(), BATCH):
-            window.append((pool.submit(_evaluate_batch, batch), len(batch)))
-            if len(window) >= 4 * workers:
-                write_oldest()
-        while window:
-            write_oldest()
         os.fsync(sink.fileno())
     seconds = time.monotonic() - started
     summary = summarise([out / RESULTS], as_of_text)
@@ -348,6 +338,67 @@ def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progre
     }
     summary.save(out)
     return summary
+
+
+def _evaluated(
+    batches: Iterator[list[str]], workers: int, start: tuple[str, str]
+) -> Iterator[tuple[str, int]]:
+    """Yield each batch's result lines and size, in order, with at most a few batches in flight."""
+    pool = _pool(workers, start)
+    window: deque[tuple[Future, list[str]]] = deque()
+    try:
+        while True:
+            while len(window) < 4 * workers and (batch := next(batches, None)):
+                window.append((pool.submit(_evaluate_batch, batch), batch))
+            if not window:
+                return
+            future, batch = window.popleft()
+            try:
+                lines = future.result()
+            except BrokenProcessPool:
+                # A worker died in native code (the rule engine is a C extension) and took the pool with
+                # it: find the patient it dies on, then go on in a fresh pool with the batches in flight.
+                pool.shutdown()
+                lines = _one_by_one(batch, start)
+                pool = _pool(workers, start)
+                window = deque((pool.submit(_evaluate_batch, b), b) for _, b in window)
+            yield lines, len(batch)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _one_by_one(batch: list[str], start: tuple[str, str]) -> str:
+    """Evaluate each patient of a batch alone; a patient whose evaluation kills its worker gets an error."""
+    lines = []
+    pool = None
+    try:
+        for patient in batch:
+            pool = pool or _pool(1, start)
+            try:
+                lines.append(pool.submit(_evaluate_batch, [patient]).result())
+            except BrokenProcessPool:
+                pool.shutdown()
+                pool = None
+                issue = Issue("exception", "the evaluation crashed its process; no advice was produced")
+                lines.append(
+                    result_line({"patient": patient, "status": 500, "error": operation_outcome([issue])})
+                )
+    finally:
+        if pool:
+            pool.shutdown()
+    return "".join(lines)
+
+
+def _pool(workers: int, start: tuple[str, str]) -> ProcessPoolExecutor:
+    """Start worker processes, each with its evaluator; stop the screen if they cannot start."""
+    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=start)
+    try:
+        pool.submit(_evaluate_batch, []).result()
+    except BrokenProcessPool:
+        pool.shutdown()
+        # Else every patient would be taken for one that kills its worker.
+        raise ScreenError("the worker processes cannot start (the error is above)") from None
+    return pool
 
 
 def _fixed_as_of(stage: Stage, as_of: datetime | None) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -157,6 +159,53 @@ def test_dask_leaves_out_the_same_lines(fixtures_only, tmp_path):
     for part in sorted((tmp_path / "dask").glob("results-*.ndjson")):
         merged |= results(part)
     assert merged == results(tmp_path / "local" / screen.RESULTS)
+
+
+FORK = pytest.mark.skipif(
+    multiprocessing.get_start_method() != "fork", reason="a patched function reaches workers only by fork"
+)
+
+
+@FORK
+def test_a_patient_whose_evaluation_kills_its_worker_gets_an_error_and_the_rest_go_on(
+    fixtures_only, tmp_path, monkeypatch
+):
+    population = copies(fixtures_only, 3)
+    export = write_export(tmp_path / "export", population)
+    screen.screen(export, tmp_path / "whole", parse_time(AS_OF), workers=2, progress=False)
+    expected = results(tmp_path / "whole" / screen.RESULTS)
+    victim = sorted(population)[50]
+    evaluate = screen.evaluate_patient
+
+    def crashing(evaluator, patient, resources, as_of):
+        if patient == victim:  # as a fault in the rule engine's native code would
+            faulthandler.disable()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return evaluate(evaluator, patient, resources, as_of)
+
+    monkeypatch.setattr(screen, "evaluate_patient", crashing)
+    summary = screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=2, progress=False)
+    written = results(tmp_path / "out" / screen.RESULTS)
+    crashed = written.pop(victim)
+    assert crashed["status"] == 500 and crashed["error"]["resourceType"] == "OperationOutcome"
+    del expected[victim]
+    assert written == expected
+    assert summary.errors == 1 and summary.patients == len(population)
+
+
+@FORK
+def test_workers_that_cannot_start_stop_the_screen_with_no_patient_written(
+    fixtures_only, tmp_path, monkeypatch
+):
+    export = write_export(tmp_path / "export", fixtures_only)
+
+    def broken(settings):
+        raise RuntimeError("no evaluator")
+
+    monkeypatch.setattr(screen, "Evaluator", broken)
+    with pytest.raises(screen.ScreenError, match="cannot start"):
+        screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=2, progress=False)
+    assert (tmp_path / "out" / screen.RESULTS).read_bytes() == b""
 
 
 def run_cli(export: Path, out: Path, *extra: str) -> subprocess.Popen:
