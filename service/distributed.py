@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -21,28 +22,37 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
     from dask.distributed import Client, LocalCluster  # noqa: PLC0415
 
     files = input_files(source)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("results-*.ndjson"):
-        old.unlink()
+    # The results are written aside and moved into place once all are in: a failed run leaves the
+    # previous run's results whole.
+    partial = out / "partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     as_of_text = as_of.isoformat()
     cluster = (
         nullcontext(scheduler)
         if scheduler
         else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     )
-    with cluster as address, Client(address):
-        # gzip cannot be split into blocks: such files are read one per partition. A byte that is
-        # not UTF-8 becomes a lone surrogate, so only its line is left out.
-        splittable = all(f.suffix != ".gz" for f in files)
-        lines = bag.read_text(
-            [str(f) for f in files],
-            blocksize="32MiB" if splittable else None,
-            errors="surrogateescape",
-        )
-        by_patient = lines.map(_attributed).filter(None).groupby(_patient)
-        # ASCII, so that no text from the data can fail to be written.
-        results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=True)
-        results.to_textfiles(str(out / "results-*.ndjson"), last_endline=True)
+    try:
+        with cluster as address, Client(address):
+            # gzip cannot be split into blocks: such files are read one per partition. A byte that is
+            # not UTF-8 becomes a lone surrogate, so only its line is left out.
+            splittable = all(f.suffix != ".gz" for f in files)
+            lines = bag.read_text(
+                [str(f) for f in files],
+                blocksize="32MiB" if splittable else None,
+                errors="surrogateescape",
+            )
+            by_patient = lines.map(_attributed).filter(None).groupby(_patient)
+            # ASCII, so that no text from the data can fail to be written.
+            results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=True)
+            results.to_textfiles(str(partial / "results-*.ndjson"), last_endline=True)
+        for old in out.glob("results-*.ndjson"):
+            old.unlink()
+        for new in partial.glob("results-*.ndjson"):
+            new.replace(out / new.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     summary = summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
     summary.save(out)
     return summary

@@ -252,6 +252,8 @@ def summarise(results: Iterable[Path], as_of: str) -> Summary:
     for path in results:
         with path.open(encoding="utf-8") as lines:
             for line in lines:
+                if not line.strip():
+                    continue  # Dask writes a partition without patients as one empty line
                 result = json.loads(line)
                 summary.patients += 1
                 if "error" in result:

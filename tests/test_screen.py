@@ -161,6 +161,18 @@ def test_dask_leaves_out_the_same_lines(fixtures_only, tmp_path):
     assert merged == results(tmp_path / "local" / screen.RESULTS)
 
 
+def test_a_failed_dask_run_keeps_the_results_of_the_last(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", dict(list(fixtures_only.items())[:3]))
+    out = tmp_path / "dask"
+    screen_on_dask(export, out, parse_time(AS_OF), scheduler=None, workers=1)
+    before = {part.name: part.read_bytes() for part in out.glob("results-*.ndjson")}
+    assert before
+    (export / "Broken.ndjson.gz").write_bytes(b"not gzip")
+    with pytest.raises(OSError, match="gzip"):
+        screen_on_dask(export, out, parse_time(AS_OF), scheduler=None, workers=1)
+    assert {part.name: part.read_bytes() for part in out.glob("results-*.ndjson")} == before
+
+
 FORK = pytest.mark.skipif(
     multiprocessing.get_start_method() != "fork", reason="a patched function reaches workers only by fork"
 )
