@@ -87,9 +87,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         store.record_cards("evaluate", evaluation.cards, datetime.now(UTC))
         if fhir:
             service_id = hooks.service_for(hook).id
-            results = guidance.bundle(
-                evaluation.cards, evaluation.patient_id, service_id, evaluation.now, None
-            )
+            results = guidance.bundle(evaluation.cards, evaluation.patient_id, service_id, evaluation.now)
             return _json(results, mimetype="application/fhir+json")
         return _json(evaluation.response())
 

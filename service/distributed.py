@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from service.config import Settings
 from service.facts.fhir import parse_time
 from service.pipeline import Evaluator
-from service.screen import KEPT, Summary, evaluate_patient, input_files, patient_of, summarise
+from service.screen import Summary, attribute, evaluate_patient, input_files, summarise
 
 _evaluator: list[Evaluator] = []  # one per worker process, built on its first patient
 
@@ -21,22 +22,37 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
     from dask.distributed import Client, LocalCluster  # noqa: PLC0415
 
     files = input_files(source)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("results-*.ndjson"):
-        old.unlink()
+    # The results are written aside and moved into place once all are in: a failed run leaves the
+    # previous run's results whole.
+    partial = out / "partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     as_of_text = as_of.isoformat()
     cluster = (
         nullcontext(scheduler)
         if scheduler
         else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     )
-    with cluster as address, Client(address):
-        # gzip cannot be split into blocks: such files are read one per partition.
-        splittable = all(f.suffix != ".gz" for f in files)
-        lines = bag.read_text([str(f) for f in files], blocksize="32MiB" if splittable else None)
-        by_patient = lines.map(_attributed).filter(None).groupby(_patient)
-        results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=False)
-        results.to_textfiles(str(out / "results-*.ndjson"), last_endline=True)
+    try:
+        with cluster as address, Client(address):
+            # gzip cannot be split into blocks: such files are read one per partition. A byte that is
+            # not UTF-8 becomes a lone surrogate, so only its line is left out.
+            splittable = all(f.suffix != ".gz" for f in files)
+            lines = bag.read_text(
+                [str(f) for f in files],
+                blocksize="32MiB" if splittable else None,
+                errors="surrogateescape",
+            )
+            by_patient = lines.map(_attributed).filter(None).groupby(_patient)
+            # ASCII, so that no text from the data can fail to be written.
+            results = by_patient.map(_evaluate_group, as_of_text).map(json.dumps, ensure_ascii=True)
+            results.to_textfiles(str(partial / "results-*.ndjson"), last_endline=True)
+        for old in out.glob("results-*.ndjson"):
+            old.unlink()
+        for new in partial.glob("results-*.ndjson"):
+            new.replace(out / new.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     summary = summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
     summary.save(out)
     return summary
@@ -44,13 +60,7 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
 
 def _attributed(line: str) -> tuple[str, str] | None:
     """Return (patient, line) for a line a rule can use, else None."""
-    try:
-        resource = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(resource, dict) or resource.get("resourceType") not in KEPT:
-        return None
-    patient = patient_of(resource)
+    patient, _ = attribute(line)
     # The shuffle carries the line, not the parsed resource: less than half the memory, fewer bytes.
     return (patient, line) if patient else None
 

@@ -249,9 +249,9 @@ class Engine:
 
         return run
 
-    def evaluate(self, facts: Iterable[Mapping]) -> Outcome:
+    def evaluate(self, facts: Iterable[Mapping], wait: float | None = None) -> Outcome:
         """Assert all facts in one call, run the rules to quiescence, and return what they concluded."""
-        if not self._slots.acquire(timeout=self._wait):
+        if not self._slots.acquire(timeout=self._wait if wait is None else wait):
             raise EngineBusy("all rule-engine sessions are busy")
         try:
             return self._evaluate(list(facts))

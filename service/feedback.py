@@ -92,7 +92,7 @@ def _timestamp(value, where: str, issues: list[Issue]) -> datetime | None:
         if not isinstance(value, str) or not RFC3339.match(value.upper()):
             raise ValueError
         return datetime.fromisoformat(value.upper()).astimezone(UTC)
-    except ValueError:
+    except (ValueError, OverflowError):  # an offset can carry year 1 or 9999 past the calendar
         issues.append(Issue("value", "outcomeTimestamp must be an RFC 3339 date-time with an offset", where))
         return None
 

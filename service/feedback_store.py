@@ -109,7 +109,7 @@ ISSUED = (
     .join_from(card_rules, issued_cards)
     .group_by(*BY_RULE)
 )
-OUTCOMES = (
+OUTCOME_COUNTS = (
     select(*BY_RULE, feedback.c.outcome, func.count())
     .select_from(FEEDBACK_ON_CARDS)
     .group_by(*BY_RULE, feedback.c.outcome)
@@ -280,7 +280,7 @@ class FeedbackStore:
             with self.engine.connect() as connection:
                 connection.execution_options(read_only=True)
                 issued, outcomes, reasons, unmatched = (
-                    connection.execute(query).all() for query in (ISSUED, OUTCOMES, REASONS, UNMATCHED)
+                    connection.execute(query).all() for query in (ISSUED, OUTCOME_COUNTS, REASONS, UNMATCHED)
                 )
         except DBAPIError as exc:
             raise StoreUnavailable(type(exc.orig).__name__) from None

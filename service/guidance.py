@@ -10,18 +10,16 @@ from service.cards import NAMESPACE, patient_reference
 EXTENSION = "urn:imnm-cds:StructureDefinition:"
 URI = "urn:ietf:rfc:3986"
 ACTION_TYPE = "http://terminology.hl7.org/CodeSystem/action-type"
-ACTION = {"create": "create", "delete": "remove", "update": "update"}
+ACTION = {"create": "create", "delete": "remove"}
 # DetectedIssue.severity for the card indicators that warn; info cards raise no issue.
 ISSUE_SEVERITY = {"critical": "high", "warning": "moderate"}
 
 
-def bundle(
-    cards: list[dict], patient_id: str, service_id: str, now: datetime, request_id: str | None
-) -> dict:
+def bundle(cards: list[dict], patient_id: str, service_id: str, now: datetime) -> dict:
     """Return a transaction Bundle an integration engine can post as is; posting it again adds nothing."""
     entries = []
     for card in cards:
-        entries.append(guidance_response(card, patient_id, service_id, now, request_id))
+        entries.append(guidance_response(card, patient_id, service_id, now))
         if card["indicator"] in ISSUE_SEVERITY:
             entries.append(detected_issue(card, patient_id, now))
     return {
@@ -32,9 +30,7 @@ def bundle(
     }
 
 
-def guidance_response(
-    card: dict, patient_id: str, service_id: str, now: datetime, request_id: str | None
-) -> dict:
+def guidance_response(card: dict, patient_id: str, service_id: str, now: datetime) -> dict:
     """Return one card as a GuidanceResponse; its suggestions, if any, as a contained RequestGroup."""
     source = card["source"]
     extension = card["extension"]
@@ -73,8 +69,6 @@ def guidance_response(
             ),
         ],
     }
-    if request_id:
-        resource["requestIdentifier"] = _identifier(request_id)
     if extension["evidence"]:
         resource["reasonReference"] = [_reference(ref) for ref in extension["evidence"]]
     if card.get("suggestions"):

@@ -109,6 +109,7 @@ SCHEMAS = {
         "required": ["type", "entry"],
         "properties": {
             "type": {"enum": sorted(gather.BUNDLE_TYPES)},
+            "timestamp": {"type": "string", "pattern": f"^{DATETIME.pattern}$"},
         },
         "description": "One patient's record: exactly one Patient, and resources about that patient only.",
     },

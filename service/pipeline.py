@@ -14,7 +14,7 @@ from rules import knowledge
 from service import cards, facts, gather, hooks
 from service.config import Settings
 from service.engine import Engine, EngineBusy, EngineError
-from service.facts.fhir import Resource, parse_datetime, parse_time, validate
+from service.facts.fhir import Resource, parse_datetime, validate
 from service.fhirclient import FhirClient
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
@@ -90,9 +90,9 @@ class Evaluator:
         service = hooks.service_for(hook)
         gathered = gather.from_bundle(body, with_drafts="draftOrders" in service.context)
         if as_of is not None:
-            now = parse_datetime(as_of) or _bad_as_of()
-        else:
-            now = parse_time(body.get("timestamp")) or now
+            now = _chosen_time(as_of, "asOf")
+        elif body.get("timestamp") is not None:
+            now = _chosen_time(body["timestamp"], "Bundle.timestamp")
         return self._evaluate(service, gathered, now, {"gather": ms_since(started)})
 
     def _evaluate(
@@ -142,8 +142,10 @@ class Evaluator:
             return "the rule engine needs a restart"
         try:
             self.engine.evaluate(
-                facts.build(self.knowledge, [], now=datetime.now(UTC), available=frozenset()).facts
+                facts.build(self.knowledge, [], now=datetime.now(UTC), available=frozenset()).facts, wait=0
             )
+        except EngineBusy:
+            return None  # busy evaluating is healthy: out of rotation, its load would only go elsewhere
         except EngineError:
             return "the rule engine cannot evaluate"
         return None
@@ -156,7 +158,6 @@ def warm_up() -> None:
         {"resourceType": "Observation", "status": "final", "code": {"text": "warm-up"}},
         {"resourceType": "Condition", "subject": {"reference": "Patient/x"}},
         {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "warm-up"}},
-        {"resourceType": "Medication"},
         {
             "resourceType": "MedicationRequest",
             "status": "active",
@@ -209,5 +210,9 @@ def _invalid_issues(exc: facts.InvalidData) -> list[Issue]:
     return issues[:50]
 
 
-def _bad_as_of():
-    raise error(400, "value", "asOf must be a FHIR dateTime", "asOf")
+def _chosen_time(value, where: str) -> datetime:
+    """Read an evaluation time the caller gave; refuse one that is not a FHIR dateTime."""
+    moment = parse_datetime(value)
+    if moment is None:
+        raise error(400, "value", f"{where} must be a FHIR dateTime", where)
+    return moment

@@ -6,14 +6,18 @@ import gc
 import gzip
 import json
 import os
+import re
 import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -27,6 +31,11 @@ STAGE = "stage.sqlite"
 RESULTS = "results.ndjson"
 SUMMARY = "summary.json"
 KEPT = frozenset({"Patient", *gather.SUBJECT})  # the types a rule can use; the rest is not staged
+# Half of a UTF-16 surrogate pair is no text: raw, it stands for a byte that was not UTF-8; escaped
+# (\udc80), it is valid JSON. Neither can be stored or written as UTF-8.
+RAW_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+T = TypeVar("T")
 BATCH = 20  # patients per task: large enough to amortise the hand-over, small enough to balance
 
 
@@ -103,8 +112,8 @@ class Stage:
 
     def set_meta(self, key: str, value: str) -> None:
         """Store a setting of this screen."""
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-        self.db.commit()
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def load(self, files: list[Path]) -> dict:
         """Stage every resource a rule can use under its patient; skip if these files are already staged."""
@@ -116,8 +125,7 @@ class Stage:
         self.db.executescript("DELETE FROM resources; DELETE FROM patients; DELETE FROM done;")
         kept: Counter = Counter()
         left_out: Counter = Counter()
-        rows = _rows(files, kept, left_out)
-        while chunk := [row for _, row in zip(range(5000), rows, strict=False)]:
+        for chunk in _batches(_rows(files, kept, left_out), 5000):
             self.db.executemany("INSERT INTO resources VALUES (?, ?)", chunk)
         self.db.executescript(
             """
@@ -126,9 +134,8 @@ class Stage:
             """
         )
         staged = {"resources": dict(sorted(kept.items())), "leftOut": dict(sorted(left_out.items()))}
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('staged', ?)", (json.dumps(staged),))
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('input', ?)", (fingerprint,))
-        self.db.commit()
+        self.set_meta("staged", json.dumps(staged))
+        self.set_meta("input", fingerprint)  # last: it marks the staging complete
         return staged
 
     def mark_done(self, patients: Iterable[str]) -> None:
@@ -160,27 +167,50 @@ class Stage:
 
 
 def _rows(files: list[Path], kept: Counter, left_out: Counter) -> Iterator[tuple[str, str]]:
-    """Yield (patient, resource JSON) for each line of each file; count what is left out and why."""
+    """Yield (patient, resource JSON) for each usable line of each file; count what is left out and why."""
     for path in files:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as lines:
-            for line in lines:
-                if not line.strip():
+        # A byte that is not UTF-8 becomes a lone surrogate, so only its line is left out.
+        opened = (gzip.open if path.suffix == ".gz" else open)(
+            path, "rt", encoding="utf-8", errors="surrogateescape"
+        )
+        with opened as lines:
+            for line in map(str.strip, lines):
+                if not line:
                     continue
-                try:
-                    resource = json.loads(line)
-                except ValueError:
-                    left_out["not JSON"] += 1
-                    continue
-                kind = as_str(as_dict(resource).get("resourceType"))
-                if kind not in KEPT:
-                    left_out[f"{kind or 'no resourceType'} (not used)"] += 1
-                    continue
-                patient = patient_of(resource)
+                patient, kind = attribute(line)
                 if patient is None:
-                    left_out[f"{kind} without a patient"] += 1
+                    left_out[kind] += 1
                     continue
                 kept[kind] += 1
-                yield patient, line.strip()
+                yield patient, line
+
+
+def attribute(line: str) -> tuple[str | None, str]:
+    """Return the patient and resource type of an NDJSON line, or None and why the line cannot be used."""
+    if RAW_SURROGATE.search(line):
+        return None, "not UTF-8"
+    try:
+        resource = json.loads(line)
+    except (ValueError, RecursionError):
+        return None, "not JSON"
+    if SURROGATE_ESCAPE.search(line) and not _is_text(resource):
+        return None, "not UTF-8"
+    kind = as_str(as_dict(resource).get("resourceType"))
+    if kind not in KEPT:
+        return None, f"{kind or 'no resourceType'} (not used)"
+    patient = patient_of(resource)
+    if patient is None:
+        return None, f"{kind} without a patient"
+    return patient, kind
+
+
+def _is_text(value) -> bool:
+    """Tell whether every string in a JSON value can be written as UTF-8: no half of a surrogate pair."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def patient_of(resource: dict) -> str | None:
@@ -222,6 +252,8 @@ def summarise(results: Iterable[Path], as_of: str) -> Summary:
     for path in results:
         with path.open(encoding="utf-8") as lines:
             for line in lines:
+                if not line.strip():
+                    continue  # Dask writes a partition without patients as one empty line
                 result = json.loads(line)
                 summary.patients += 1
                 if "error" in result:
@@ -263,9 +295,15 @@ def _evaluate_batch(patients: list[str]) -> str:
             "SELECT body FROM resources WHERE patient = ? ORDER BY rowid", (patient,)
         )
         resources = [json.loads(body) for (body,) in rows]
-        result = evaluate_patient(_worker["evaluator"], patient, resources, _worker["as_of"])
-        lines.append(json.dumps(result, ensure_ascii=False) + "\n")
+        lines.append(
+            result_line(evaluate_patient(_worker["evaluator"], patient, resources, _worker["as_of"]))
+        )
     return "".join(lines)
+
+
+def result_line(result: dict) -> str:
+    """Return a result as one NDJSON line, in ASCII so that no text from the data can fail to be written."""
+    return json.dumps(result) + "\n"
 
 
 def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progress: bool = True) -> Summary:
@@ -279,29 +317,17 @@ def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progre
     remaining = stage.count("patients") - stage.count("done")
     started = time.monotonic()
     evaluated = 0
+    start = (str(stage.path), as_of_text)
     with (
-        ProcessPoolExecutor(
-            workers, initializer=_start_worker, initargs=(str(stage.path), as_of_text)
-        ) as pool,
+        closing(_evaluated(_batches(stage.pending(), BATCH), workers, start)) as batches,
         (out / RESULTS).open("a", encoding="utf-8") as sink,
         tqdm(total=remaining, unit="patient", disable=not progress, smoothing=0.1) as bar,
     ):
-        window: deque[tuple[Future, int]] = deque()
-
-        def write_oldest() -> None:
-            nonlocal evaluated
-            future, size = window.popleft()
-            sink.write(future.result())
+        for lines, size in batches:
+            sink.write(lines)
             sink.flush()
             evaluated += size
             bar.update(size)
-
-        for batch in _batches(stage.pending(), BATCH):
-            window.append((pool.submit(_evaluate_batch, batch), len(batch)))
-            if len(window) >= 4 * workers:
-                write_oldest()
-        while window:
-            write_oldest()
         os.fsync(sink.fileno())
     seconds = time.monotonic() - started
     summary = summarise([out / RESULTS], as_of_text)
@@ -314,6 +340,67 @@ def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progre
     }
     summary.save(out)
     return summary
+
+
+def _evaluated(
+    batches: Iterator[list[str]], workers: int, start: tuple[str, str]
+) -> Iterator[tuple[str, int]]:
+    """Yield each batch's result lines and size, in order, with at most a few batches in flight."""
+    pool = _pool(workers, start)
+    window: deque[tuple[Future, list[str]]] = deque()
+    try:
+        while True:
+            while len(window) < 4 * workers and (batch := next(batches, None)):
+                window.append((pool.submit(_evaluate_batch, batch), batch))
+            if not window:
+                return
+            future, batch = window.popleft()
+            try:
+                lines = future.result()
+            except BrokenProcessPool:
+                # A worker died in native code (the rule engine is a C extension) and took the pool with
+                # it: find the patient it dies on, then go on in a fresh pool with the batches in flight.
+                pool.shutdown()
+                lines = _one_by_one(batch, start)
+                pool = _pool(workers, start)
+                window = deque((pool.submit(_evaluate_batch, b), b) for _, b in window)
+            yield lines, len(batch)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _one_by_one(batch: list[str], start: tuple[str, str]) -> str:
+    """Evaluate each patient of a batch alone; a patient whose evaluation kills its worker gets an error."""
+    lines = []
+    pool = None
+    try:
+        for patient in batch:
+            pool = pool or _pool(1, start)
+            try:
+                lines.append(pool.submit(_evaluate_batch, [patient]).result())
+            except BrokenProcessPool:
+                pool.shutdown()
+                pool = None
+                issue = Issue("exception", "the evaluation crashed its process; no advice was produced")
+                lines.append(
+                    result_line({"patient": patient, "status": 500, "error": operation_outcome([issue])})
+                )
+    finally:
+        if pool:
+            pool.shutdown()
+    return "".join(lines)
+
+
+def _pool(workers: int, start: tuple[str, str]) -> ProcessPoolExecutor:
+    """Start worker processes, each with its evaluator; stop the screen if they cannot start."""
+    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=start)
+    try:
+        pool.submit(_evaluate_batch, []).result()
+    except BrokenProcessPool:
+        pool.shutdown()
+        # Else every patient would be taken for one that kills its worker.
+        raise ScreenError("the worker processes cannot start (the error is above)") from None
+    return pool
 
 
 def _fixed_as_of(stage: Stage, as_of: datetime | None) -> str:
@@ -330,6 +417,6 @@ def _fixed_as_of(stage: Stage, as_of: datetime | None) -> str:
     return chosen
 
 
-def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
+def _batches(items: Iterator[T], size: int) -> Iterator[list[T]]:
     while batch := [item for _, item in zip(range(size), items, strict=False)]:
         yield batch

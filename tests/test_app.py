@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import jsonschema
 import pytest
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
-from conftest import SCHEMA, WEAKNESS, antibody, ck, condition, hook_request
+from conftest import AS_OF, SCHEMA, WEAKNESS, antibody, ck, condition, hook_request
 from rules import knowledge as knowledge_module
 from service.app import create_app
 from service.engine import Engine
@@ -255,6 +256,22 @@ def test_evaluate_uses_bundle_timestamp_as_now(client):
     assert_outcome(client.post("/evaluate?asOf=never", json=bundle), 400, "asOf")
 
 
+@pytest.mark.parametrize(
+    "timestamp",
+    ["2024-06-01 12:00", "2024-06-01T12:00:00", "yesterday", 20240601, "0001-01-01T00:00:00+01:00"],
+    ids=["space", "no-offset", "word", "number", "before-year-1"],
+)
+def test_evaluate_refuses_a_bundle_timestamp_that_is_no_fhir_datetime(client, timestamp):
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": timestamp,
+        "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}}, {"resource": ck("ck1", 3000)}],
+    }
+    assert_outcome(client.post("/evaluate", json=bundle), 400, "Bundle.timestamp")
+    assert client.post(f"/evaluate?asOf={AS_OF}", json=bundle).status_code == 200
+
+
 def test_health_and_readiness(client):
     assert client.get("/health").get_json() == {"status": "ok"}
     ready = client.get("/health/ready")
@@ -314,6 +331,26 @@ def test_exhausted_engine_sessions_give_503(monkeypatch):
         gate.set()
         first.join(5)
     assert engine.live_sessions == 0
+
+
+def test_a_busy_engine_is_ready(monkeypatch):
+    app = create_app()
+    evaluator = app.extensions["imnm_cds"]
+    gate, entered = threading.Event(), threading.Event()
+    engine = Engine(knowledge_module.load(), [blocking_rules(gate, entered)], max_sessions=1, wait_seconds=60)
+    monkeypatch.setattr(evaluator, "engine", engine)
+    first = threading.Thread(target=lambda: app.test_client().post(SERVICE, json=hook_request()))
+    first.start()
+    assert entered.wait(5)
+    try:
+        started = time.monotonic()
+        ready = app.test_client().get("/health/ready")
+        waited = time.monotonic() - started
+    finally:
+        gate.set()
+        first.join(5)
+    assert ready.status_code == 200, ready.get_json()
+    assert waited < 5, "readiness waited for a session"  # the session is held for 10 s
 
 
 def test_antibody_only_by_text_counts(client):

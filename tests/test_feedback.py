@@ -94,6 +94,14 @@ BAD_ITEMS = {
     "timestamp-date-only": (put("outcomeTimestamp", "2024-06-01"), "feedback[1].outcomeTimestamp"),
     "timestamp-impossible": (put("outcomeTimestamp", "2024-02-30T12:00:00Z"), "feedback[1].outcomeTimestamp"),
     "timestamp-number": (put("outcomeTimestamp", 1717243200), "feedback[1].outcomeTimestamp"),
+    "timestamp-before-year-1-in-utc": (
+        put("outcomeTimestamp", "0001-01-01T00:00:00+01:00"),
+        "feedback[1].outcomeTimestamp",
+    ),
+    "timestamp-after-year-9999-in-utc": (
+        put("outcomeTimestamp", "9999-12-31T23:00:00-05:00"),
+        "feedback[1].outcomeTimestamp",
+    ),
     "accepted-without-suggestions": (drop("acceptedSuggestions"), "feedback[1].acceptedSuggestions"),
     "accepted-empty-suggestions": (put("acceptedSuggestions", []), "feedback[1].acceptedSuggestions"),
     "suggestion-not-object": (put("acceptedSuggestions", ["x"]), "feedback[1].acceptedSuggestions[0]"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -122,6 +124,100 @@ def test_what_cannot_be_used_is_counted_and_a_bad_patient_does_not_stop_the_rest
         "Observation without a patient": 1,
         "Claim (not used)": 1,
     }
+
+
+def unusable_lines() -> bytes:
+    """Lines no rule can use that once stopped a screen, and lines that look odd but are fine."""
+    lines = [
+        b'{"resourceType": "Patient", "id": "\\udc80"}',  # half of a surrogate pair, escaped
+        b'{"resourceType": "Patient", "id": "bad-byte\xff"}',  # not UTF-8
+        b'{"resourceType": "Condition", "subject": {"reference": "Patient/fx-pm"},'
+        b' "code": {"text": "\\ud800"}}',
+        b'{"resourceType": ["Patient"]}',
+        b"[" * 100_000,
+        b'{"resourceType": "Patient", "id": "emoji", "name": [{"text": "\\ud83d\\ude00 Zo\xc3\xab"}]}',
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
+def test_lines_that_are_not_utf8_or_not_json_are_left_out_and_the_rest_screened(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", fixtures_only)
+    (export / "Other.ndjson").write_bytes(unusable_lines())
+    summary = screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=1, progress=False)
+    assert summary.staged["leftOut"] == {"not UTF-8": 3, "not JSON": 1, "no resourceType (not used)": 1}
+    written = results(tmp_path / "out" / screen.RESULTS)
+    assert set(written) == {*fixtures_only, "emoji"}
+    assert (tmp_path / "out" / screen.RESULTS).read_bytes().isascii()
+
+
+def test_dask_leaves_out_the_same_lines(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", fixtures_only)
+    (export / "Other.ndjson").write_bytes(unusable_lines())
+    screen.screen(export, tmp_path / "local", parse_time(AS_OF), workers=1, progress=False)
+    screen_on_dask(export, tmp_path / "dask", parse_time(AS_OF), scheduler=None, workers=2)
+    merged = {}
+    for part in sorted((tmp_path / "dask").glob("results-*.ndjson")):
+        merged |= results(part)
+    assert merged == results(tmp_path / "local" / screen.RESULTS)
+
+
+def test_a_failed_dask_run_keeps_the_results_of_the_last(fixtures_only, tmp_path):
+    export = write_export(tmp_path / "export", dict(list(fixtures_only.items())[:3]))
+    out = tmp_path / "dask"
+    screen_on_dask(export, out, parse_time(AS_OF), scheduler=None, workers=1)
+    before = {part.name: part.read_bytes() for part in out.glob("results-*.ndjson")}
+    assert before
+    (export / "Broken.ndjson.gz").write_bytes(b"not gzip")
+    with pytest.raises(OSError, match="gzip"):
+        screen_on_dask(export, out, parse_time(AS_OF), scheduler=None, workers=1)
+    assert {part.name: part.read_bytes() for part in out.glob("results-*.ndjson")} == before
+
+
+FORK = pytest.mark.skipif(
+    multiprocessing.get_start_method() != "fork", reason="a patched function reaches workers only by fork"
+)
+
+
+@FORK
+def test_a_patient_whose_evaluation_kills_its_worker_gets_an_error_and_the_rest_go_on(
+    fixtures_only, tmp_path, monkeypatch
+):
+    population = copies(fixtures_only, 3)
+    export = write_export(tmp_path / "export", population)
+    screen.screen(export, tmp_path / "whole", parse_time(AS_OF), workers=2, progress=False)
+    expected = results(tmp_path / "whole" / screen.RESULTS)
+    victim = sorted(population)[50]
+    evaluate = screen.evaluate_patient
+
+    def crashing(evaluator, patient, resources, as_of):
+        if patient == victim:  # as a fault in the rule engine's native code would
+            faulthandler.disable()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return evaluate(evaluator, patient, resources, as_of)
+
+    monkeypatch.setattr(screen, "evaluate_patient", crashing)
+    summary = screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=2, progress=False)
+    written = results(tmp_path / "out" / screen.RESULTS)
+    crashed = written.pop(victim)
+    assert crashed["status"] == 500 and crashed["error"]["resourceType"] == "OperationOutcome"
+    del expected[victim]
+    assert written == expected
+    assert summary.errors == 1 and summary.patients == len(population)
+
+
+@FORK
+def test_workers_that_cannot_start_stop_the_screen_with_no_patient_written(
+    fixtures_only, tmp_path, monkeypatch
+):
+    export = write_export(tmp_path / "export", fixtures_only)
+
+    def broken(settings):
+        raise RuntimeError("no evaluator")
+
+    monkeypatch.setattr(screen, "Evaluator", broken)
+    with pytest.raises(screen.ScreenError, match="cannot start"):
+        screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=2, progress=False)
+    assert (tmp_path / "out" / screen.RESULTS).read_bytes() == b""
 
 
 def run_cli(export: Path, out: Path, *extra: str) -> subprocess.Popen:
