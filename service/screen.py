@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import gzip
 import json
+import multiprocessing
 import os
 import re
 import sqlite3
@@ -393,7 +394,11 @@ def _one_by_one(batch: list[str], start: tuple[str, str]) -> str:
 
 def _pool(workers: int, start: tuple[str, str]) -> ProcessPoolExecutor:
     """Start worker processes, each with its evaluator; stop the screen if they cannot start."""
-    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=start)
+    # Workers come from a fresh single-threaded server process, never forked from this one: a fork
+    # taken while another thread holds a lock (logging, a pool, the allocator) can hang forever.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["service.screen"])
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=start)
     try:
         pool.submit(_evaluate_batch, []).result()
     except BrokenProcessPool:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import faulthandler
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -173,50 +171,61 @@ def test_a_failed_dask_run_keeps_the_results_of_the_last(fixtures_only, tmp_path
     assert {part.name: part.read_bytes() for part in out.glob("results-*.ndjson")} == before
 
 
-FORK = pytest.mark.skipif(
-    multiprocessing.get_start_method() != "fork", reason="a patched function reaches workers only by fork"
-)
+# Worker processes start from a fresh interpreter, so a fault is planted where every interpreter of the
+# screen's process tree reads it: a sitecustomize module on PYTHONPATH.
+PLANTED_FAULTS = """
+import faulthandler, os, signal
+if os.environ.get("SCREEN_TEST_CRASH") or os.environ.get("SCREEN_TEST_BROKEN_START"):
+    from service import screen
+    evaluate = screen.evaluate_patient
+
+    def crashing(evaluator, patient, resources, as_of):
+        if patient == os.environ.get("SCREEN_TEST_CRASH"):  # as a fault in the engine's native code would
+            faulthandler.disable()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return evaluate(evaluator, patient, resources, as_of)
+
+    def broken(settings):
+        raise RuntimeError("no evaluator")
+
+    screen.evaluate_patient = crashing
+    if os.environ.get("SCREEN_TEST_BROKEN_START"):
+        screen.Evaluator = broken
+"""
 
 
-@FORK
+def run_with_fault(export: Path, out: Path, tmp_path: Path, **fault: str) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(PLANTED_FAULTS)
+    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    command = [sys.executable, "-m", "service.cli", "screen", str(export), "--out", str(out)]
+    command += ["--as-of", AS_OF, "--no-progress", "--workers", "2"]
+    environment = {**os.environ, "PYTHONPATH": path, **fault}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)
+
+
 def test_a_patient_whose_evaluation_kills_its_worker_gets_an_error_and_the_rest_go_on(
-    fixtures_only, tmp_path, monkeypatch
+    fixtures_only, tmp_path
 ):
     population = copies(fixtures_only, 3)
     export = write_export(tmp_path / "export", population)
     screen.screen(export, tmp_path / "whole", parse_time(AS_OF), workers=2, progress=False)
     expected = results(tmp_path / "whole" / screen.RESULTS)
     victim = sorted(population)[50]
-    evaluate = screen.evaluate_patient
-
-    def crashing(evaluator, patient, resources, as_of):
-        if patient == victim:  # as a fault in the rule engine's native code would
-            faulthandler.disable()
-            os.kill(os.getpid(), signal.SIGSEGV)
-        return evaluate(evaluator, patient, resources, as_of)
-
-    monkeypatch.setattr(screen, "evaluate_patient", crashing)
-    summary = screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=2, progress=False)
+    done = run_with_fault(export, tmp_path / "out", tmp_path, SCREEN_TEST_CRASH=victim)
+    assert done.returncode == 0, done.stderr[-3000:]
     written = results(tmp_path / "out" / screen.RESULTS)
     crashed = written.pop(victim)
     assert crashed["status"] == 500 and crashed["error"]["resourceType"] == "OperationOutcome"
     del expected[victim]
     assert written == expected
-    assert summary.errors == 1 and summary.patients == len(population)
+    summary = json.loads((tmp_path / "out" / screen.SUMMARY).read_text())
+    assert summary["patientsWithErrors"] == 1 and summary["patients"] == len(population)
 
 
-@FORK
-def test_workers_that_cannot_start_stop_the_screen_with_no_patient_written(
-    fixtures_only, tmp_path, monkeypatch
-):
+def test_workers_that_cannot_start_stop_the_screen_with_no_patient_written(fixtures_only, tmp_path):
     export = write_export(tmp_path / "export", fixtures_only)
-
-    def broken(settings):
-        raise RuntimeError("no evaluator")
-
-    monkeypatch.setattr(screen, "Evaluator", broken)
-    with pytest.raises(screen.ScreenError, match="cannot start"):
-        screen.screen(export, tmp_path / "out", parse_time(AS_OF), workers=2, progress=False)
+    done = run_with_fault(export, tmp_path / "out", tmp_path, SCREEN_TEST_BROKEN_START="1")
+    assert done.returncode == 2 and "cannot start" in done.stderr, done.stderr[-3000:]
     assert (tmp_path / "out" / screen.RESULTS).read_bytes() == b""
 
 
