@@ -9,7 +9,7 @@ import pytest
 
 from conftest import LOINC, SNOMED, WEAKNESS, antibody, ck, condition, observation
 from service import facts
-from service.facts.fhir import Resource, parse_time
+from service.facts.fhir import Resource, completed_years, parse_time
 
 NOW = datetime(2024, 6, 1, 12, tzinfo=UTC)
 ALL = frozenset(
@@ -109,6 +109,14 @@ def test_non_final_ck_results_do_not_count(knowledge):
         assert fact(build(knowledge, ck("a", 5000, status=status)), "ck")["tested"] is False
     for status in ("final", "amended", "corrected"):
         assert fact(build(knowledge, ck("a", 5000, status=status)), "ck")["tested"] is True
+
+
+def test_the_peak_is_the_first_of_equal_highs(knowledge):
+    result = build(
+        knowledge, ck("b", 3000, when="2024-05-20T08:00:00Z"), ck("a", 3000, when="2024-05-10T08:00:00Z")
+    )
+    summary = fact(result, "ck")
+    assert summary["peak_days_ago"] == pytest.approx(22.17, abs=0.01) and summary["trend"] == "stable"
 
 
 def test_days_are_counted_back_from_now(knowledge):
@@ -446,6 +454,21 @@ def test_patient_age_and_sex(knowledge):
             build(knowledge, {"resourceType": "Patient", "id": "p1", "birthDate": birth}), "patient"
         )
         assert (patient["age"], patient["adult"]) == (age, adult)
+
+
+def test_age_at_onset_counts_completed_years(knowledge):
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": "1984-02-29"}
+    for when, age in (("2024-02-28T08:00:00Z", 39), ("2024-02-29T08:00:00Z", 40)):
+        onset = fact(build(knowledge, patient, ck("a", 3000, when=when)), "myositis-onset")
+        assert onset["age_at_onset"] == age
+
+
+@pytest.mark.parametrize(
+    ("birth", "at", "years"),
+    [("2000-06-02", "2018-06-01", 17), ("2000-06-02", "2018-06-02", 18), ("2004-02-29", "2023-02-28", 18)],
+)
+def test_completed_years(birth, at, years):
+    assert completed_years(parse_time(birth), parse_time(at)) == years
 
 
 def test_an_invalid_resource_that_matters_is_refused_with_its_location(knowledge):

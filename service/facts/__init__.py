@@ -14,7 +14,15 @@ from datetime import datetime
 from types import MappingProxyType
 
 from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
-from service.facts.fhir import InvalidResource, Resource, day, naming_once, parse_time, validate
+from service.facts.fhir import (
+    InvalidResource,
+    Resource,
+    completed_years,
+    day,
+    naming_once,
+    parse_time,
+    validate,
+)
 
 __all__ = ["Basis", "FactSet", "InvalidData", "Resource", "Selected", "build", "from_selected", "select"]
 
@@ -183,9 +191,7 @@ def patient_fact(resource: Resource | None, now: datetime) -> tuple[dict, str, t
     birth = parse_time(data.get("birthDate"))
     text = f"patient: {fact['sex']}"
     if birth:
-        fact["age"] = (
-            now.year - birth.year - ((now.month, now.day) < (birth.month, birth.day))
-        )  # completed years
+        fact["age"] = completed_years(birth, now)
         fact["adult"] = "yes" if fact["age"] >= 18 else "no"
         text += f", born {day(birth)[:4]}"
     return fact, text, (resource.reference,)

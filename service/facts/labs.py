@@ -125,6 +125,11 @@ def _reference_high(data: dict, unit: str, factors: dict) -> float | None:
     return None
 
 
+def highest(results: list[CkResult]) -> CkResult:
+    """Return the CK result highest above its ULN; of equal highs, the first."""
+    return max(results, key=lambda r: (r.x_uln, -r.time.timestamp()))
+
+
 def observed_half_life(results: list[CkResult]) -> float | None:
     """Fit log(CK) against time (least squares) from three or more results; the half-life if falling."""
     if len(results) < 3:
@@ -144,7 +149,7 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
     """Return the CK summary fact, its description and the references behind it."""
     if not results:
         return {"id": "ck", "t": "ck", "tested": False, "count": 0, "trend": "none"}, "CK: no result", ()
-    peak = max(results, key=lambda r: (r.x_uln, -r.time.timestamp()))  # the first of equal highs
+    peak = highest(results)
     latest = results[-1]
     trend = "single"
     if len(results) > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from service.facts.biopsy import report_text
-from service.facts.fhir import Resource, day, effective_time, is_final
+from service.facts.fhir import Resource, completed_years, day, effective_time, is_final
 from service.facts.labs import CkResult
 
 DIAGNOSES = (
@@ -44,9 +44,7 @@ def onset_fact(
         known=True, days_ago=(now - onset).total_seconds() / 86400.0, onset_on=day(onset), source=why
     )
     if birth is not None:
-        onset_fact["age_at_onset"] = (
-            onset.year - birth.year - ((onset.month, onset.day) < (birth.month, birth.day))
-        )
+        onset_fact["age_at_onset"] = completed_years(birth, onset)
     return onset_fact, f"myositis onset {day(onset)} (from the {why})", references
 
 
