@@ -366,6 +366,32 @@ def test_only_final_muscle_biopsies_count(knowledge):
     assert fact(build(knowledge, skin), "biopsy")["reported"] is False
 
 
+# -- spirometry ------------------------------------------------------------------------------------
+
+
+def fvc(id_, value, when="2024-05-01T08:00:00Z", **quantity):
+    code = {"coding": [{"system": LOINC, "code": "19872-1"}]}
+    return observation(id_, code, when, valueQuantity={"value": value, **quantity})
+
+
+def test_an_fvc_that_cannot_be_read_as_percent_predicted_is_reported_not_guessed(knowledge):
+    undated = fvc("undated", 50, unit="%")
+    del undated["effectiveDateTime"]
+    result = build(
+        knowledge,
+        fvc("unitless", 55),
+        fvc("litres", 2.1, unit="L"),
+        undated,
+        fvc("usable", 90, "2024-04-01T08:00:00Z", unit="%"),
+    )
+    assert fact(result, "fvc")["latest_pct"] == 90 and fact(result, "fvc")["decline"] == 0.0
+    assert result.notes == (
+        "FVC result Observation/unitless is not in % predicted (no unit) and was not used.",
+        "FVC result Observation/litres is not in % predicted (L) and was not used.",
+        "FVC result Observation/undated has no date and was not used.",
+    )
+
+
 # -- statins ----------------------------------------------------------------------------------------
 
 

@@ -128,7 +128,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     entries = [patient_fact(patients[0] if patients else None, now)]
     ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes)
     entries.append(labs.ck_fact(k, ck_results, now))
-    entries.append(labs.tsh_fact(k, lab_results, now))
+    entries.append(labs.tsh_fact(k, lab_results, now, notes))
     antibody_results = labs.antibody_results(k, lab_results, notes)
     antibodies = [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
     entries += [*antibodies, labs.profile_fact(k, [fact for fact, _, _ in antibodies])]
@@ -150,7 +150,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     entries.append(medications.statin_fact(history, now))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
     entries.append(draft_fact(selected.draft_statins))
-    entries.append(respiratory.fvc_fact(k, selected.spirometry, now))
+    entries.append(respiratory.fvc_fact(k, selected.spirometry, now, notes))
     entries.append(treatments.immunosuppression_fact(k, drugs, selected.therapy, now))
     return FactSet(
         facts=tuple(fact for fact, _, _ in entries),
