@@ -443,6 +443,36 @@ def test_a_referenced_medication_and_intensity(knowledge):
     assert statin["exposure"] == "past" and statin["intensity"] == "high" and statin["stop_known"] is False
 
 
+def test_a_drug_that_cannot_be_identified_leaves_statin_exposure_unknown(knowledge):
+    missing = statement(medicationReference={"reference": "Medication/not-sent"})
+    uncoded = statement(medicationCodeableConcept={"coding": [{"system": RXNORM}]}) | {"id": "ms2"}
+    result = build(knowledge, missing, uncoded)
+    assert fact(result, "statin")["exposure"] == "unknown"
+    assert (
+        result.basis["statin"].text
+        == "statin exposure: unknown (2 medication records could not be identified)"
+    )
+    assert result.notes == (
+        "2 medication records could not be identified (no drug code, or a Medication that was not sent) "
+        "and were not used.",
+    )
+    # A statin found is exposure whatever the other records are; one never taken does not matter.
+    simvastatin = statement(medicationCodeableConcept={"text": "simvastatin"}) | {"id": "ms3"}
+    assert fact(build(knowledge, missing, simvastatin), "statin")["exposure"] == "current"
+    never = statement("not-taken", medicationReference={"reference": "Medication/not-sent"})
+    odd = statement(medicationReference={"reference": "Medication/not-sent"}) | {"status": {"code": "active"}}
+    result = build(knowledge, never, odd | {"id": "ms4"})
+    assert fact(result, "statin")["exposure"] == "none-recorded" and not result.notes
+
+
+def test_statin_exposure_needs_requests_or_statements_to_be_known(knowledge):
+    administrations = frozenset({"Patient", "Observation", "Condition", "MedicationAdministration"})
+    assert fact(build(knowledge, available=administrations), "statin")["exposure"] == "unknown"
+    for kind in ("MedicationRequest", "MedicationStatement"):
+        known = fact(build(knowledge, available=administrations | {kind}), "statin")
+        assert known["exposure"] == "none-recorded"
+
+
 def test_a_stopped_statement_has_a_known_stop_date(knowledge):
     stopped = statement(
         "completed",

@@ -63,6 +63,7 @@ class Selected:
     studies: list[Resource]
     drugs: medications.Medications
     statins: list[Resource]
+    unidentified: list[Resource]  # medication records taken whose drug cannot be told
     draft_statins: list[Resource]
     therapy: list[Resource]
 
@@ -88,6 +89,7 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         studies=[r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
         drugs=drugs,
         statins=[r for r in records if drugs.is_statin(r.data)],
+        unidentified=[r for r in records if medications.taken(r) and not drugs.identified(r.data)],
         draft_statins=[r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)],
         therapy=[r for r in records if treatments.treatment_classes(k, drugs, r.data)],
     )
@@ -143,9 +145,18 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     onset = screening.onset_fact(k, ck_results, {f["name"]: (f, t, r) for f, t, r in concepts}, birth, now)
     entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now)]
     entries.append(biopsy.biopsy_fact(k, selected.reports, now))
+    unidentified = len(selected.unidentified)
+    if unidentified:
+        notes.append(
+            f"{unidentified} medication record{'s' if unidentified > 1 else ''} could not be identified "
+            "(no drug code, or a Medication that was not sent) and "
+            f"{'were' if unidentified > 1 else 'was'} not used."
+        )
     history = medications.History(
         records=tuple(e for e in (medications.exposure(drugs, r, now) for r in selected.statins) if e),
-        available=any(kind in available for kind in medications.MEDICATION_TYPES),
+        # Administrations alone cannot show that no statin was prescribed or taken.
+        available=bool({"MedicationRequest", "MedicationStatement"} & available),
+        unidentified=unidentified,
     )
     entries.append(medications.statin_fact(history, now))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
