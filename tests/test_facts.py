@@ -350,6 +350,19 @@ def test_biopsy_features_with_negation_in_the_same_clause(knowledge):
     assert biopsy["endomysial_invasion"] == "unknown"
 
 
+def test_without_diagnostic_reports_biopsy_and_screening_are_unknown_not_absent(knowledge):
+    onset = ck("a", 3000)  # a raised CK dates the onset
+    unknown = build(knowledge, onset, available=ALL - {"DiagnosticReport"})
+    assert fact(unknown, "biopsy")["reported"] == "unknown"
+    assert unknown.basis["biopsy"].text == "muscle biopsy: unknown (no diagnostic reports available)"
+    screened = fact(unknown, "cancer-screening")
+    assert screened["basic_done"] == screened["enhanced_done"] == "unknown"
+    known = build(knowledge, onset)
+    assert fact(known, "biopsy")["reported"] is False
+    assert fact(known, "cancer-screening")["basic_done"] is False
+    assert known.basis["cancer-screening"].text == "cancer screening done: none recorded"
+
+
 def test_biopsy_text_from_a_plain_text_attachment(knowledge):
     text = base64.b64encode(b"Muscle biopsy: CD8+ T cells invading non-necrotic fibres.").decode()
     attached = report("x", presentedForm=[{"contentType": "text/plain", "data": text}])

@@ -143,8 +143,9 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     entries += concepts
     birth = parse_time(patients[0].data.get("birthDate")) if patients else None
     onset = screening.onset_fact(k, ck_results, {f["name"]: (f, t, r) for f, t, r in concepts}, birth, now)
-    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now)]
-    entries.append(biopsy.biopsy_fact(k, selected.reports, now))
+    reported = "DiagnosticReport" in available
+    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, reported)]
+    entries.append(biopsy.biopsy_fact(k, selected.reports, now, reported))
     unidentified = len(selected.unidentified)
     if unidentified:
         notes.append(

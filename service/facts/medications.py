@@ -168,7 +168,7 @@ def statin_fact(history: History, now: datetime) -> tuple[dict, str, tuple[str, 
     if not found:
         fact["exposure"] = "unknown"
         if not history.available:
-            return fact, "statin exposure: no medication requests or statements", ()
+            return fact, "statin exposure: unknown (no medication requests or statements available)", ()
         if history.unidentified:
             count = f"{history.unidentified} medication record{'s' if history.unidentified > 1 else ''}"
             return fact, f"statin exposure: unknown ({count} could not be identified)", ()

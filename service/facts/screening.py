@@ -57,12 +57,19 @@ def panels(k, data: dict) -> list[str]:
 
 
 def screening_fact(
-    k, reports: list[Resource], onset: dict, now: datetime
+    k, reports: list[Resource], onset: dict, now: datetime, available: bool
 ) -> tuple[dict, str, tuple[str, ...]]:
     """Tell which screening panels were done within the screening window around the onset."""
-    fact = {"id": "cancer-screening", "t": "cancer-screening", **dict.fromkeys(PANELS, False)}
+    # Without diagnostic reports at all (not sent, not fetched), whether any panel was done is unknown.
+    fact = {
+        "id": "cancer-screening",
+        "t": "cancer-screening",
+        **dict.fromkeys(PANELS, False if available else "unknown"),
+    }
     if not onset["known"]:
         return fact, "cancer screening: onset unknown", ()
+    if not available:
+        return fact, "cancer screening done: unknown (no diagnostic reports available)", ()
     earliest = now - timedelta(days=onset["days_ago"] + k.value("cancer.window"))
     done = []
     for resource in reports:
