@@ -150,8 +150,9 @@ def tier(k, params: dict) -> dict | None:
         chosen = "moderate"
     else:
         chosen = "standard"
-    orders = [] if params["basic_done"] else ["basic-screening"]
-    if chosen != "standard" and not params["enhanced_done"]:
+    # A panel is left out only when known to be done: "unknown" (no reports available) is offered.
+    orders = [] if params["basic_done"] is True else ["basic-screening"]
+    if chosen != "standard" and params["enhanced_done"] is not True:
         orders.append("enhanced-screening")
     if chosen == "high":
         orders += ["pet-ct", "gi-endoscopy"]

@@ -120,10 +120,11 @@ def define(k, emit):
     @when_all(
         pri(2),
         *presentation(),
+        # No biopsy reported, or no reports available: suggesting one is right either way.
         *evidence(
             hmgcr=m.state == "negative",
             srp=m.state == "negative",
-            biopsy=m.reported == False,
+            biopsy=(m.reported == False) | (m.reported == "unknown"),
             rash=m.state == "unknown",
         ),
         unexplained(),

@@ -245,7 +245,7 @@ def define(k, emit):
 
     def sams(c, key, *basis, orders=()):
         """Ask for a statin-muscle-symptoms card; suggest a TSH unless one was checked recently."""
-        if not (c.tsh.tested and c.tsh.days_ago <= k.value("statin.recent-tsh")):
+        if c.tsh.days_ago is None or c.tsh.days_ago > k.value("statin.recent-tsh"):  # untested or undated
             orders = [*orders, "tsh"]
         emit.card(c, key, c.st, c.ck, c.tsh, *basis, ck_x_uln=c.ck.latest_x_uln, orders=list(orders))
 

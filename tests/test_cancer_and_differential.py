@@ -155,6 +155,18 @@ def test_the_counting_rule_against_hand_worked_cases(knowledge):
     assert counted(basic=True) is None  # standard risk, basic panel done
     assert counted("male", "older-onset", basic=True, enhanced=True) is None
     assert counted("dysphagia", "anti-tif1g", basic=True, enhanced=True) == "high"  # PET-CT, endoscopy remain
+    # Without reports, whether a panel was done is unknown: it is offered.
+    assert counted(basic="unknown") == "standard"
+    assert counted("male", "older-onset", basic=True, enhanced="unknown") == "moderate"
+
+
+def test_without_reports_screening_is_offered_and_said_to_be_unknown(client):
+    request = hook_request(resources=[*IMNM, HMGCR])
+    request["prefetch"]["patient"] = patient()
+    card = screening(client.post(SERVICE, json=request).get_json()["cards"])
+    assert card["suggestions"][0]["label"] == "Order the basic cancer screening panel"
+    assert "- cancer screening done: unknown (no diagnostic reports available)" in card["detail"]
+    assert "none recorded" not in card["detail"]
 
 
 # -- the differential -----------------------------------------------------------------------------------

@@ -145,6 +145,30 @@ def test_workup_card_suggests_only_the_missing_tests(client):
     assert srp["code"]["coding"][0]["code"] == "33921-8" and srp["intent"] == "proposal"
 
 
+def test_seronegative_without_biopsy_data_suggests_one_and_never_calls_it_missing(client):
+    negative = [
+        {
+            "resourceType": "Observation",
+            "id": name,
+            "status": "final",
+            "code": {"text": f"{name.upper()} Ab"},
+            "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": "2024-05-02",
+            "valueString": "Negative",
+        }
+        for name in ("hmgcr", "srp")
+    ]
+    resources = [ck("ck1", 3000), condition("w1", WEAKNESS), *negative]
+    for prefetch, biopsy in (
+        ({}, "- muscle biopsy: unknown (no diagnostic reports available)"),
+        ({"reports": None}, "- muscle biopsy: none reported"),
+    ):
+        request = hook_request(resources=resources, **prefetch)
+        card = client.post("/cds-services/imnm-patient-view", json=request).get_json()["cards"][0]
+        assert card["summary"].startswith("HMGCR and SRP negative") and biopsy in card["detail"]
+        assert card["suggestions"][-1]["label"] == "Request a muscle biopsy with MHC-I and C5b-9 staining"
+
+
 @pytest.mark.parametrize("scenario", ["worked-example-hmgcr-positive", "hmgcr-negative"])
 def test_the_card_shows_pretest_posttest_and_each_step(client, scenario):
     request = load(FIXTURES / scenario / "request.json")

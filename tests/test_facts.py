@@ -9,7 +9,7 @@ import pytest
 
 from conftest import LOINC, SNOMED, WEAKNESS, antibody, ck, condition, observation
 from service import facts
-from service.facts.fhir import Resource, parse_time
+from service.facts.fhir import Resource, completed_years, parse_time
 
 NOW = datetime(2024, 6, 1, 12, tzinfo=UTC)
 ALL = frozenset(
@@ -109,6 +109,14 @@ def test_non_final_ck_results_do_not_count(knowledge):
         assert fact(build(knowledge, ck("a", 5000, status=status)), "ck")["tested"] is False
     for status in ("final", "amended", "corrected"):
         assert fact(build(knowledge, ck("a", 5000, status=status)), "ck")["tested"] is True
+
+
+def test_the_peak_is_the_first_of_equal_highs(knowledge):
+    result = build(
+        knowledge, ck("b", 3000, when="2024-05-20T08:00:00Z"), ck("a", 3000, when="2024-05-10T08:00:00Z")
+    )
+    summary = fact(result, "ck")
+    assert summary["peak_days_ago"] == pytest.approx(22.17, abs=0.01) and summary["trend"] == "stable"
 
 
 def test_days_are_counted_back_from_now(knowledge):
@@ -342,6 +350,19 @@ def test_biopsy_features_with_negation_in_the_same_clause(knowledge):
     assert biopsy["endomysial_invasion"] == "unknown"
 
 
+def test_without_diagnostic_reports_biopsy_and_screening_are_unknown_not_absent(knowledge):
+    onset = ck("a", 3000)  # a raised CK dates the onset
+    unknown = build(knowledge, onset, available=ALL - {"DiagnosticReport"})
+    assert fact(unknown, "biopsy")["reported"] == "unknown"
+    assert unknown.basis["biopsy"].text == "muscle biopsy: unknown (no diagnostic reports available)"
+    screened = fact(unknown, "cancer-screening")
+    assert screened["basic_done"] == screened["enhanced_done"] == "unknown"
+    known = build(knowledge, onset)
+    assert fact(known, "biopsy")["reported"] is False
+    assert fact(known, "cancer-screening")["basic_done"] is False
+    assert known.basis["cancer-screening"].text == "cancer screening done: none recorded"
+
+
 def test_biopsy_text_from_a_plain_text_attachment(knowledge):
     text = base64.b64encode(b"Muscle biopsy: CD8+ T cells invading non-necrotic fibres.").decode()
     attached = report("x", presentedForm=[{"contentType": "text/plain", "data": text}])
@@ -356,6 +377,32 @@ def test_only_final_muscle_biopsies_count(knowledge):
     )
     skin = report("Skin punch biopsy: interface dermatitis") | {"code": {"text": "Skin biopsy"}}
     assert fact(build(knowledge, skin), "biopsy")["reported"] is False
+
+
+# -- spirometry ------------------------------------------------------------------------------------
+
+
+def fvc(id_, value, when="2024-05-01T08:00:00Z", **quantity):
+    code = {"coding": [{"system": LOINC, "code": "19872-1"}]}
+    return observation(id_, code, when, valueQuantity={"value": value, **quantity})
+
+
+def test_an_fvc_that_cannot_be_read_as_percent_predicted_is_reported_not_guessed(knowledge):
+    undated = fvc("undated", 50, unit="%")
+    del undated["effectiveDateTime"]
+    result = build(
+        knowledge,
+        fvc("unitless", 55),
+        fvc("litres", 2.1, unit="L"),
+        undated,
+        fvc("usable", 90, "2024-04-01T08:00:00Z", unit="%"),
+    )
+    assert fact(result, "fvc")["latest_pct"] == 90 and fact(result, "fvc")["decline"] == 0.0
+    assert result.notes == (
+        "FVC result Observation/unitless is not in % predicted (no unit) and was not used.",
+        "FVC result Observation/litres is not in % predicted (L) and was not used.",
+        "FVC result Observation/undated has no date and was not used.",
+    )
 
 
 # -- statins ----------------------------------------------------------------------------------------
@@ -409,6 +456,36 @@ def test_a_referenced_medication_and_intensity(knowledge):
     assert statin["exposure"] == "past" and statin["intensity"] == "high" and statin["stop_known"] is False
 
 
+def test_a_drug_that_cannot_be_identified_leaves_statin_exposure_unknown(knowledge):
+    missing = statement(medicationReference={"reference": "Medication/not-sent"})
+    uncoded = statement(medicationCodeableConcept={"coding": [{"system": RXNORM}]}) | {"id": "ms2"}
+    result = build(knowledge, missing, uncoded)
+    assert fact(result, "statin")["exposure"] == "unknown"
+    assert (
+        result.basis["statin"].text
+        == "statin exposure: unknown (2 medication records could not be identified)"
+    )
+    assert result.notes == (
+        "2 medication records could not be identified (no drug code, or a Medication that was not sent) "
+        "and were not used.",
+    )
+    # A statin found is exposure whatever the other records are; one never taken does not matter.
+    simvastatin = statement(medicationCodeableConcept={"text": "simvastatin"}) | {"id": "ms3"}
+    assert fact(build(knowledge, missing, simvastatin), "statin")["exposure"] == "current"
+    never = statement("not-taken", medicationReference={"reference": "Medication/not-sent"})
+    odd = statement(medicationReference={"reference": "Medication/not-sent"}) | {"status": {"code": "active"}}
+    result = build(knowledge, never, odd | {"id": "ms4"})
+    assert fact(result, "statin")["exposure"] == "none-recorded" and not result.notes
+
+
+def test_statin_exposure_needs_requests_or_statements_to_be_known(knowledge):
+    administrations = frozenset({"Patient", "Observation", "Condition", "MedicationAdministration"})
+    assert fact(build(knowledge, available=administrations), "statin")["exposure"] == "unknown"
+    for kind in ("MedicationRequest", "MedicationStatement"):
+        known = fact(build(knowledge, available=administrations | {kind}), "statin")
+        assert known["exposure"] == "none-recorded"
+
+
 def test_a_stopped_statement_has_a_known_stop_date(knowledge):
     stopped = statement(
         "completed",
@@ -446,6 +523,21 @@ def test_patient_age_and_sex(knowledge):
             build(knowledge, {"resourceType": "Patient", "id": "p1", "birthDate": birth}), "patient"
         )
         assert (patient["age"], patient["adult"]) == (age, adult)
+
+
+def test_age_at_onset_counts_completed_years(knowledge):
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": "1984-02-29"}
+    for when, age in (("2024-02-28T08:00:00Z", 39), ("2024-02-29T08:00:00Z", 40)):
+        onset = fact(build(knowledge, patient, ck("a", 3000, when=when)), "myositis-onset")
+        assert onset["age_at_onset"] == age
+
+
+@pytest.mark.parametrize(
+    ("birth", "at", "years"),
+    [("2000-06-02", "2018-06-01", 17), ("2000-06-02", "2018-06-02", 18), ("2004-02-29", "2023-02-28", 18)],
+)
+def test_completed_years(birth, at, years):
+    assert completed_years(parse_time(birth), parse_time(at)) == years
 
 
 def test_an_invalid_resource_that_matters_is_refused_with_its_location(knowledge):

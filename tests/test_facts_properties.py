@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_severity import fvc
 from test_statin import statement
 
 from conftest import ck, condition, hook_request
@@ -493,3 +494,19 @@ def test_a_ck_beyond_what_floats_hold_is_not_used(evaluator):
 def test_moments_at_the_edge_of_the_calendar_are_undated(moment):
     # Once an OverflowError: the offset carried the instant past the calendar, or arithmetic did later.
     assert parse_time(moment) is None
+
+
+def test_a_reference_range_beyond_what_floats_hold_is_not_used(evaluator):
+    # Once a 500: 1e307 µkat/L is past the float range in U/L, so the ULN was infinite.
+    found = facts_of(evaluator, ck("a", 61.5, unit="ukat/L", high=1e307))
+    assert found["ck"]["tested"] is False
+    assert any("not a possible activity" in note for note in found["notes"])
+
+
+def test_fvc_values_at_the_edge_of_the_float_range_give_a_finite_decline(evaluator):
+    # Once a 500: a fall from 1.7e308 to -1.7e308 is past the float range.
+    found = facts_of(
+        evaluator, fvc("a", 1.7e308, "2024-05-01T08:00:00Z"), fvc("b", -1.7e308, "2024-05-20T08:00:00Z")
+    )
+    assert found["fvc"]["latest_pct"] == 1.7e308 and found["fvc"]["decline"] == 0.0
+    assert any("Observation/b" in note and "not a possible" in note for note in found["notes"])

@@ -221,6 +221,31 @@ def test_symptoms_without_a_recent_ck_ask_for_one(client):
     assert [s["label"] for s in card["suggestions"]] == ["Order CK (total creatine kinase)", "Order TSH"]
 
 
+def tsh(id_, when=None):
+    return {
+        "resourceType": "Observation",
+        "id": id_,
+        "status": "final",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "3016-3"}]},
+        "valueQuantity": {"value": 2.1, "unit": "mIU/L"},
+        "referenceRange": [{"high": {"value": 4.5}}],
+        **({"effectiveDateTime": when} if when else {}),
+    }
+
+
+def test_a_recent_tsh_is_not_asked_for_again_and_an_undated_one_is_not_called_missing(client):
+    on_statin, ache, mild = statement(status="active", end=None), condition("m", "68962001"), ck("a", 500)
+    recent = cards(client, on_statin, ache, mild, tsh("t", "2024-05-01"))["statin-muscle-symptoms"]
+    assert [s["label"] for s in recent["suggestions"]] == ["Order CK (total creatine kinase)"]
+    undated = cards(client, on_statin, ache, mild, tsh("t"))["statin-muscle-symptoms"]
+    # When it was taken is unknown, so it may not be recent: a TSH is still offered, but not as missing.
+    assert [s["label"] for s in undated["suggestions"]][-1] == "Order TSH"
+    assert "TSH: not tested" not in undated["detail"]
+    assert "- TSH: undated, not used (Observation/t)" in undated["detail"]
+    assert "- TSH result Observation/t has no date and was not used." in undated["detail"]
+
+
 # -- order-select and order-sign -----------------------------------------------------------------------
 
 

@@ -14,7 +14,15 @@ from datetime import datetime
 from types import MappingProxyType
 
 from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
-from service.facts.fhir import InvalidResource, Resource, day, naming_once, parse_time, validate
+from service.facts.fhir import (
+    InvalidResource,
+    Resource,
+    completed_years,
+    day,
+    naming_once,
+    parse_time,
+    validate,
+)
 
 __all__ = ["Basis", "FactSet", "InvalidData", "Resource", "Selected", "build", "from_selected", "select"]
 
@@ -55,6 +63,7 @@ class Selected:
     studies: list[Resource]
     drugs: medications.Medications
     statins: list[Resource]
+    unidentified: list[Resource]  # medication records taken whose drug cannot be told
     draft_statins: list[Resource]
     therapy: list[Resource]
 
@@ -80,6 +89,7 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         studies=[r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
         drugs=drugs,
         statins=[r for r in records if drugs.is_statin(r.data)],
+        unidentified=[r for r in records if medications.taken(r) and not drugs.identified(r.data)],
         draft_statins=[r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)],
         therapy=[r for r in records if treatments.treatment_classes(k, drugs, r.data)],
     )
@@ -120,7 +130,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     entries = [patient_fact(patients[0] if patients else None, now)]
     ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes)
     entries.append(labs.ck_fact(k, ck_results, now))
-    entries.append(labs.tsh_fact(k, lab_results, now))
+    entries.append(labs.tsh_fact(k, lab_results, now, notes))
     antibody_results = labs.antibody_results(k, lab_results, notes)
     antibodies = [labs.antibody_fact(k, name, antibody_results[name], now) for name in labs.ANTIBODIES]
     entries += [*antibodies, labs.profile_fact(k, [fact for fact, _, _ in antibodies])]
@@ -133,16 +143,26 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     entries += concepts
     birth = parse_time(patients[0].data.get("birthDate")) if patients else None
     onset = screening.onset_fact(k, ck_results, {f["name"]: (f, t, r) for f, t, r in concepts}, birth, now)
-    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now)]
-    entries.append(biopsy.biopsy_fact(k, selected.reports, now))
+    reported = "DiagnosticReport" in available
+    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, reported)]
+    entries.append(biopsy.biopsy_fact(k, selected.reports, now, reported))
+    unidentified = len(selected.unidentified)
+    if unidentified:
+        notes.append(
+            f"{unidentified} medication record{'s' if unidentified > 1 else ''} could not be identified "
+            "(no drug code, or a Medication that was not sent) and "
+            f"{'were' if unidentified > 1 else 'was'} not used."
+        )
     history = medications.History(
         records=tuple(e for e in (medications.exposure(drugs, r, now) for r in selected.statins) if e),
-        available=any(kind in available for kind in medications.MEDICATION_TYPES),
+        # Administrations alone cannot show that no statin was prescribed or taken.
+        available=bool({"MedicationRequest", "MedicationStatement"} & available),
+        unidentified=unidentified,
     )
     entries.append(medications.statin_fact(history, now))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
     entries.append(draft_fact(selected.draft_statins))
-    entries.append(respiratory.fvc_fact(k, selected.spirometry, now))
+    entries.append(respiratory.fvc_fact(k, selected.spirometry, now, notes))
     entries.append(treatments.immunosuppression_fact(k, drugs, selected.therapy, now))
     return FactSet(
         facts=tuple(fact for fact, _, _ in entries),
@@ -183,9 +203,7 @@ def patient_fact(resource: Resource | None, now: datetime) -> tuple[dict, str, t
     birth = parse_time(data.get("birthDate"))
     text = f"patient: {fact['sex']}"
     if birth:
-        fact["age"] = (
-            now.year - birth.year - ((now.month, now.day) < (birth.month, birth.day))
-        )  # completed years
+        fact["age"] = completed_years(birth, now)
         fact["adult"] = "yes" if fact["age"] >= 18 else "no"
         text += f", born {day(birth)[:4]}"
     return fact, text, (resource.reference,)

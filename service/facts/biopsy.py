@@ -52,12 +52,16 @@ def read_features(k, text: str) -> dict[str, str]:
     return features
 
 
-def biopsy_fact(k, reports: list[Resource], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+def biopsy_fact(
+    k, reports: list[Resource], now: datetime, available: bool
+) -> tuple[dict, str, tuple[str, ...]]:
     """Return the biopsy fact from the latest muscle-biopsy report; coded IMNM counts as necrotizing."""
-    fact = {"id": "biopsy", "t": "biopsy", "reported": False}
+    # Without diagnostic reports at all (not sent, not fetched), whether a biopsy was done is unknown.
+    fact = {"id": "biopsy", "t": "biopsy", "reported": False if available else "unknown"}
     fact.update(dict.fromkeys((n.replace("-", "_") for n in k.children("biopsy.features")), "unknown"))
     if not reports:
-        return fact, "muscle biopsy: none reported", ()
+        text = "none reported" if available else "unknown (no diagnostic reports available)"
+        return fact, f"muscle biopsy: {text}", ()
     latest = max(
         reports,
         key=lambda r: (effective_time(r.data) or datetime.min.replace(tzinfo=now.tzinfo), r.reference),

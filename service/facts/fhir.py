@@ -214,6 +214,11 @@ def days_before(moment: datetime | None, now: datetime) -> float | None:
     return (now - moment).total_seconds() / 86400.0
 
 
+def completed_years(birth: datetime, at: datetime) -> int:
+    """Return the age in completed years at a moment: a year counts once its birthday has passed."""
+    return at.year - birth.year - ((at.month, at.day) < (birth.month, birth.day))
+
+
 def day(moment: datetime | None) -> str:
     """Return the calendar date of a moment as a clinician reads it."""
     return moment.date().isoformat() if moment else "undated"

@@ -6,7 +6,7 @@ import math
 from datetime import datetime, timedelta
 
 from service.facts.fhir import day, days_before
-from service.facts.labs import CkResult, observed_half_life
+from service.facts.labs import CkResult, highest, observed_half_life
 from service.facts.medications import History
 
 RATIO_CAP = 1000.0  # past this the curve has long reached normal; the number means nothing more
@@ -32,7 +32,7 @@ def kinetics_fact(
         return fact, "CK after stopping a statin: no CK result around the last dose", ()
     half_life = k.value("statin.ck-half-life")
     window = k.value("statin.persistence-window")
-    peak = max(episode, key=lambda r: (r.x_uln, -r.time.timestamp()))  # the first of equal highs
+    peak = highest(episode)
     # When toxicity would have brought CK back to the ULN, decaying from its peak.
     normal_by = peak.time + timedelta(days=half_life * math.log2(max(peak.x_uln, 1.0)))
     after = [r for r in episode if r.time >= stop]

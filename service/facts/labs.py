@@ -108,7 +108,8 @@ def ck_results(k, observations: list[Resource], notes: list[str]) -> list[CkResu
             continue
         uln = _reference_high(data, unit, factors)
         result = CkResult(resource, time, value * factor, uln or default_uln, uln_assumed=uln is None)
-        if not (result.value >= 0 and math.isfinite(result.x_uln)):
+        # A value or range past the float range in U/L (e.g. 1e307 µkat/L) is no possible activity either.
+        if not (result.value >= 0 and math.isfinite(result.uln) and math.isfinite(result.x_uln)):
             notes.append(f"CK result {resource.reference} is not a possible activity and was not used.")
             continue
         results.append(result)
@@ -123,6 +124,11 @@ def _reference_high(data: dict, unit: str, factors: dict) -> float | None:
         if value is not None and value > 0 and factor is not None:
             return value * factor
     return None
+
+
+def highest(results: list[CkResult]) -> CkResult:
+    """Return the CK result highest above its ULN; of equal highs, the first."""
+    return max(results, key=lambda r: (r.x_uln, -r.time.timestamp()))
 
 
 def observed_half_life(results: list[CkResult]) -> float | None:
@@ -144,7 +150,7 @@ def ck_fact(k, results: list[CkResult], now: datetime) -> tuple[dict, str, tuple
     """Return the CK summary fact, its description and the references behind it."""
     if not results:
         return {"id": "ck", "t": "ck", "tested": False, "count": 0, "trend": "none"}, "CK: no result", ()
-    peak = max(results, key=lambda r: (r.x_uln, -r.time.timestamp()))  # the first of equal highs
+    peak = highest(results)
     latest = results[-1]
     trend = "single"
     if len(results) > 1:
@@ -296,18 +302,22 @@ def is_tsh(k, data: dict) -> bool:
     return matches(k, "tsh", data.get("code"))
 
 
-def tsh_fact(k, observations: list[Resource], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+def tsh_fact(
+    k, observations: list[Resource], now: datetime, notes: list[str]
+) -> tuple[dict, str, tuple[str, ...]]:
     """Return the latest final TSH: when, and whether it was high (hypothyroidism mimics myopathy)."""
-    dated = sorted(
-        ((effective_time(r.data), r) for r in observations if is_tsh(k, r.data) and effective_time(r.data)),
-        key=lambda pair: (pair[0], pair[1].reference),
-    )
-    fact = {"id": "tsh", "t": "tsh", "tested": False}
+    found = [(effective_time(r.data), r) for r in observations if is_tsh(k, r.data)]
+    undated = [r for time, r in found if time is None]
+    notes += [f"TSH result {r.reference} has no date and was not used." for r in undated]
+    dated = sorted(((t, r) for t, r in found if t), key=lambda pair: (pair[0], pair[1].reference))
+    fact = {"id": "tsh", "t": "tsh", "tested": bool(found)}
     if not dated:
-        return fact, "TSH: not tested", ()
+        # Taken, but when is unknown: neither "not tested" nor recent, and its value is not read.
+        text = "TSH: undated, not used" if undated else "TSH: not tested"
+        return fact, text, tuple(r.reference for r in undated)
     time, latest = dated[-1]
     state, shown = read_result(k, "tsh", latest.data)
-    fact.update(tested=True, days_ago=days_before(time, now), high=state == "positive")
+    fact.update(days_ago=days_before(time, now), high=state == "positive")
     reading = "high" if fact["high"] else "not high" if state == "negative" else "not interpreted"
     return fact, f"TSH {reading} ({shown + ', ' if shown else ''}{day(time)})", (latest.reference,)
 

@@ -11,10 +11,12 @@ from service.facts.fhir import (
     as_list,
     as_number,
     as_str,
+    codings,
     day,
     days_before,
     matches,
     parse_time,
+    texts,
 )
 
 MEDICATION_TYPES = (
@@ -72,6 +74,10 @@ class Medications:
         ingredients = [as_dict(i).get("itemCodeableConcept") for i in as_list(medication.get("ingredient"))]
         return [medication.get("code"), *ingredients]
 
+    def identified(self, data: dict) -> bool:
+        """Tell whether a medication record names its drug: a code or text, inline or on its Medication."""
+        return any(texts(c) or any(code for _, code in codings(c)) for c in self.concepts(data))
+
     def matches(self, data: dict, valueset: str) -> bool:
         """Tell whether a medication record's drug is in a value set."""
         return any(matches(self._k, valueset, concept) for concept in self.concepts(data))
@@ -86,13 +92,18 @@ class Medications:
         return next((level for level in INTENSITIES if self.matches(data, f"statin-{level}-intensity")), None)
 
 
+def taken(resource: Resource) -> bool:
+    """Tell whether a medication record's status means the drug was taken, now or before."""
+    status = as_str(resource.data.get("status"))
+    return status in CURRENT.get(resource.type, ()) or status in PAST.get(resource.type, ())
+
+
 def exposure(medications: Medications, resource: Resource, now: datetime) -> Exposure | None:
     """Read one statin record as an exposure, or None when its status means it was never taken."""
     data, kind = resource.data, resource.type
-    status = data.get("status")
-    current = status in CURRENT.get(kind, ())
-    if not current and status not in PAST.get(kind, ()):
+    if not taken(resource):
         return None
+    current = as_str(data.get("status")) in CURRENT.get(kind, ())
     period = as_dict(data.get("effectivePeriod"))
     if kind == "MedicationStatement":
         start = parse_time(period.get("start")) or parse_time(data.get("effectiveDateTime"))
@@ -135,7 +146,8 @@ class History:
     """One patient's statin exposure, summarised across all records."""
 
     records: tuple[Exposure, ...]
-    available: bool  # any medication data was sent at all
+    available: bool  # medication requests or statements were sent (or fetched), even if none
+    unidentified: int = 0  # records taken whose drug cannot be told: any of them may be a statin
 
     @property
     def current(self) -> bool:
@@ -150,16 +162,18 @@ class History:
 
 
 def statin_fact(history: History, now: datetime) -> tuple[dict, str, tuple[str, ...]]:
-    """Return the statin-exposure fact; with no medication data at all the exposure is unknown."""
+    """Return the statin-exposure fact; unknown without requests or statements, or with unidentified drugs."""
     fact: dict = {"id": "statin", "t": "statin"}
     found = history.records
     if not found:
-        fact["exposure"] = "none-recorded" if history.available else "unknown"
-        return (
-            fact,
-            ("statin: none recorded" if history.available else "statin exposure: no medication data"),
-            (),
-        )
+        fact["exposure"] = "unknown"
+        if not history.available:
+            return fact, "statin exposure: unknown (no medication requests or statements available)", ()
+        if history.unidentified:
+            count = f"{history.unidentified} medication record{'s' if history.unidentified > 1 else ''}"
+            return fact, f"statin exposure: unknown ({count} could not be identified)", ()
+        fact["exposure"] = "none-recorded"
+        return fact, "statin: none recorded", ()
     fact["exposure"] = "current" if history.current else "past"
     starts = [e.start for e in found if e.start]
     if starts:

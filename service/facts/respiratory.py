@@ -16,21 +16,42 @@ from service.facts.fhir import (
     matches,
 )
 
+PERCENT = frozenset({"%", "% predicted", "%{predicted}"})
+
 
 def is_fvc(k, data: dict) -> bool:
     """Tell whether an Observation is a final FVC in % predicted."""
     return is_final(data) and matches(k, "fvc-percent-predicted", data.get("code"))
 
 
-def fvc_fact(k, observations: list[Resource], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+def fvc_fact(
+    k, observations: list[Resource], now: datetime, notes: list[str]
+) -> tuple[dict, str, tuple[str, ...]]:
     """Return the latest FVC % predicted and the largest fall to it from a result within the window."""
     rows = []
     for resource in observations:
         quantity = as_dict(resource.data.get("valueQuantity"))
         value, time = as_number(quantity.get("value")), effective_time(resource.data)
-        unit = (as_str(quantity.get("code")) or as_str(quantity.get("unit")) or "%").strip()
-        if value is not None and time is not None and unit in ("%", "% predicted", "%{predicted}"):
-            rows.append((time, value, resource))
+        unit = (as_str(quantity.get("code")) or as_str(quantity.get("unit")) or "").strip()
+        if value is None:
+            if quantity.get("value") is not None:
+                notes.append(
+                    f"FVC result {resource.reference} has a value that is not a number and was not used."
+                )
+            continue
+        if unit not in PERCENT:  # litres, or no unit: a % predicted is never assumed
+            notes.append(
+                f"FVC result {resource.reference} is not in % predicted ({unit or 'no unit'}) "
+                "and was not used."
+            )
+            continue
+        if time is None:
+            notes.append(f"FVC result {resource.reference} has no date and was not used.")
+            continue
+        if value < 0:  # impossible; and between values of 0 or more, a fall stays within the float range
+            notes.append(f"FVC result {resource.reference} is not a possible value and was not used.")
+            continue
+        rows.append((time, value, resource))
     fact: dict = {"id": "fvc", "t": "fvc", "tested": False}
     if not rows:
         return fact, "FVC % predicted: not measured", ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from service.facts.biopsy import report_text
-from service.facts.fhir import Resource, day, effective_time, is_final
+from service.facts.fhir import Resource, completed_years, day, effective_time, is_final
 from service.facts.labs import CkResult
 
 DIAGNOSES = (
@@ -44,9 +44,7 @@ def onset_fact(
         known=True, days_ago=(now - onset).total_seconds() / 86400.0, onset_on=day(onset), source=why
     )
     if birth is not None:
-        onset_fact["age_at_onset"] = (
-            onset.year - birth.year - ((onset.month, onset.day) < (birth.month, birth.day))
-        )
+        onset_fact["age_at_onset"] = completed_years(birth, onset)
     return onset_fact, f"myositis onset {day(onset)} (from the {why})", references
 
 
@@ -59,12 +57,19 @@ def panels(k, data: dict) -> list[str]:
 
 
 def screening_fact(
-    k, reports: list[Resource], onset: dict, now: datetime
+    k, reports: list[Resource], onset: dict, now: datetime, available: bool
 ) -> tuple[dict, str, tuple[str, ...]]:
     """Tell which screening panels were done within the screening window around the onset."""
-    fact = {"id": "cancer-screening", "t": "cancer-screening", **dict.fromkeys(PANELS, False)}
+    # Without diagnostic reports at all (not sent, not fetched), whether any panel was done is unknown.
+    fact = {
+        "id": "cancer-screening",
+        "t": "cancer-screening",
+        **dict.fromkeys(PANELS, False if available else "unknown"),
+    }
     if not onset["known"]:
         return fact, "cancer screening: onset unknown", ()
+    if not available:
+        return fact, "cancer screening done: unknown (no diagnostic reports available)", ()
     earliest = now - timedelta(days=onset["days_ago"] + k.value("cancer.window"))
     done = []
     for resource in reports:
