@@ -212,7 +212,8 @@ def define(k, emit):
     # On order-select and order-sign: a statin about to be ordered for a patient at risk.
 
     def drafted():
-        return c.draft << (of_type("draft-statin") & (m.count > 0))
+        """Match orders being placed that are, or may be, a statin."""
+        return c.draft << (of_type("draft-statin") & ((m.count > 0) | (m.unidentified > 0)))
 
     @when_all(pri(2), drafted(), c.why << (antibody("anti-hmgcr") & (m.state == "positive")))
     def rechallenge_after_hmgcr(c):
@@ -239,9 +240,18 @@ def define(k, emit):
         rechallenge(c, "muscle injury persisted or progressed after the last statin dose")
 
     def rechallenge(c, reason):
-        emit.card(
-            c, "statin-rechallenge-risk", c.draft, c.why, reasons=[reason], orders=["remove-draft-statin"]
-        )
+        if c.draft.count:
+            orders = ["remove-draft-statin"]
+            emit.card(c, "statin-rechallenge-risk", c.draft, c.why, reasons=[reason], orders=orders)
+        else:  # no statin among the orders, but a drug that cannot be told may be one
+            emit.card(
+                c,
+                "statin-rechallenge-unidentified",
+                c.draft,
+                c.why,
+                reasons=[reason],
+                unidentified=c.draft.unidentified,
+            )
 
     def sams(c, key, *basis, orders=()):
         """Ask for a statin-muscle-symptoms card; suggest a TSH unless one was checked recently."""

@@ -307,6 +307,41 @@ def test_order_select_looks_only_at_the_selected_orders(client):
     assert len(client.post(url, json=picked_statin).get_json()["cards"]) == 1
 
 
+def by_reference(id_="d1", medication="Medication/m1"):
+    order = draft(id_)
+    del order["medicationCodeableConcept"]
+    order["medicationReference"] = {"reference": medication}
+    return order
+
+
+def test_a_draft_naming_a_medication_sent_with_the_drafts_is_recognised(client):
+    atorvastatin = {"resourceType": "Medication", "id": "m1", "code": {"text": "atorvastatin 40 mg tablet"}}
+    request = order_request("order-sign", [by_reference(), atorvastatin], [HMGCR])
+    [card] = client.post("/cds-services/imnm-statin-order-sign", json=request).get_json()["cards"]
+    assert card["indicator"] == "critical"
+    assert card["suggestions"][0]["actions"][0]["resourceId"] == "MedicationRequest/d1"
+
+
+def test_a_draft_whose_drug_cannot_be_told_is_flagged_for_a_patient_at_risk(client):
+    url = "/cds-services/imnm-statin-order-sign"
+    at_risk = order_request(
+        "order-sign", [by_reference("d1", "Medication/absent"), draft("d2", "metformin")], [HMGCR]
+    )
+    [card] = client.post(url, json=at_risk).get_json()["cards"]
+    assert card["indicator"] == "warning" and card["source"]["topic"]["code"] == "statin-rechallenge-risk"
+    assert "check it is not a statin" in card["summary"] and "suggestions" not in card
+    assert "1 of the medication orders being placed name no drug" in card["detail"]
+    assert "(MedicationRequest/d1)" in card["detail"] and "MedicationRequest/d2" not in card["detail"]
+    not_at_risk = order_request("order-sign", [by_reference("d1", "Medication/absent")])
+    assert client.post(url, json=not_at_risk).get_json() == {"cards": []}
+    with_a_statin = order_request(
+        "order-sign", [by_reference("d1", "Medication/absent"), draft("d3")], [HMGCR]
+    )
+    [card] = client.post(url, json=with_a_statin).get_json()["cards"]
+    assert card["indicator"] == "critical"
+    assert [a["resourceId"] for a in card["suggestions"][0]["actions"]] == ["MedicationRequest/d3"]
+
+
 def test_order_hooks_answer_only_with_the_rechallenge_card(client):
     # Weakness, raised CK and an untested panel give patient-view cards, but not on order-sign.
     resources = [ck("a", 3000), condition("w", WEAKNESS)]

@@ -65,6 +65,7 @@ class Selected:
     statins: list[Resource]
     unidentified: list[Resource]  # medication records taken whose drug cannot be told
     draft_statins: list[Resource]
+    draft_unidentified: list[Resource]  # orders being placed whose drug cannot be told: any may be a statin
     therapy: list[Resource]
 
 
@@ -74,10 +75,15 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
     by_type: dict[str, list[Resource]] = {}
     for resource in resources:
         by_type.setdefault(resource.type, []).append(resource)
+    drafts = list(drafts)
+    orders = [r for r in drafts if r.type == "MedicationRequest"]
     observations = by_type.get("Observation", [])
     lab_results = [r for r in observations if labs.relevant(k, r.data)]
     taken = {id(r) for r in lab_results}
-    drugs = medications.Medications(k, by_type.get("Medication", []))
+    # A draft order may name a Medication sent beside it among the draft orders.
+    drugs = medications.Medications(
+        k, [*by_type.get("Medication", []), *(r for r in drafts if r.type == "Medication")]
+    )
     records = [r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, [])]
     selected = Selected(
         patients=by_type.get("Patient", []),
@@ -90,7 +96,8 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         drugs=drugs,
         statins=[r for r in records if drugs.is_statin(r.data)],
         unidentified=[r for r in records if medications.taken(r) and not drugs.identified(r.data)],
-        draft_statins=[r for r in drafts if r.type == "MedicationRequest" and drugs.is_statin(r.data)],
+        draft_statins=[r for r in orders if drugs.is_statin(r.data)],
+        draft_unidentified=[r for r in orders if not drugs.identified(r.data)],
         therapy=[r for r in records if treatments.treatment_classes(k, drugs, r.data)],
     )
     _validate(
@@ -161,7 +168,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     )
     entries.append(medications.statin_fact(history, now))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
-    entries.append(draft_fact(selected.draft_statins))
+    entries.append(draft_fact(selected.draft_statins, selected.draft_unidentified))
     entries.append(respiratory.fvc_fact(k, selected.spirometry, now, notes))
     entries.append(treatments.immunosuppression_fact(k, drugs, selected.therapy, now))
     return FactSet(
@@ -182,13 +189,27 @@ def _validate(resources: list[Resource]) -> None:
         raise InvalidData(problems)
 
 
-def draft_fact(draft_statins: list[Resource]) -> tuple[dict, str, tuple[str, ...]]:
-    """Return how many statins are being ordered now (order-select and order-sign hooks)."""
-    fact = {"id": "draft-statin", "t": "draft-statin", "count": len(draft_statins)}
+def draft_fact(
+    draft_statins: list[Resource], unidentified: list[Resource]
+) -> tuple[dict, str, tuple[str, ...]]:
+    """Return how many statins, and orders of a drug that cannot be told, are being placed now."""
+    fact = {
+        "id": "draft-statin",
+        "t": "draft-statin",
+        "count": len(draft_statins),
+        "unidentified": len(unidentified),
+    }
+    if draft_statins or not unidentified:
+        return (
+            fact,
+            f"statin orders being placed: {len(draft_statins)}",
+            tuple(r.reference for r in draft_statins),
+        )
+    # Only with no statin among them: a card suggests deleting the orders this fact names.
     return (
         fact,
-        f"statin orders being placed: {len(draft_statins)}",
-        tuple(r.reference for r in draft_statins),
+        f"orders whose drug cannot be told: {len(unidentified)}",
+        tuple(r.reference for r in unidentified),
     )
 
 
