@@ -206,24 +206,30 @@ FHIR_TOKEN = "fhir-access-token-3c5e9a"  # the one bearer token the test FHIR se
 @contextlib.contextmanager
 def sekmet(directory: Path):
     """Run a real FHIR R4 server (sekmet) on loopback that wants FHIR_TOKEN; yield its base URL."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/fhir"
-    settings = {
-        "base_url": base,
-        "host": "127.0.0.1",
-        "port": port,
-        "data_dir": str(directory / "data"),
-        "simulator": {"enabled": False},
-        "log_inbound": False,
-        "server_auth": {"types": ["bearer"], "tokens": [FHIR_TOKEN]},
-    }
-    (directory / "settings.yaml").write_text(json.dumps(settings))  # YAML reads JSON
     command = [str(Path(sys.executable).with_name("sekmet")), "serve", "-c", "settings.yaml"]
     log = directory / "stderr.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=stderr)
+    # sekmet must be told its port (its base URL holds it), so another process may take the port first:
+    # a server that exits at once is started again on another.
+    for _ in range(3):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}/fhir"
+        settings = {
+            "base_url": base,
+            "host": "127.0.0.1",
+            "port": port,
+            "data_dir": str(directory / "data"),
+            "simulator": {"enabled": False},
+            "log_inbound": False,
+            "server_auth": {"types": ["bearer"], "tokens": [FHIR_TOKEN]},
+        }
+        (directory / "settings.yaml").write_text(json.dumps(settings))  # YAML reads JSON
+        with log.open("w") as stderr:
+            process = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=stderr)
+        answered = ready(f"{base}/metadata", process)
+        if answered or process.poll() is None:
+            break
     try:
-        if not ready(f"{base}/metadata", process):
+        if not answered:
             pytest.fail(f"sekmet did not become ready: {log.read_text()[-2000:]}")
         yield base
     finally:
