@@ -14,7 +14,7 @@ from rules import knowledge
 from service import cards, facts, gather, hooks
 from service.config import Settings
 from service.engine import Engine, EngineBusy, EngineError
-from service.facts.fhir import Resource, parse_datetime, validate
+from service.facts.fhir import Resource, naming_once, parse_datetime, validate
 from service.fhirclient import FhirClient
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
@@ -104,16 +104,17 @@ class Evaluator:
         deadline: float = math.inf,
     ) -> Evaluation:
         """Validate, make facts, run rules, build cards: each stage timed, none begun past the deadline."""
-        started = time.perf_counter()
-        try:
-            selected = facts.select(self.knowledge, gathered.resources, gathered.drafts)
-        except facts.InvalidData as exc:
-            raise ApiError(400, *_invalid_issues(exc)) from None
-        timings["validate"] = ms_since(started)
-        in_time(deadline)
-        started = time.perf_counter()
-        fact_set = facts.from_selected(self.knowledge, selected, now=now, available=gathered.available)
-        timings["facts"] = ms_since(started)
+        with naming_once():  # validation and facts name the same codings: once for both
+            started = time.perf_counter()
+            try:
+                selected = facts.select(self.knowledge, gathered.resources, gathered.drafts)
+            except facts.InvalidData as exc:
+                raise ApiError(400, *_invalid_issues(exc)) from None
+            timings["validate"] = ms_since(started)
+            in_time(deadline)
+            started = time.perf_counter()
+            fact_set = facts.from_selected(self.knowledge, selected, now=now, available=gathered.available)
+            timings["facts"] = ms_since(started)
         in_time(deadline)
         started = time.perf_counter()
         try:

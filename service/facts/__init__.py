@@ -126,7 +126,8 @@ def build(
     drafts: Iterable[Resource] = (),
 ) -> FactSet:
     """Select what can matter, validate it, and map it to facts; drafts are the orders being placed."""
-    return from_selected(k, select(k, resources, drafts), now=now, available=available)
+    with naming_once():
+        return from_selected(k, select(k, resources, drafts), now=now, available=available)
 
 
 @naming_once()

@@ -156,6 +156,9 @@ def names(k, concept) -> frozenset[str]:
 @contextmanager
 def naming_once():
     """Within this block, work out each CodeableConcept's value sets once, however often it is asked."""
+    if _named.get() is not None:  # inside another such block: share its memo
+        yield
+        return
     token = _named.set({})
     try:
         yield
