@@ -2,7 +2,7 @@
 
 from durable.lang import c, m, pri, when_all
 
-from rules.match import any_name, clinical, finding, of_type
+from rules.match import any_name, clinical, finding, muscle_involved, of_type
 
 DIAGNOSES = (
     "diagnosis-imnm",
@@ -11,6 +11,11 @@ DIAGNOSES = (
     "diagnosis-antisynthetase",
 )
 ANTIBODY_FACTORS = ("anti-tif1g", "anti-nxp2", "anti-sae1", "anti-hmgcr")
+
+
+def dermatomyositis_feature():
+    """Match a finding of dermatomyositis: its rash or one of its antibodies."""
+    return (m.t == "finding") & ((m.code == "dermatomyositis-rash") | (m.code == "dermatomyositis-antibody"))
 
 
 def define(k, emit):
@@ -26,11 +31,8 @@ def define(k, emit):
 
     @when_all(
         pri(3),
-        c.f
-        << (
-            (m.t == "finding") & ((m.code == "dermatomyositis-rash") | (m.code == "dermatomyositis-antibody"))
-        ),
-        c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised"))),
+        c.f << dermatomyositis_feature(),
+        muscle_involved(),
     )
     def myositis_by_dermatomyositis_features(c):
         emit.finding(c, "myositis", c.f, c.mu)
@@ -38,7 +40,7 @@ def define(k, emit):
     @when_all(
         pri(3),
         c.ab << (of_type("antibody-profile") & (m.positive_antisynthetase > 0)),
-        c.mu << ((m.t == "finding") & ((m.code == "proximal-weakness") | (m.code == "ck-raised"))),
+        muscle_involved(),
     )
     def myositis_by_antisynthetase_antibody(c):
         emit.finding(c, "myositis", c.mu)
@@ -89,10 +91,7 @@ def define(k, emit):
     @when_all(
         pri(5),
         due(),
-        c.f
-        << (
-            (m.t == "finding") & ((m.code == "dermatomyositis-rash") | (m.code == "dermatomyositis-antibody"))
-        ),
+        c.f << dermatomyositis_feature(),
     )
     def dermatomyositis_factor(c):
         emit.card(c, "cancer-screening", c.f, factors=["dermatomyositis"])

@@ -518,7 +518,7 @@ def _load_orders(table: dict) -> dict[str, Order]:
         if order.text:
             ServiceRequest.model_validate(service_request(order, "example"))
         orders[key] = order
-    return dict(sorted(orders.items(), key=lambda item: list(table).index(item[0])))
+    return {key: orders[key] for key in table}  # in the order the file gives them
 
 
 def service_request(order: Order, patient: str) -> dict:
