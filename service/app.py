@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -14,6 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import auth, feedback, guidance, headers, hooks, logs, openapi
 from service.config import ConfigError, Settings
+from service.facts.fhir import half_surrogate
 from service.feedback_store import FeedbackStore, StoreUnavailable
 from service.outcome import ApiError, Issue, error, operation_outcome
 from service.pipeline import Evaluation, Evaluator
@@ -21,8 +21,6 @@ from service.pipeline import Evaluation, Evaluator
 log = logging.getLogger("service.http")
 
 JSON_TYPES = ("application/json", "application/fhir+json")
-# An escaped UTF-16 surrogate: a pair is one character, but half of one is valid JSON that is no text.
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 HTTP_ISSUE = {
     404: "not-found",
     405: "not-supported",
@@ -141,8 +139,8 @@ def _body(settings: Settings):
     try:
         text = raw.decode("utf-8-sig")  # RFC 8259 section 8.1: UTF-8, a byte order mark ignored
         body = json.loads(text, parse_constant=_not_json)
-        if SURROGATE_ESCAPE.search(text):
-            json.dumps(body, ensure_ascii=False).encode()  # a pair escaped is one character; a half fails
+        if half_surrogate(text, body):
+            raise ValueError("half of a surrogate pair")
     except RecursionError:
         raise error(400, "structure", "the JSON is nested too deeply") from None
     except ValueError:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from service import gather
 from service.config import Settings
-from service.facts.fhir import as_dict, as_str, parse_time
+from service.facts.fhir import as_dict, as_str, half_surrogate, parse_time
 from service.outcome import ApiError, Issue, operation_outcome
 from service.pipeline import Evaluator
 
@@ -32,10 +32,8 @@ STAGE = "stage.sqlite"
 RESULTS = "results.ndjson"
 SUMMARY = "summary.json"
 KEPT = frozenset({"Patient", *gather.SUBJECT})  # the types a rule can use; the rest is not staged
-# Half of a UTF-16 surrogate pair is no text: raw, it stands for a byte that was not UTF-8; escaped
-# (\udc80), it is valid JSON. Neither can be stored or written as UTF-8.
+# Half of a UTF-16 surrogate pair, raw, stands for a byte that was not UTF-8 (read with surrogateescape).
 RAW_SURROGATE = re.compile("[\ud800-\udfff]")
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 T = TypeVar("T")
 BATCH = 20  # patients per task: large enough to amortise the hand-over, small enough to balance
 
@@ -194,7 +192,7 @@ def attribute(line: str) -> tuple[str | None, str]:
         resource = json.loads(line)
     except (ValueError, RecursionError):
         return None, "not JSON"
-    if SURROGATE_ESCAPE.search(line) and not _is_text(resource):
+    if half_surrogate(line, resource):
         return None, "not UTF-8"
     kind = as_str(as_dict(resource).get("resourceType"))
     if kind not in KEPT:
@@ -203,15 +201,6 @@ def attribute(line: str) -> tuple[str | None, str]:
     if patient is None:
         return None, f"{kind} without a patient"
     return patient, kind
-
-
-def _is_text(value) -> bool:
-    """Tell whether every string in a JSON value can be written as UTF-8: no half of a surrogate pair."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def patient_of(resource: dict) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
 # One evaluation asks what the same concept names many times (is it a CK? an antibody? a finding?).
 _named: ContextVar[dict[int, tuple[object, frozenset[str]]] | None] = ContextVar("named", default=None)
 RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]+")
+# An escaped UTF-16 surrogate: a pair is one character, but half of one is valid JSON that is no text.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # FHIR R4 dateTime (http://hl7.org/fhir/R4/datatypes.html#dateTime): a time needs its offset.
 DATETIME = re.compile(
     r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])"
@@ -169,6 +172,17 @@ def naming_once():
 def matches(k, valueset: str, concept) -> bool:
     """Tell whether a CodeableConcept names a value set's concept, by code or by text."""
     return k.valueset(valueset).id in names(k, concept)
+
+
+def half_surrogate(text: str, value) -> bool:
+    """Tell whether JSON text parsed to this value holds half of a surrogate pair, which no UTF-8 can hold."""
+    if not SURROGATE_ESCAPE.search(text):
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_time(value) -> datetime | None:
