@@ -1,10 +1,11 @@
-"""What every benchmark shares: percentiles, memory growth, a table, the machine it ran on, saved results."""
+"""What every benchmark shares: percentiles, memory growth, a table, the machine, saved results, processes."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -72,3 +73,23 @@ def save(name: str, results: dict) -> Path:
     path = RESULTS / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def free_port() -> int:
+    """Return a loopback port free at this moment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_pids(master: int) -> list[int]:
+    """List the pids of a gunicorn master's workers (its child processes)."""
+    return sorted(int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split())
+
+
+def rss_mib(pid: int) -> float:
+    """Return a process's resident memory in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for {pid}")

@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import ROOT, environment, save, second_half_growth
+from common import ROOT, environment, free_port, rss_mib, save, second_half_growth, worker_pids
 from service.cli import scenario_target
 from service.config import Settings
 
@@ -230,24 +229,6 @@ def cards_in(kind: Kind, status: int, media: str, answer: bytes) -> int:
     if media == FHIR_JSON:
         return sum(e["resource"]["resourceType"] == "GuidanceResponse" for e in document["entry"])
     return len(document.get("cards", []))  # feedback answers have none
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_pids(master: int) -> set[int]:
-    """Return the pids of a gunicorn master's workers (its child processes)."""
-    return {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise ValueError(f"no VmRSS for {pid}")
 
 
 def start(args, workdir: Path) -> tuple[subprocess.Popen, int]:

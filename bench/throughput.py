@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import workload
-from common import ROOT, environment, save, second_half_growth
+from common import ROOT, environment, free_port, rss_mib, save, second_half_growth, worker_pids
 
 LAYOUTS = [(2, 1), (2, 4), (2, 8), (4, 2)]  # (workers, threads)
 DEFAULT_LAYOUT = (2, 8)  # what `imnm-cds serve` uses unless told otherwise
@@ -47,12 +46,6 @@ done = function(summary, latency, requests)
     latency.max / 1e3))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -125,27 +118,6 @@ def cut_short(log: Path) -> int:
     return sum('"ranOut"' in line for line in log.read_text().splitlines())
 
 
-def workers_of(master: int) -> list[int]:
-    """List the gunicorn worker pids under a master."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def throughput(
     sizes: list[int], layouts: list[tuple[int, int]], seconds: float, directory: Path
 ) -> list[dict]:
@@ -157,11 +129,11 @@ def throughput(
         for workers, threads in layouts:
             with serving(workers, threads, directory) as (url, master):
                 wrk(url, body, CONNECTIONS[size], 3, directory)  # warm-up
-                pids = workers_of(master)
+                pids = worker_pids(master)
                 before = cut_short(directory / "server.log")
                 result = wrk(url, body, CONNECTIONS[size], seconds, directory)
                 result["cutShortByDeadline"] = cut_short(directory / "server.log") - before
-                result["workersRestarted"] = workers_of(master) != pids
+                result["workersRestarted"] = worker_pids(master) != pids
             row = {
                 "resources": size,
                 "workers": workers,
@@ -187,7 +159,7 @@ def memory(requests: int, directory: Path) -> dict:
     body.write_text(json.dumps(workload.request(100, 1)))
     with serving(*DEFAULT_LAYOUT, directory) as (url, master):
         wrk(url, body, CONNECTIONS[100], 3, directory)
-        pids = workers_of(master)
+        pids = worker_pids(master)
         samples: list[dict] = []
         stop = threading.Event()
 
@@ -205,7 +177,7 @@ def memory(requests: int, directory: Path) -> dict:
         result = wrk(url, body, CONNECTIONS[100], max(5.0, (requests - 5 * rate) / rate), directory)
         stop.set()
         sampler.join()
-        survivors = workers_of(master)
+        survivors = worker_pids(master)
     per_worker = {
         pid: {
             "startMiB": round(samples[0][str(pid)], 1),
