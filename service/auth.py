@@ -18,12 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import jwt
 import requests
 from flask import Flask, request
 
+from service.fhirclient import is_http_url
 from service.outcome import error
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def trusted_issuers(text: str) -> tuple[Issuer, ...]:
 
 def _issuer(iss: str, entry) -> Issuer:
     where = f"issuer {iss!r}"
-    if not _is_url(iss):
+    if not is_http_url(iss):
         raise ValueError(f"{where}: iss must be an http(s) URL")
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be an object")
@@ -110,7 +110,7 @@ def _issuer(iss: str, entry) -> Issuer:
     if unknown:
         raise ValueError(f"{where}: unknown members {', '.join(sorted(unknown))}")
     jku = _strings(entry.get("jku", []), f"{where}: jku")
-    if not all(_is_url(url) for url in jku):
+    if not all(is_http_url(url) for url in jku):
         raise ValueError(f"{where}: every jku must be an http(s) URL")
     algorithms = _strings(entry.get("algorithms", DEFAULT_ALGORITHMS), f"{where}: algorithms")
     if not algorithms or not set(algorithms) <= ASYMMETRIC:
@@ -133,13 +133,6 @@ def _strings(value, where: str) -> list[str]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{where} must be a list of non-empty strings")
     return list(value)
-
-
-def _is_url(text) -> bool:
-    if not isinstance(text, str):
-        return False
-    parts = urlsplit(text)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def signing_keys(jwks, strict: bool = False) -> KeySet:

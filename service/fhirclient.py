@@ -8,15 +8,18 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from service.config import Settings
 from service.facts.fhir import as_dict, as_list, as_str
 from service.logs import ms_since
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 # Severities that report no failure; any other (error, fatal, or one that cannot be read) does.
 IGNORED = frozenset({"warning", "information"})
