@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 
 from common import ROOT, environment, percentiles, save, table
-from service.app import create_app
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 RESOURCES = 100

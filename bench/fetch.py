@@ -23,8 +23,8 @@ from common import ROOT, environment, percentiles, save, table
 
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import FIXTURES, authorised, load, resources_of, sekmet, store
-from service.app import create_app
 from service.hooks import PATIENT_VIEW
+from service.web.app import create_app
 
 SCENARIO = FIXTURES / "seropositive-hmgcr"
 

@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 
 import workload
 from common import environment, percentiles, save, table
-from service import app as app_module
 from service import hooks
-from service.app import create_app
 from service.cli import frozen
-from service.facts.fhir import Resource, validate
+from service.fhir import Resource, validate
+from service.web import app as app_module
+from service.web.app import create_app
 
 RUNS = {10: 400, 100: 400, 1000: 100, 5000: 30}
 

@@ -14,14 +14,16 @@ from pathlib import Path
 import requests
 from gunicorn.app.base import BaseApplication
 
-from service import distributed, hooks, screen
-from service.app import create_app
+from service import hooks
 from service.config import ConfigError, Settings
-from service.facts.fhir import parse_datetime
-from service.feedback_store import FeedbackStore, StoreError
+from service.evaluate.pipeline import Evaluator
+from service.fhir import parse_datetime
 from service.outcome import ApiError, operation_outcome
-from service.pipeline import Evaluator
-from service.screen import ScreenError
+from service.population import distributed, screen
+from service.population.screen import ScreenError
+from service.store.feedback import FeedbackStore, StoreError
+from service.web import auth
+from service.web.app import create_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_serve(args) -> int:
     """Serve the app factory under gunicorn with threaded workers; bad settings stop it before any worker."""
     settings = Settings.from_env()
+    auth.load_issuers(settings)  # a bad trusted-issuer file stops the start before any worker
 
     class Server(BaseApplication):
         def load_config(self):

@@ -12,8 +12,6 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from service.auth import Issuer, trusted_issuers
-
 PREFIX = "IMNM_CDS_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -169,10 +167,10 @@ class Settings:
             "a token's `aud` must be this plus the path called. Needed with `IMNM_CDS_AUTH=jwt`.",
         ),
     )
-    trusted_issuers: tuple[Issuer, ...] = field(
-        default=(),
+    trusted_issuers: Path | None = field(
+        default=None,
         metadata=about(
-            trusted_issuers,
+            _file,
             "A JSON file of the trusted CDS clients: each `iss` with its `jku` URLs and/or `jwks`, "
             "and optionally `algorithms` and `tenants`. Needed with `IMNM_CDS_AUTH=jwt`.",
         ),
@@ -275,14 +273,13 @@ class Settings:
                 raise ConfigError("IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off (development mode)")
             if self.fhir_allow_http:
                 raise ConfigError("IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_FHIR_ALLOW_HTTP")
-            urls = [
-                self.public_url,
-                *(url for issuer in self.trusted_issuers for url in issuer.jku),
-                *self.fhir_servers,
-            ]
-            plain = [url for url in urls if not url.startswith("https://")]
-            if plain:
-                raise ConfigError(f"IMNM_CDS_PRODUCTION=true needs https URLs, not {', '.join(plain)}")
+            self.require_https(self.public_url, *self.fhir_servers)
+
+    def require_https(self, *urls: str | None) -> None:
+        """Refuse plain-http URLs in production mode."""
+        plain = [url for url in urls if url and not url.startswith("https://")]
+        if self.production and plain:
+            raise ConfigError(f"IMNM_CDS_PRODUCTION=true needs https URLs, not {', '.join(plain)}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:

@@ -9,8 +9,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from rules.knowledge import TOPICS
-from service.facts.fhir import is_resource, parse_datetime
-from service.fhirclient import is_http_url
+from service.fhir import is_http_url, is_resource, parse_datetime
 from service.outcome import error
 
 AS_OF = "imnm-cds.asOf"  # request extension: evaluate as of this instant (replays and tests)

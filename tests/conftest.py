@@ -24,13 +24,13 @@ from sqlalchemy.exc import DBAPIError
 
 import signing
 from rules import knowledge as knowledge_module
-from service import feedback_store
-from service.app import create_app
 from service.config import Settings
+from service.store import feedback as feedback_store
+from service.web.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fhir_fixtures"
-SCHEMA = json.loads((ROOT / "service" / "cds-hooks-2.0.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "service" / "web" / "cds-hooks-2.0.schema.json").read_text())
 CLI = [sys.executable, "-m", "service.cli"]
 # A PostgreSQL database the tests may wipe; README "Feedback" says how to start one.
 POSTGRES_URL = os.environ.get(

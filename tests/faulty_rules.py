@@ -19,8 +19,8 @@ from pathlib import Path
 from durable.lang import c, m, when_all
 
 import rules
-from service.app import create_app
-from service.engine import Engine
+from service.evaluate.engine import Engine
+from service.web.app import create_app
 
 HOLD = threading.Event()  # set: a held evaluation may finish
 HELD = threading.Event()  # set by an evaluation once it holds its session

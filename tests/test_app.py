@@ -13,8 +13,8 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from conftest import AS_OF, SCHEMA, WEAKNESS, antibody, ck, condition, hook_request
 from rules import knowledge as knowledge_module
-from service.app import create_app
-from service.engine import Engine
+from service.evaluate.engine import Engine
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 

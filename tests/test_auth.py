@@ -14,9 +14,17 @@ from jwt.warnings import InsecureKeyLengthWarning
 
 import signing
 from conftest import FIXTURES, hook_request, load
-from service.app import create_app
-from service.auth import Issuer, Rejected, ReplayCache, Verifier, signing_keys, trusted_issuers
 from service.config import ConfigError, Settings
+from service.web.app import create_app
+from service.web.auth import (
+    Issuer,
+    Rejected,
+    ReplayCache,
+    Verifier,
+    load_issuers,
+    signing_keys,
+    trusted_issuers,
+)
 from signing import ISSUER, claims, sign
 
 BASE = "http://localhost"
@@ -486,7 +494,7 @@ JWK = {"kty": "EC", "crv": "P-384", "kid": "k1", "x": "x", "y": "y"}
 )
 def test_a_bad_trusted_issuer_file_refuses_to_start(tmp_path, document, message):
     with pytest.raises(ConfigError, match=f"IMNM_CDS_TRUSTED_ISSUERS: .*{message}"):
-        Settings.from_env({"IMNM_CDS_TRUSTED_ISSUERS": write(tmp_path, document)})
+        load_issuers(Settings.from_env({"IMNM_CDS_TRUSTED_ISSUERS": write(tmp_path, document)}))
 
 
 def test_the_trusted_issuer_file_reads_keys_tenants_and_algorithms(tmp_path, client_keys):
@@ -525,7 +533,7 @@ def test_production_refuses_development_mode_and_plain_http(issuers_file, tmp_pa
         Settings.from_env({**secure, "IMNM_CDS_PUBLIC_URL": "http://cds.example.org"})
     plain_jku = write(tmp_path, {ISSUER: {"jku": ["http://ehr.example.org/jwks.json"]}})
     with pytest.raises(ConfigError, match=re.escape("not http://ehr.example.org/jwks.json")):
-        Settings.from_env({**secure, "IMNM_CDS_TRUSTED_ISSUERS": plain_jku})
+        load_issuers(Settings.from_env({**secure, "IMNM_CDS_TRUSTED_ISSUERS": plain_jku}))
 
 
 @pytest.mark.parametrize(
@@ -568,7 +576,7 @@ class Records(logging.Handler):
 
 
 def test_development_mode_is_the_default_and_says_so_loudly():
-    with Records("service.auth") as logged:
+    with Records("service.web.auth") as logged:
         app = create_app()
     warnings = [r for r in logged.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "AUTHENTICATION OFF" in warnings[0].getMessage()

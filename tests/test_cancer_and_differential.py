@@ -6,7 +6,7 @@ import pytest
 
 from conftest import LOINC, WEAKNESS, antibody, ck, condition, hook_request
 from rules import knowledge as knowledge_module
-from service.app import create_app
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"

@@ -12,8 +12,8 @@ import requests
 
 import signing
 from conftest import CLI, FIXTURES, ROOT, free_port, load, serve
-from service.feedback import Coding, Feedback
-from service.feedback_store import FeedbackStore, IssuedCard
+from service.store.feedback import FeedbackStore, IssuedCard
+from service.store.feedback_request import Coding, Feedback
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:

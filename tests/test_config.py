@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from service.app import create_app
 from service.config import ConfigError, Settings
+from service.web.app import create_app
 
 
 def test_defaults_and_environment():

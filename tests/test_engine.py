@@ -14,7 +14,7 @@ import pytest
 import rules
 from conftest import ROOT
 from service import facts
-from service.engine import MAX_PROPERTIES, SESSION_CEILING, Engine, EngineError, fnv1_32
+from service.evaluate.engine import MAX_PROPERTIES, SESSION_CEILING, Engine, EngineError, fnv1_32
 
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 
@@ -63,7 +63,7 @@ def test_many_engines_with_sessions_where_no_rule_fires_do_not_crash():
         import rules
         from rules import knowledge
         from service import facts
-        from service.engine import Engine
+        from service.evaluate.engine import Engine
         k = knowledge.load()
         quiet = facts.build(k, [], now=datetime.now(UTC), available=frozenset()).facts
         engines = [Engine(k, rules.RULE_MODULES) for _ in range(8)]

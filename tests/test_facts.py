@@ -9,7 +9,7 @@ import pytest
 
 from conftest import LOINC, SNOMED, WEAKNESS, antibody, ck, condition, observation
 from service import facts
-from service.facts.fhir import Resource, completed_years, parse_time
+from service.fhir import Resource, completed_years, parse_time
 
 NOW = datetime(2024, 6, 1, 12, tzinfo=UTC)
 ALL = frozenset(

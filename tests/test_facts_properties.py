@@ -21,9 +21,10 @@ from test_statin import statement
 
 from conftest import ck, condition, hook_request
 from rules import knowledge as knowledge_module
-from service import cards, facts
-from service.engine import MAX_PROPERTIES, _check_fact
-from service.facts.fhir import Resource, parse_time
+from service import facts
+from service.evaluate import cards
+from service.evaluate.engine import MAX_PROPERTIES, _check_fact
+from service.fhir import Resource, parse_time
 
 LOINC, SNOMED, RXNORM, UCUM = (
     "http://loinc.org",

@@ -9,7 +9,7 @@ from sqlalchemy import create_engine
 from test_app import assert_outcome
 
 from conftest import FIXTURES, load
-from service.app import create_app
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 FEEDBACK = f"{SERVICE}/feedback"

@@ -14,9 +14,9 @@ import requests
 from sqlalchemy import inspect, select, text
 
 from conftest import serve
-from service import feedback_store
-from service.feedback import Coding, Feedback
-from service.feedback_store import FeedbackStore, IssuedCard, StoreError, StoreUnavailable
+from service.store import feedback as feedback_store
+from service.store.feedback import FeedbackStore, IssuedCard, StoreError, StoreUnavailable
+from service.store.feedback_request import Coding, Feedback
 
 SERVICE = "imnm-patient-view"
 T0 = datetime(2024, 6, 1, 12, tzinfo=UTC)

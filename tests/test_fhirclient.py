@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import FIXTURES, authorised, load
-from service.app import create_app
-from service.fhirclient import REASONS
+from service.gather.fhirclient import REASONS
 from service.hooks import PATIENT_VIEW
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 SCENARIO = FIXTURES / "worked-example-hmgcr-positive"

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service import openapi
-from service.auth import OPEN_PATHS
 from service.config import Settings
+from service.web import openapi
+from service.web.auth import OPEN_PATHS
 
 EXAMPLES = 20  # per operation and mode, besides the boundary cases schemathesis derives from the schema
 FUZZ = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -20,12 +20,13 @@ from conftest import (
     resources_of,
     store,
 )
-from service import gather, hooks
-from service.app import create_app
+from service import hooks
 from service.config import Settings
-from service.facts.fhir import parse_time
-from service.fhirclient import REASONS, FhirClient
+from service.fhir import parse_time
+from service.gather import prefetch as gather
+from service.gather.fhirclient import REASONS, FhirClient
 from service.hooks import SERVICES
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 LAB = [

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import SANDBOX, hook_request
-from service.app import create_app
-from service.headers import SECURITY_HEADERS
+from service.web.app import create_app
+from service.web.headers import SECURITY_HEADERS
 
 SERVICE = "/cds-services/imnm-patient-view"
 

@@ -14,9 +14,9 @@ from test_hostile import ENDPOINTS, HOSTILE
 import signing
 from conftest import FHIR_TOKEN, FIXTURES, authorised, load, resources_of, scenarios, store
 from service import hooks
-from service.app import create_app
 from service.cli import scenario_target
 from service.logs import JsonFormatter
+from service.web.app import create_app
 
 SECRET = "eyJhbGciOiJSUzM4NCJ9.eyJpc3MiOiJodHRwczovL2VociJ9.c2lnbmF0dXJl"
 

@@ -9,9 +9,9 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 import signing
 from conftest import load, scenarios
-from service import openapi
 from service.cli import scenario_target
 from service.config import Settings
+from service.web import openapi
 
 AUTOMATIC = {"HEAD", "OPTIONS"}  # Flask answers these for every rule itself
 

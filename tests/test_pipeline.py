@@ -10,8 +10,8 @@ import pytest
 
 from conftest import hook_request
 from rules import knowledge as knowledge_module
-from service.app import create_app
-from service.engine import Engine
+from service.evaluate.engine import Engine
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import load, scenarios
-from service import screen
-from service.distributed import screen_on_dask
-from service.facts.fhir import parse_time
+from service.fhir import parse_time
+from service.population import screen
+from service.population.distributed import screen_on_dask
 
 AS_OF = "2024-06-01T12:00:00Z"
 
@@ -176,7 +176,7 @@ def test_a_failed_dask_run_keeps_the_results_of_the_last(fixtures_only, tmp_path
 PLANTED_FAULTS = """
 import faulthandler, os, signal
 if os.environ.get("SCREEN_TEST_CRASH") or os.environ.get("SCREEN_TEST_BROKEN_START"):
-    from service import screen
+    from service.population import screen
     evaluate = screen.evaluate_patient
 
     def crashing(evaluator, patient, resources, as_of):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import LOINC, WEAKNESS, antibody, ck, condition, hook_request, observation
-from service.app import create_app
 from service.hooks import PATIENT_VIEW
+from service.web.app import create_app
 
 SERVICE = "/cds-services/imnm-patient-view"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import WEAKNESS, antibody, ck, condition, hook_request
 from service import facts
-from service.facts.fhir import Resource
 from service.facts.kinetics import expected_value, observed_half_life
 from service.facts.labs import CkResult
+from service.fhir import Resource
 
 NOW = datetime(2024, 6, 1, 12, tzinfo=UTC)
 ALL = frozenset({"Patient", "Observation", "Condition", "MedicationRequest", "MedicationStatement"})

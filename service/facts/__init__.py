@@ -14,7 +14,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
-from service.facts.fhir import (
+from service.fhir import (
     InvalidResource,
     Resource,
     completed_years,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from service.facts.fhir import (
+from service.fhir import (
     Resource,
     as_list,
     as_str,

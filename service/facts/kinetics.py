@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
-from service.facts.fhir import day, days_before
 from service.facts.labs import CkResult, highest, observed_half_life
 from service.facts.medications import History
+from service.fhir import day, days_before
 
 RATIO_CAP = 1000.0  # past this the curve has long reached normal; the number means nothing more
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from service.facts.fhir import (
+from service.fhir import (
     Resource,
     as_dict,
     as_list,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from service.facts.fhir import (
+from service.fhir import (
     Resource,
     as_dict,
     as_list,

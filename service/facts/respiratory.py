@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from service.facts.fhir import (
+from service.fhir import (
     Resource,
     as_dict,
     as_number,

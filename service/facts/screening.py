@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from service.facts.biopsy import report_text
-from service.facts.fhir import Resource, completed_years, day, effective_time, is_final
 from service.facts.labs import CkResult
+from service.fhir import Resource, completed_years, day, effective_time, is_final
 
 DIAGNOSES = (
     "diagnosis-imnm",

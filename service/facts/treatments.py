@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from service.facts.fhir import Resource, day, days_before
 from service.facts.medications import Exposure, Medications, exposure
+from service.fhir import Resource, day, days_before
 
 
 def treatment_classes(k, drugs: Medications, data: dict) -> list[str]:

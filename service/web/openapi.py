@@ -8,9 +8,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 from rules.knowledge import TOPICS
-from service import auth, feedback, gather, hooks
+from service import hooks
 from service.config import Settings
-from service.facts.fhir import DATETIME, RESOURCE_TYPE
+from service.fhir import DATETIME, RESOURCE_TYPE
+from service.gather import prefetch
+from service.store import feedback_request
+from service.web import auth
 
 # JSON Schema (2020-12) of CDS Hooks 2.0 requests, responses and discovery, from the HL7 logical
 # models and their invariants; OpenAPI 3.1 takes it as it is, under components.
@@ -108,7 +111,7 @@ SCHEMAS = {
         "allOf": [_ref("Bundle")],
         "required": ["type", "entry"],
         "properties": {
-            "type": {"enum": sorted(gather.BUNDLE_TYPES)},
+            "type": {"enum": sorted(prefetch.BUNDLE_TYPES)},
             "timestamp": {"type": "string", "pattern": f"^{DATETIME.pattern}$"},
         },
         "description": "One patient's record: exactly one Patient, and resources about that patient only.",
@@ -180,8 +183,8 @@ SCHEMAS = {
                     "required": ["card", "outcome", "outcomeTimestamp"],
                     "properties": {
                         "card": UUID,
-                        "outcome": {"enum": list(feedback.OUTCOMES)},
-                        "outcomeTimestamp": {"type": "string", "pattern": feedback.RFC3339.pattern},
+                        "outcome": {"enum": list(feedback_request.OUTCOMES)},
+                        "outcomeTimestamp": {"type": "string", "pattern": feedback_request.RFC3339.pattern},
                         "acceptedSuggestions": {
                             "type": "array",
                             "minItems": 1,

@@ -9,9 +9,9 @@ from datetime import datetime
 from pathlib import Path
 
 from service.config import Settings
-from service.facts.fhir import parse_time
-from service.pipeline import Evaluator
-from service.screen import Summary, attribute, evaluate_patient, input_files, summarise
+from service.evaluate.pipeline import Evaluator
+from service.fhir import parse_time
+from service.population.screen import Summary, attribute, evaluate_patient, input_files, summarise
 
 _evaluator: list[Evaluator] = []  # one per worker process, built on its first patient
 

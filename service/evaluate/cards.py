@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 
 from rules.knowledge import SUMMARY_LIMIT, TOPICS, service_request
-from service.engine import Conclusion, Outcome
+from service.evaluate.engine import Conclusion, Outcome
 from service.facts import FactSet
 
 log = logging.getLogger(__name__)

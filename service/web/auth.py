@@ -17,19 +17,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jwt
 import requests
 from flask import Flask, request
 
-from service.fhirclient import is_http_url
+from service.config import ConfigError, Settings
+from service.fhir import is_http_url
 from service.outcome import error
 
-if TYPE_CHECKING:
-    from service.config import Settings
-
-log = logging.getLogger("service.auth")
+log = logging.getLogger(__name__)
 
 # Health checks are for the platform, not CDS clients; CORS preflights carry no credentials by design.
 OPEN_PATHS = frozenset({"/health", "/health/ready"})
@@ -84,6 +81,18 @@ class Issuer:
     keys: KeySet | None = None
     algorithms: frozenset[str] = frozenset(DEFAULT_ALGORITHMS)
     tenants: frozenset[str] | None = None
+
+
+def load_issuers(settings: Settings) -> tuple[Issuer, ...]:
+    """Read and check the trusted-issuer file a setting names; a bad file is a ConfigError."""
+    if settings.trusted_issuers is None:
+        return ()
+    try:
+        issuers = trusted_issuers(str(settings.trusted_issuers))
+    except ValueError as exc:
+        raise ConfigError(f"IMNM_CDS_TRUSTED_ISSUERS: {exc}") from None
+    settings.require_https(*(url for issuer in issuers for url in issuer.jku))
+    return issuers
 
 
 def trusted_issuers(text: str) -> tuple[Issuer, ...]:
@@ -371,7 +380,7 @@ def protect(app: Flask, settings: Settings) -> None:
         )
         return
     verifier = Verifier(
-        settings.trusted_issuers,
+        load_issuers(settings),
         leeway_seconds=settings.auth_leeway_seconds,
         jwks_ttl_seconds=settings.jwks_cache_seconds,
         jwks_refetch_seconds=settings.jwks_refetch_seconds,

@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from service.facts.fhir import as_dict, as_list, as_str
+from service.fhir import as_dict, as_list, as_str, url_origin, within
 from service.logs import ms_since
 
 if TYPE_CHECKING:
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 # Severities that report no failure; any other (error, fatal, or one that cannot be read) does.
 IGNORED = frozenset({"warning", "information"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
 CHUNK_BYTES = 64 * 1024
 # Why a query went unanswered, in the words an OperationOutcome gives the EHR.
 REASONS = {
@@ -186,7 +185,7 @@ class _SameOriginSession(requests.Session):
 
     def get_redirect_target(self, resp):
         target = super().get_redirect_target(resp)
-        if target is not None and _origin(urljoin(resp.url, target)) != _origin(resp.url):
+        if target is not None and url_origin(urljoin(resp.url, target)) != url_origin(resp.url):
             return None
         return target
 
@@ -206,42 +205,6 @@ def reports_failure(outcome: dict) -> bool:
     """Say whether an OperationOutcome reports a failure (anything but warnings, or no issue at all)."""
     severities = {as_str(as_dict(issue).get("severity")) for issue in as_list(outcome.get("issue"))}
     return not severities or not severities <= IGNORED
-
-
-def is_http_url(text) -> bool:
-    """Say whether this is an absolute http(s) URL naming a host, with a valid port and no spaces."""
-    return isinstance(text, str) and not any(c.isspace() for c in text) and _split(text) is not None
-
-
-def within(url: str, base: str) -> bool:
-    """Say whether a URL lies at or under a base URL: same scheme, host and port, path inside it."""
-    origin = _origin(url)
-    if origin is None or origin != _origin(base):
-        return False
-    target, path = urlsplit(url).path, urlsplit(base).path.rstrip("/")
-    # Clients resolve dot segments, so ../ would lead out of the base with the token.
-    if any(segment in (".", "..") for segment in unquote(target).split("/")):
-        return False
-    return target.rstrip("/") == path or target.startswith(path + "/")
-
-
-def _split(url: str) -> tuple | None:
-    """Return the parts and port of an http(s) URL naming a host, or None for anything else."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
-    except ValueError:
-        return None
-    return (parts, port) if parts.scheme in DEFAULT_PORTS and parts.hostname else None
-
-
-def _origin(url: str) -> tuple | None:
-    """Return (scheme, host, port), or None for a URL that is not http(s), has credentials or a bad port."""
-    split = _split(url)
-    if split is None or split[0].username is not None:
-        return None
-    parts, port = split
-    return parts.scheme, parts.hostname, port
 
 
 def _check_status(status: int) -> None:

@@ -11,12 +11,15 @@ from datetime import UTC, datetime
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from service import auth, feedback, guidance, headers, hooks, logs, openapi
+from service import hooks, logs
 from service.config import ConfigError, Settings
-from service.facts.fhir import half_surrogate
-from service.feedback_store import FeedbackStore, StoreUnavailable
+from service.evaluate import guidance
+from service.evaluate.pipeline import Evaluation, Evaluator
+from service.fhir import half_surrogate
 from service.outcome import ApiError, Issue, error, operation_outcome
-from service.pipeline import Evaluation, Evaluator
+from service.store import feedback_request
+from service.store.feedback import FeedbackStore, StoreUnavailable
+from service.web import auth, headers, openapi
 
 log = logging.getLogger("service.http")
 
@@ -64,7 +67,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     def receive_feedback(service_id: str):
         if service_id not in hooks.SERVICES:
             raise error(404, "not-found", "no CDS service with this id; see GET /cds-services")
-        items = feedback.parse(_body(settings))
+        items = feedback_request.parse(_body(settings))
         stored = store.save(service_id, items, datetime.now(UTC))
         log.info(
             "feedback",

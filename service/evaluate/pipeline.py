@@ -11,11 +11,13 @@ from logging import getLogger
 
 import rules
 from rules import knowledge
-from service import cards, facts, gather, hooks
+from service import facts, hooks
 from service.config import Settings
-from service.engine import Engine, EngineBusy, EngineError
-from service.facts.fhir import Resource, naming_once, parse_datetime, validate
-from service.fhirclient import FhirClient
+from service.evaluate import cards
+from service.evaluate.engine import Engine, EngineBusy, EngineError
+from service.fhir import Resource, naming_once, parse_datetime, validate
+from service.gather import prefetch
+from service.gather.fhirclient import FhirClient
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
 
@@ -57,7 +59,7 @@ class Evaluator:
         """Evaluate a CDS Hooks request for one of our services; past its deadline, answer no cards."""
         started, arrived = time.perf_counter(), time.monotonic()
         request = hooks.parse(service, body, now)
-        gathered = gather.from_prefetch(
+        gathered = prefetch.from_prefetch(
             request,
             self.fhir,
             until=arrived + self.settings.fetch_budget_ms / 1000,
@@ -69,7 +71,12 @@ class Evaluator:
         return evaluation
 
     def _by(
-        self, deadline: float, service: hooks.Service, gathered: gather.Gathered, now: datetime, timings: dict
+        self,
+        deadline: float,
+        service: hooks.Service,
+        gathered: prefetch.Gathered,
+        now: datetime,
+        timings: dict,
     ) -> Evaluation:
         """Evaluate on a worker thread, waited for only until the deadline: after it, no cards."""
         stage = "gather"
@@ -88,7 +95,7 @@ class Evaluator:
         """Evaluate a Bundle as our service for the hook would; 'now' is asOf, else Bundle.timestamp."""
         started = time.perf_counter()
         service = hooks.service_for(hook)
-        gathered = gather.from_bundle(body, with_drafts="draftOrders" in service.context)
+        gathered = prefetch.from_bundle(body, with_drafts="draftOrders" in service.context)
         if as_of is not None:
             now = _chosen_time(as_of, "asOf")
         elif body.get("timestamp") is not None:
@@ -98,7 +105,7 @@ class Evaluator:
     def _evaluate(
         self,
         service: hooks.Service,
-        gathered: gather.Gathered,
+        gathered: prefetch.Gathered,
         now: datetime,
         timings: dict,
         deadline: float = math.inf,

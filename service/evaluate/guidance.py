@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from service.cards import NAMESPACE, patient_reference
+from service.evaluate.cards import NAMESPACE, patient_reference
 
 EXTENSION = "urn:imnm-cds:StructureDefinition:"
 URI = "urn:ietf:rfc:3986"

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
@@ -251,3 +252,42 @@ def attachment_text(attachment) -> str:
         return base64.b64decode(data[: TEXT_LIMIT * 2], validate=True).decode("utf-8", "replace")[:TEXT_LIMIT]
     except (binascii.Error, ValueError):
         return ""
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def is_http_url(text) -> bool:
+    """Say whether this is an absolute http(s) URL naming a host, with a valid port and no spaces."""
+    return isinstance(text, str) and not any(c.isspace() for c in text) and _split(text) is not None
+
+
+def within(url: str, base: str) -> bool:
+    """Say whether a URL lies at or under a base URL: same scheme, host and port, path inside it."""
+    here = url_origin(url)
+    if here is None or here != url_origin(base):
+        return False
+    target, path = urlsplit(url).path, urlsplit(base).path.rstrip("/")
+    # Clients resolve dot segments, so ../ would lead out of the base with the token.
+    if any(segment in (".", "..") for segment in unquote(target).split("/")):
+        return False
+    return target.rstrip("/") == path or target.startswith(path + "/")
+
+
+def _split(url: str) -> tuple | None:
+    """Return the parts and port of an http(s) URL naming a host, or None for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+    return (parts, port) if parts.scheme in DEFAULT_PORTS and parts.hostname else None
+
+
+def url_origin(url: str) -> tuple | None:
+    """Return (scheme, host, port), or None for a URL that is not http(s), has credentials or a bad port."""
+    split = _split(url)
+    if split is None or split[0].username is not None:
+        return None
+    parts, port = split
+    return parts.scheme, parts.hostname, port

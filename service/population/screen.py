@@ -22,16 +22,16 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from service import gather
 from service.config import Settings
-from service.facts.fhir import as_dict, as_str, half_surrogate, parse_time
+from service.evaluate.pipeline import Evaluator
+from service.fhir import as_dict, as_str, half_surrogate, parse_time
+from service.gather import prefetch
 from service.outcome import ApiError, Issue, operation_outcome
-from service.pipeline import Evaluator
 
 STAGE = "stage.sqlite"
 RESULTS = "results.ndjson"
 SUMMARY = "summary.json"
-KEPT = frozenset({"Patient", *gather.SUBJECT})  # the types a rule can use; the rest is not staged
+KEPT = frozenset({"Patient", *prefetch.SUBJECT})  # the types a rule can use; the rest is not staged
 # Half of a UTF-16 surrogate pair, raw, stands for a byte that was not UTF-8 (read with surrogateescape).
 RAW_SURROGATE = re.compile("[\ud800-\udfff]")
 T = TypeVar("T")
@@ -207,8 +207,8 @@ def patient_of(resource: dict) -> str | None:
     """Return the id of the patient a resource is about: its own id for a Patient, else its subject's."""
     if resource["resourceType"] == "Patient":
         return as_str(resource.get("id")) or None
-    reference = as_str(as_dict(resource.get(gather.SUBJECT[resource["resourceType"]])).get("reference"))
-    return gather.patient_id_of(reference) if reference else None
+    reference = as_str(as_dict(resource.get(prefetch.SUBJECT[resource["resourceType"]])).get("reference"))
+    return prefetch.patient_id_of(reference) if reference else None
 
 
 def input_files(directory: Path) -> list[Path]:
@@ -386,7 +386,7 @@ def _pool(workers: int, start: tuple[str, str]) -> ProcessPoolExecutor:
     # Workers come from a fresh single-threaded server process, never forked from this one: a fork
     # taken while another thread holds a lock (logging, a pool, the allocator) can hang forever.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["service.screen"])
+    context.set_forkserver_preload(["service.population.screen"])
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=start)
     try:
         pool.submit(_evaluate_batch, []).result()

@@ -9,13 +9,13 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from service.facts.fhir import Resource, as_dict, as_list, as_str, is_resource
-from service.fhirclient import Answer, FhirClient, Query, reports_failure
+from service.fhir import Resource, as_dict, as_list, as_str, is_resource
+from service.gather.fhirclient import Answer, FhirClient, Query, reports_failure
 from service.hooks import HookRequest, PrefetchKey
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
 
-log = logging.getLogger("service.gather")
+log = logging.getLogger(__name__)
 
 BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction", "batch"})
 _MISSING = object()

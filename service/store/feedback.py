@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
-from service.feedback import Feedback
+from service.store.feedback_request import Feedback
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Evaluate one patient: facts through the rule engine to cards and FHIR results."""

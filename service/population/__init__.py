@@ -1,0 +1,1 @@
+"""Screen a population of patients from NDJSON exports, on every core or on Dask."""

@@ -1,0 +1,1 @@
+"""Keep what must outlive a request in the database: feedback and the cards it refers to."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: the app factory, endpoints, JWT checks, headers and the OpenAPI document."""
