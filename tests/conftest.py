@@ -195,7 +195,8 @@ def ready(url: str, process: subprocess.Popen) -> bool:
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return True
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # The master accepts connections before its worker has booted and answers.
             time.sleep(0.2)
     return False
 
