@@ -362,4 +362,4 @@ def test_antibody_only_by_text_counts(client):
         ]
     )
     card = client.post(SERVICE, json=request).get_json()["cards"][0]
-    assert card["extension"]["rules"][-1] == "imnm.seropositive_hmgcr"
+    assert card["extension"]["imnm-cds.rules"][-1] == "imnm.seropositive_hmgcr"

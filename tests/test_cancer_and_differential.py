@@ -60,7 +60,7 @@ def cxr(when="2024-05-10"):
 
 def test_anti_srp_without_red_flags_is_standard_risk(client):
     card = screening(evaluate(client, *IMNM, SRP, who=patient(birth="1992-01-01")))
-    assert card["extension"]["riskTier"] == "standard" and card["indicator"] == "info"
+    assert card["extension"]["imnm-cds.riskTier"] == "standard" and card["indicator"] == "info"
     assert [s["label"] for s in card["suggestions"]] == ["Order the basic cancer screening panel"]
 
 
@@ -70,7 +70,7 @@ def test_standard_risk_with_basic_screening_done_gets_no_card(client):
 
 def test_anti_hmgcr_in_an_older_man_is_moderate(client):
     card = screening(evaluate(client, *IMNM, HMGCR, who=patient("male", "1955-01-01")))
-    assert card["extension"]["riskTier"] == "moderate" and card["indicator"] == "warning"
+    assert card["extension"]["imnm-cds.riskTier"] == "moderate" and card["indicator"] == "warning"
     labels = [s["label"] for s in card["suggestions"]]
     assert labels == ["Order the basic cancer screening panel", "Order the enhanced cancer screening panel"]
 
@@ -79,7 +79,7 @@ def test_two_high_risk_factors_are_high_and_add_pet_ct_and_endoscopy(client):
     tif = antibody("t", "TIF1-gamma antibody", valueString="Positive")
     dysphagia = condition("d", "40739000")
     card = screening(evaluate(client, *IMNM, tif, dysphagia))
-    assert card["extension"]["riskTier"] == "high"
+    assert card["extension"]["imnm-cds.riskTier"] == "high"
     assert [s["label"] for s in card["suggestions"]][-2:] == [
         "Consider whole-body FDG PET-CT if screening finds no cancer",
         "Consider upper and lower GI endoscopy",
@@ -116,14 +116,14 @@ def test_weight_loss_counts_only_near_onset(client, onset, counted):
     weight_loss = condition("wl", "448765001", onsetDateTime=onset)
     card = screening(evaluate(client, *IMNM, SRP, weight_loss, who=patient(birth="1992-01-01")))
     assert ("weight loss around onset (high)" in card["detail"]) == counted
-    assert card["extension"]["riskTier"] == ("moderate" if counted else "standard")
+    assert card["extension"]["imnm-cds.riskTier"] == ("moderate" if counted else "standard")
 
 
 def test_a_cancer_near_onset_is_named_as_paraneoplastic(client):
     lung = condition("ca", None) | {"code": {"coding": [{"system": ICD, "code": "C34.90"}]}}
     card = screening(evaluate(client, *IMNM, HMGCR, lung))
     assert "paraneoplastic: make sure it is fully staged" in card["detail"]
-    assert "Condition/ca" in card["extension"]["evidence"]
+    assert "Condition/ca" in card["extension"]["imnm-cds.evidence"]
 
 
 def test_tier_membership_is_data_a_local_override_can_change(tmp_path):
@@ -135,7 +135,7 @@ def test_tier_membership_is_data_a_local_override_can_change(tmp_path):
             app.test_client(), *IMNM, HMGCR, condition("d", "40739000"), who=patient("female", "1990-01-01")
         )
     )
-    assert card["extension"]["riskTier"] == "high"
+    assert card["extension"]["imnm-cds.riskTier"] == "high"
     assert "set locally: Myositis MDT, 2026-01" in card["detail"]
 
 

@@ -58,15 +58,18 @@ def test_every_fixture_card_conforms(client, evaluator):
             assert len(card["summary"]) < 140, name
             assert card["source"]["topic"]["code"] in TOPICS
             assert card["source"]["url"].startswith("https://")
-            rules = card["extension"]["rules"]
+            rules = card["extension"]["imnm-cds.rules"]
             assert rules and set(rules) <= set(evaluator.engine.rule_ids)
-            evidence = card["extension"]["evidence"]
+            evidence = card["extension"]["imnm-cds.evidence"]
             assert evidence and set(evidence) <= references_in(request), name
             for reference in evidence:
                 assert reference in card["detail"]
-            if card["source"]["topic"]["code"] == "imnm-suspected" and "probability" in card["extension"]:
-                assert 0 <= card["extension"]["pretestProbability"] <= 1
-                assert 0 <= card["extension"]["probability"] <= 1
+            if (
+                card["source"]["topic"]["code"] == "imnm-suspected"
+                and "imnm-cds.probability" in card["extension"]
+            ):
+                assert 0 <= card["extension"]["imnm-cds.pretestProbability"] <= 1
+                assert 0 <= card["extension"]["imnm-cds.probability"] <= 1
             for reason in card["overrideReasons"]:
                 assert reason["display"] and reason["system"] and reason["code"]
             for link in card.get("links", []):
@@ -176,7 +179,7 @@ def test_the_card_shows_pretest_posttest_and_each_step(client, scenario):
     assert response.status_code == 200, response.get_data(as_text=True)[:500]
     body = response.get_json()
     [card] = [c for c in body["cards"] if c["source"]["topic"]["code"] == "imnm-suspected"]
-    assert card["extension"]["pretestProbability"] == 0.2
+    assert card["extension"]["imnm-cds.pretestProbability"] == 0.2
     assert (
         "pre-test 20%" in card["detail"]
         and "| Evidence | Likelihood ratio | Probability after |" in card["detail"]
@@ -184,5 +187,8 @@ def test_the_card_shows_pretest_posttest_and_each_step(client, scenario):
     expected = {"worked-example-hmgcr-positive": ("79%", 0.7895), "hmgcr-negative": ("6.2%", 0.0617)}[
         scenario
     ]
-    assert f"post-test {expected[0]}" in card["detail"] and card["extension"]["probability"] == expected[1]
+    assert (
+        f"post-test {expected[0]}" in card["detail"]
+        and card["extension"]["imnm-cds.probability"] == expected[1]
+    )
     assert "not verified" in card["detail"]

@@ -223,5 +223,5 @@ def test_summary_counts_issued_cards_and_what_users_did(tmp_path):
         "overridden": 3,
         "topOverrideReasons": [reason | {"count": 2}],
     }
-    assert set(issued["extension"]["rules"]) <= {rule for rule, _ in rows}
+    assert set(issued["extension"]["imnm-cds.rules"]) <= {rule for rule, _ in rows}
     assert summary["unmatchedFeedback"] == {"accepted": 0, "overridden": 1}

@@ -52,7 +52,7 @@ def card_dict(card: IssuedCard) -> dict:
         "uuid": card.uuid,
         "indicator": card.indicator,
         "source": {"topic": {"code": card.topic}},
-        "extension": {"rules": list(card.rules)},
+        "extension": {"imnm-cds.rules": list(card.rules)},
     }
 
 

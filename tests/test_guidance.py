@@ -52,9 +52,9 @@ def test_every_card_becomes_valid_fhir_with_its_reasons_and_suggestions(client, 
         assert response["reasonCode"][0]["coding"][0] == card["source"]["topic"]
         assert card["detail"] in response["note"][0]["text"]
         cited = [r.get("reference") or r["identifier"]["value"] for r in response.get("reasonReference", [])]
-        assert cited == card["extension"]["evidence"]
+        assert cited == card["extension"]["imnm-cds.evidence"]
         rules = [e["valueString"] for e in response["extension"] if e["url"].endswith(":rule")]
-        assert rules == card["extension"]["rules"]
+        assert rules == card["extension"]["imnm-cds.rules"]
         group = next((c for c in response.get("contained", []) if c["resourceType"] == "RequestGroup"), None)
         if card.get("suggestions"):
             assert response["result"]["reference"] == f"#{group['id']}"

@@ -34,7 +34,9 @@ def by_topic(cards, topic):
 
 
 def red_flags(cards):
-    return {c["extension"]["rules"][-1].split(".")[1]: c for c in by_topic(cards, "severity-red-flag")}
+    return {
+        c["extension"]["imnm-cds.rules"][-1].split(".")[1]: c for c in by_topic(cards, "severity-red-flag")
+    }
 
 
 def fvc(id_, pct, when, unit="%"):
@@ -86,7 +88,7 @@ def test_dysphagia_is_a_red_flag_only_with_muscle_involvement(client):
     dysphagia = condition("d", DYSPHAGIA)
     assert "dysphagia" not in red_flags(evaluate(client, dysphagia, ck("ck", 150)))
     card = red_flags(evaluate(client, *IMNM, dysphagia))["dysphagia"]
-    assert card["indicator"] == "warning" and "Condition/d" in card["extension"]["evidence"]
+    assert card["indicator"] == "warning" and "Condition/d" in card["extension"]["imnm-cds.evidence"]
     assert card["suggestions"][0]["label"] == "Request an urgent swallow assessment"
 
 
@@ -117,7 +119,9 @@ def test_fvc_falling_by_the_threshold_within_a_year(client, earlier, when, flagg
     assert ("falling_fvc" in flags) == flagged
     if flagged:
         assert f"FVC fell {earlier - 81} points within 1 year" in flags["falling_fvc"]["detail"]
-        assert {"Observation/f1", "Observation/f2"} <= set(flags["falling_fvc"]["extension"]["evidence"])
+        assert {"Observation/f1", "Observation/f2"} <= set(
+            flags["falling_fvc"]["extension"]["imnm-cds.evidence"]
+        )
 
 
 def test_an_fvc_fall_from_before_the_window_does_not_count(client):
@@ -182,7 +186,7 @@ def test_ck_not_falling_after_three_months_of_steroids_asks_to_escalate(client):
     assert card["summary"] == "Myositis not responding after 143 days of treatment: consider adding IVIG next"
     assert "Tried: glucocorticoids." in card["detail"]
     assert "IVIG, rituximab, methotrexate, mycophenolate" in card["detail"]
-    assert "MedicationStatement/pred" in card["extension"]["evidence"]
+    assert "MedicationStatement/pred" in card["extension"]["imnm-cds.evidence"]
 
 
 def test_options_already_tried_are_left_out_and_the_subtype_sets_the_order(client):

@@ -11,6 +11,9 @@ from rules.knowledge import SUMMARY_LIMIT, TOPICS, service_request
 from service.evaluate.engine import Conclusion, Outcome
 from service.facts import FactSet
 
+# Card extension keys, prefixed to be globally unique as the spec advises (CDS Hooks 2.0, "Extensions").
+RULES, EVIDENCE, RISK_TIER = "imnm-cds.rules", "imnm-cds.evidence", "imnm-cds.riskTier"
+PROBABILITY, PRETEST = "imnm-cds.probability", "imnm-cds.pretestProbability"
 log = logging.getLogger(__name__)
 
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:imnm-cds")
@@ -70,10 +73,10 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
             for code, display in text.override_reasons
         ],
         "extension": {
-            "rules": list(conclusion.rules),
-            "evidence": references,
+            RULES: list(conclusion.rules),
+            EVIDENCE: references,
             **probability_extension(params),
-            **({"riskTier": params["tier"]} if "tier" in params else {}),
+            **({RISK_TIER: params["tier"]} if "tier" in params else {}),
         },
     }
     chosen = params.get("orders")
@@ -177,7 +180,7 @@ def probability_section(k, params: Mapping) -> str:
 def probability_extension(params: Mapping) -> dict:
     if params.get("probability") is None:
         return {}
-    return {"probability": round(params["probability"], 4), "pretestProbability": round(params["pretest"], 4)}
+    return {PROBABILITY: round(params["probability"], 4), PRETEST: round(params["pretest"], 4)}
 
 
 def basis_section(title: str, items) -> str:

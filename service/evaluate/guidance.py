@@ -5,7 +5,15 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from service.evaluate.cards import NAMESPACE, patient_reference
+from service.evaluate.cards import (
+    EVIDENCE,
+    NAMESPACE,
+    PRETEST,
+    PROBABILITY,
+    RISK_TIER,
+    RULES,
+    patient_reference,
+)
 
 EXTENSION = "urn:imnm-cds:StructureDefinition:"
 URI = "urn:ietf:rfc:3986"
@@ -53,24 +61,24 @@ def guidance_response(card: dict, patient_id: str, service_id: str, now: datetim
                     "url": source["url"],
                 },
             },
-            *({"url": f"{EXTENSION}rule", "valueString": rule} for rule in extension["rules"]),
+            *({"url": f"{EXTENSION}rule", "valueString": rule} for rule in extension[RULES]),
             *(
                 {"url": f"{EXTENSION}{name}", "valueDecimal": extension[key]}
                 for key, name in (
-                    ("probability", "probability"),
-                    ("pretestProbability", "pretest-probability"),
+                    (PROBABILITY, "probability"),
+                    (PRETEST, "pretest-probability"),
                 )
                 if key in extension
             ),
             *(
-                [{"url": f"{EXTENSION}risk-tier", "valueCode": extension["riskTier"]}]
-                if "riskTier" in extension
+                [{"url": f"{EXTENSION}risk-tier", "valueCode": extension[RISK_TIER]}]
+                if RISK_TIER in extension
                 else []
             ),
         ],
     }
-    if extension["evidence"]:
-        resource["reasonReference"] = [_reference(ref) for ref in extension["evidence"]]
+    if extension[EVIDENCE]:
+        resource["reasonReference"] = [_reference(ref) for ref in extension[EVIDENCE]]
     if card.get("suggestions"):
         group, proposals = request_group(card, patient_id, now)
         # Contained resources may not nest, so the proposals sit beside the group.
@@ -130,8 +138,8 @@ def detected_issue(card: dict, patient_id: str, now: datetime) -> dict:
         "detail": card["summary"],
         "reference": card["source"]["url"],
     }
-    if card["extension"]["evidence"]:
-        resource["implicated"] = [_reference(ref) for ref in card["extension"]["evidence"]]
+    if card["extension"][EVIDENCE]:
+        resource["implicated"] = [_reference(ref) for ref in card["extension"][EVIDENCE]]
     return resource
 
 

@@ -198,7 +198,7 @@ class FeedbackStore:
                 card["uuid"],
                 card["source"]["topic"]["code"],
                 card["indicator"],
-                tuple(card["extension"]["rules"]),
+                tuple(card["extension"]["imnm-cds.rules"]),
                 at,
             )
             for card in cards

@@ -10,6 +10,7 @@ from pathlib import Path
 from rules.knowledge import TOPICS
 from service import hooks
 from service.config import Settings
+from service.evaluate.cards import EVIDENCE, PRETEST, PROBABILITY, RISK_TIER, RULES
 from service.fhir import DATETIME, RESOURCE_TYPE
 from service.gather import prefetch
 from service.store import feedback_request
@@ -126,13 +127,13 @@ SCHEMAS = {
             },
             "extension": {
                 "type": "object",
-                "required": ["rules", "evidence"],
+                "required": [RULES, EVIDENCE],
                 "properties": {
-                    "rules": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    "evidence": {"type": "array", "items": {"type": "string"}},
-                    "probability": {"type": "number", "minimum": 0, "maximum": 1},
-                    "pretestProbability": {"type": "number", "minimum": 0, "maximum": 1},
-                    "riskTier": {"enum": ["standard", "moderate", "high"]},
+                    RULES: {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    EVIDENCE: {"type": "array", "items": {"type": "string"}},
+                    PROBABILITY: {"type": "number", "minimum": 0, "maximum": 1},
+                    PRETEST: {"type": "number", "minimum": 0, "maximum": 1},
+                    RISK_TIER: {"enum": ["standard", "moderate", "high"]},
                 },
                 "additionalProperties": False,
             },
