@@ -392,7 +392,7 @@ def test_odd_claim_types_are_refused_not_crashed_on(client_keys, changes, expect
 ODD_HEADERS = {
     "alg-as-list": ({"alg": ["ES384"]}, "algorithm"),
     "kid-as-object": ({"kid": {"id": "ec-2024"}}, "malformed"),
-    "jku-as-list": ({"jku": ["https://ehr.example.org/jwks.json"]}, "jku-not-allowed"),
+    "jku-as-list": ({"jku": ["https://ehr.example.org/jwks.json"], "kid": "unpinned"}, "jku-not-allowed"),
     "typ-as-number": ({"typ": 1}, "malformed"),
     "typ-missing": ({"typ": None}, "malformed"),
 }
