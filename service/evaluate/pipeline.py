@@ -184,6 +184,12 @@ def warm_up() -> None:
             "intent": "order",
             "subject": {"reference": "Patient/x"},
             "medicationCodeableConcept": {"text": "warm-up"},
+            # As order screens send drafts (the CDS Hooks sandbox's Rx Sign): dose and supply.
+            "category": [{"text": "warm-up"}],
+            "dosageInstruction": [
+                {"timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}}, "doseAndRate": [{}]}
+            ],
+            "dispenseRequest": {"expectedSupplyDuration": {"value": 30, "code": "d"}},
         },
         {
             "resourceType": "MedicationStatement",
