@@ -117,14 +117,39 @@ def validate(resource: Resource, read_as: str | None = None) -> list[tuple[str, 
     problems = _problems(model, resource.data)
     if not problems:
         return null
-    # A malformed element stops the model's checks across elements (one medication[x] only, say), so
-    # the elements we read are checked again on their own; an element missing is never a malformed one.
-    own = problems if elements is None else _problems(model, _restricted(resource.data, elements))
-    malformed = [(path, problem) for path, problem, missing in own if not missing]
+    if elements is None:
+        malformed = [(path, problem) for path, problem, missing in problems if not missing]
+    else:
+        # The model checks across elements (one choice of name[x], those required) only once every element
+        # is well formed, so a malformed element we do not read would hide them: the elements we read are
+        # validated again on their own, and their choices checked from the table.
+        own = _problems(model, _restricted(resource.data, elements))
+        malformed = [(path, problem) for path, problem, missing in own if path and not missing]
+        malformed += _choices(resource.data, elements)
     if malformed:
         raise InvalidResource(resource, malformed[:20])
-    ignored = [(path, problem) for path, problem, missing in problems if missing or not reads(path)]
-    return null + ignored
+    ignored = [(path, problem) for path, problem, missing in problems if not missing]
+    return list(dict.fromkeys([*null, *ignored, *_absent(model, resource.data)]))
+
+
+def _choices(data: dict, elements: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Name the choice elements we read that are given more than once (a code and a reference, say)."""
+    return [
+        (element, f"only one choice of {element} may be given")
+        for element in elements
+        if element.endswith("[x]") and sum(_is(element, name) for name in data) > 1
+    ]
+
+
+def _absent(model, data: dict) -> list[tuple[str, str]]:
+    """Name the elements R4 requires that a resource lacks (a primitive's extension may stand in for it)."""
+    return [
+        (field.alias or name, "required by R4 but missing")
+        for name, field in model.model_fields.items()
+        if (field.is_required() or (field.json_schema_extra or {}).get("element_required"))
+        and (field.alias or name) not in data
+        and f"_{field.alias or name}" not in data
+    ]
 
 
 def _problems(model, data: dict) -> list[tuple[str, str, bool]]:
@@ -140,7 +165,7 @@ def _problems(model, data: dict) -> list[tuple[str, str, bool]]:
             message = "invalid value" if error["type"] in ("value_error", "assertion_error") else error["msg"]
             problems.append((path, message, error["type"].endswith("missing")))
     except (TypeError, ValueError, LookupError) as exc:  # a contained resource of no known type: KeyError
-        problems = [("", type(exc).__name__, False)]
+        problems = [("resource", f"cannot be read ({type(exc).__name__})", False)]
     # Returned once the ValidationError is gone, not from within its handler: raised from there, our
     # exception would have it as context, and pydantic-core holds the validators' own exceptions where
     # the garbage collector cannot see them, so the cycle through their tracebacks (and the request in
