@@ -7,10 +7,12 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from urllib.parse import unquote, urlsplit
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -57,8 +59,41 @@ class Resource:
         return self.full_url or self.type
 
 
+# The one table of what we read: each kind of resource and its top-level elements that any rule can use.
+# Only these are checked against the R4B model: one that is present and malformed makes the resource
+# invalid. Any other element, malformed or required by R4 but missing, is reported and ignored.
+# "name[x]" is every choice of a choice element; "_name" (a primitive's extensions) goes with its element.
+DRAFT_ORDER = "MedicationRequest (draft order)"  # an order being placed: only its drug is read
+READ: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "Patient": ("id", "gender", "birthDate"),
+        "Observation": (
+            "id", "subject", "status", "code", "effective[x]", "issued", "value[x]", "dataAbsentReason",
+            "interpretation", "referenceRange", "component",
+        ),
+        "Condition": (
+            "id", "subject", "clinicalStatus", "verificationStatus", "code", "onset[x]", "recordedDate",
+        ),
+        "DiagnosticReport": (
+            "id", "subject", "status", "code", "effective[x]", "issued", "conclusion", "conclusionCode",
+            "presentedForm",
+        ),
+        "MedicationRequest": (
+            "id", "subject", "status", "medication[x]", "contained", "authoredOn", "dispenseRequest",
+        ),
+        "MedicationStatement": ("id", "subject", "status", "medication[x]", "contained", "effective[x]"),
+        "MedicationAdministration": (
+            "id", "subject", "status", "medication[x]", "contained", "effective[x]",
+        ),
+        "MedicationDispense": ("id", "subject", "status", "medication[x]", "contained", "whenHandedOver"),
+        "Medication": ("id", "code", "ingredient"),
+        DRAFT_ORDER: ("id", "medication[x]", "contained"),
+    }
+)  # fmt: skip
+
+
 class InvalidResource(ValueError):
-    """A resource that matters to the rules does not validate as FHIR R4."""
+    """An element we read of a resource does not validate as FHIR R4."""
 
     def __init__(self, resource: Resource, problems: list[tuple[str, str]]):
         super().__init__(f"{resource.reference} is not valid FHIR R4")
@@ -66,31 +101,103 @@ class InvalidResource(ValueError):
         self.problems = problems  # (element path within the resource, what is wrong), never the values
 
 
-def validate(resource: Resource) -> None:
-    """Validate a resource against its fhir.resources R4B model, raising InvalidResource."""
+def validate(resource: Resource, read_as: str | None = None) -> list[tuple[str, str]]:
+    """Check the elements we read with the R4B model; return (path, problem) of the others, ignored."""
     try:
         model = get_fhir_model_class(resource.type)
     except ValueError:
         raise InvalidResource(resource, [("resourceType", "unknown resource type")]) from None
+    elements = READ.get(read_as or resource.type)
+    reads = (lambda path: True) if elements is None else (lambda path: _reads(elements, path))
     nulls = null_members(resource.data)
-    if nulls:  # fhir.resources reads null as absent, which would silently drop what the sender meant
-        raise InvalidResource(resource, [(path, "null is not allowed in FHIR JSON") for path in nulls[:20]])
+    # fhir.resources reads null as absent, which would silently drop what the sender meant.
+    null = [(path, "null is not allowed in FHIR JSON") for path in nulls]
+    if any(reads(path) for path in nulls):
+        raise InvalidResource(resource, [(path, problem) for path, problem in null if reads(path)][:20])
+    problems = _problems(model, resource.data)
+    if not problems:
+        return null
+    if elements is None:
+        malformed = [(path, problem) for path, problem, missing in problems if not missing]
+    else:
+        # The model checks across elements (one choice of name[x], those required) only once every element
+        # is well formed, so a malformed element we do not read would hide them: the elements we read are
+        # validated again on their own, and their choices checked from the table.
+        own = _problems(model, _restricted(resource.data, elements))
+        malformed = [(path, problem) for path, problem, missing in own if path and not missing]
+        malformed += _choices(resource.data, elements)
+    if malformed:
+        raise InvalidResource(resource, malformed[:20])
+    ignored = [(path, problem) for path, problem, missing in problems if not missing]
+    return list(dict.fromkeys([*null, *ignored, *_absent(model, resource.data)]))
+
+
+def _choices(data: dict, elements: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Name the choice elements we read that are given more than once (a code and a reference, say)."""
+    return [
+        (element, f"only one choice of {element} may be given")
+        for element in elements
+        if element.endswith("[x]") and sum(_is(element, name) for name in data) > 1
+    ]
+
+
+def _absent(model, data: dict) -> list[tuple[str, str]]:
+    """Name the elements R4 requires that a resource lacks (a primitive's extension may stand in for it)."""
+    return [
+        (field.alias or name, "required by R4 but missing")
+        for name, field in model.model_fields.items()
+        if (field.is_required() or (field.json_schema_extra or {}).get("element_required"))
+        and (field.alias or name) not in data
+        and f"_{field.alias or name}" not in data
+    ]
+
+
+def _problems(model, data: dict) -> list[tuple[str, str, bool]]:
+    """Validate with a model; return (path, problem, whether it is missing) of what is wrong."""
     try:
-        model.model_validate(resource.data)
-        return
+        model.model_validate(data)
+        return []
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False, include_context=False):
             path = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
             # Custom validators may quote the offending value in their message; built-in ones do not.
             message = "invalid value" if error["type"] in ("value_error", "assertion_error") else error["msg"]
-            problems.append((path, message))
-    except (TypeError, ValueError) as exc:
-        problems = [("", type(exc).__name__)]
-    # Raised once the ValidationError is gone, not from within its handler: it would be our exception's
-    # context, and pydantic-core holds the validators' own exceptions where the garbage collector cannot
-    # see them, so the cycle through their tracebacks (and the request in their frames) would never be freed.
-    raise InvalidResource(resource, problems[:20])
+            problems.append((path, message, error["type"].endswith("missing")))
+    except (TypeError, ValueError, LookupError) as exc:  # a contained resource of no known type: KeyError
+        problems = [("resource", f"cannot be read ({type(exc).__name__})", False)]
+    # Returned once the ValidationError is gone, not from within its handler: raised from there, our
+    # exception would have it as context, and pydantic-core holds the validators' own exceptions where
+    # the garbage collector cannot see them, so the cycle through their tracebacks (and the request in
+    # their frames) would never be freed.
+    return problems
+
+
+def _reads(elements: tuple[str, ...], path: str) -> bool:
+    """Tell whether a path (element.child...) lies within an element of the table."""
+    name = path.split(".", 1)[0].removeprefix("_").removesuffix("__ext")
+    return any(_is(element, name) for element in elements)
+
+
+def _is(element: str, name: str) -> bool:
+    """Tell whether a JSON member is a table element: itself, or a choice of name[x] (nameQuantity)."""
+    if element.endswith("[x]"):
+        base = element[:-3]
+        return name.startswith(base) and name[len(base) : len(base) + 1].isupper()
+    return name == element
+
+
+def _restricted(data: dict, elements: tuple[str, ...]) -> dict:
+    """Return a copy of a resource with only the elements we read, contained resources likewise."""
+    copy = {name: value for name, value in data.items() if name == "resourceType" or _reads(elements, name)}
+    if isinstance(copy.get("contained"), list):
+        copy["contained"] = [
+            _restricted(inner, READ.get(inner.get("resourceType"), ("id",)))
+            if isinstance(inner, dict)
+            else inner
+            for inner in copy["contained"]
+        ]
+    return copy
 
 
 def null_members(value, path: str = "") -> list[str]:

@@ -392,7 +392,7 @@ def test_odd_claim_types_are_refused_not_crashed_on(client_keys, changes, expect
 ODD_HEADERS = {
     "alg-as-list": ({"alg": ["ES384"]}, "algorithm"),
     "kid-as-object": ({"kid": {"id": "ec-2024"}}, "malformed"),
-    "jku-as-list": ({"jku": ["https://ehr.example.org/jwks.json"]}, "jku-not-allowed"),
+    "jku-as-list": ({"jku": ["https://ehr.example.org/jwks.json"], "kid": "unpinned"}, "jku-not-allowed"),
     "typ-as-number": ({"typ": 1}, "malformed"),
     "typ-missing": ({"typ": None}, "malformed"),
 }
@@ -587,3 +587,79 @@ def test_debug_mode_is_refused(monkeypatch):
     monkeypatch.setenv("FLASK_DEBUG", "1")
     with pytest.raises(ConfigError, match="debug mode"):
         create_app()
+
+
+SANDBOX_ISS = "https://sandbox.cds-hooks.org"
+SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
+SANDBOX_KID = "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f"
+
+
+def test_a_pinned_kid_is_used_whatever_the_jku_and_nothing_is_fetched(client_keys, jwks_server):
+    # As the sandbox signs: its own iss and kid, and a jku on every token.
+    key = signing.SigningKey(SANDBOX_KID, "ES384", signing.ec_key(SANDBOX_KID).private)
+    verifier = Verifier([Issuer(SANDBOX_ISS, keys=signing_keys(signing.jwks(key), strict=True))], **CACHES)
+    unlisted = jwks_server.url("/sandbox/.well-known/jwks.json")
+    jwks_server.publish("/sandbox/.well-known/jwks.json", signing.jwks(signing.ec_key(SANDBOX_KID)))
+    for jku in (SANDBOX_JKU, unlisted):
+        token = sign(key, claims(BASE + SERVICE, iss=SANDBOX_ISS), jku=jku)
+        assert reason(verifier, token) is None
+    assert jwks_server.fetches.get("/sandbox/.well-known/jwks.json", 0) == 0
+
+
+def test_an_unlisted_jku_with_a_kid_not_pinned_is_refused_unfetched(client_keys, jwks_server):
+    verifier = configured([client_keys["ec"]])
+    stranger = signing.ec_key("not-pinned")
+    jku = jwks_server.publish("/stranger/jwks.json", signing.jwks(stranger))
+    assert reason(verifier, sign(stranger, claims(BASE + SERVICE), jku=jku)) == "jku-not-allowed"
+    assert jwks_server.fetches.get("/stranger/jwks.json", 0) == 0
+
+
+def test_a_pinned_kid_signed_by_another_key_is_still_refused(client_keys, jwks_server):
+    forged = signing.SigningKey("ec-2024", "ES384", signing.ec_key("ec-2024").private)
+    jku = jwks_server.publish("/forger/jwks.json", signing.jwks(forged))
+    assert (
+        reason(configured([client_keys["ec"]]), sign(forged, claims(BASE + SERVICE), jku=jku)) == "signature"
+    )
+    assert jwks_server.fetches.get("/forger/jwks.json", 0) == 0
+
+
+SANDBOX_JWK = {
+    "kty": "EC",
+    "use": "sig",
+    "crv": "P-384",
+    "kid": SANDBOX_KID,
+    "x": "dw_JGR8nB2I6XveNxUOl2qk699ZPLM2nYI5STSdiEl9avAkrm3CkfYMbrrjr8laB",
+    "y": "Sm3mLE-n1zYNla_aiE3cb3nZsL51RbC7ysw3q8aJLxGm-hx79RPMYpITDjp7kgzy",
+    "alg": "ES384",
+}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {SANDBOX_ISS: {"jwks": {"keys": [SANDBOX_JWK]}}},
+        {SANDBOX_ISS: {"jku": [SANDBOX_JKU]}},
+        {"https://ehr.example.org": {"jku": [SANDBOX_JKU]}},
+        {"https://ehr.example.org": {"jwks": {"keys": [SANDBOX_JWK]}}},
+    ],
+    ids=["sandbox-iss-pinned", "sandbox-iss-jku", "sandbox-jku-another-iss", "sandbox-kid-another-iss"],
+)
+def test_production_refuses_to_trust_the_sandbox(tmp_path, document):
+    secure = {"IMNM_CDS_AUTH": "jwt", "IMNM_CDS_PUBLIC_URL": "https://cds.example.org"}
+    sandbox = {**secure, "IMNM_CDS_TRUSTED_ISSUERS": write(tmp_path, document)}
+    assert load_issuers(Settings.from_env(sandbox))  # trusted for testing
+    with pytest.raises(ConfigError, match=r"refuses to trust .*sandbox's private key is published"):
+        load_issuers(Settings.from_env({**sandbox, "IMNM_CDS_PRODUCTION": "true"}))
+    with pytest.raises(ConfigError, match="refuses to trust"):
+        create_app(
+            {
+                "production": True,
+                "auth": "jwt",
+                "trusted_issuers": sandbox["IMNM_CDS_TRUSTED_ISSUERS"],
+                "public_url": "https://cds.example.org",
+            }
+        )
+    ehr = write(tmp_path, {ISSUER: {"jku": ["https://ehr.example.org/jwks.json"]}})
+    assert load_issuers(
+        Settings.from_env({**secure, "IMNM_CDS_PRODUCTION": "true", "IMNM_CDS_TRUSTED_ISSUERS": ehr})
+    )

@@ -35,6 +35,7 @@ class Evaluation:
     rules: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
     ran_out: str | None = None  # the stage during which the deadline passed
+    ignored: tuple[str, ...] = ()  # elements we do not read that are malformed or missing: where, and why
 
     def response(self) -> dict:
         return {"cards": self.cards}
@@ -68,6 +69,7 @@ class Evaluator:
         deadline = arrived + self.settings.deadline_ms / 1000
         evaluation = self._by(deadline, service, gathered, request.now, {"gather": ms_since(started)})
         evaluation.hook_instance = request.hook_instance
+        _report_ignored(service, evaluation)
         return evaluation
 
     def _by(
@@ -100,7 +102,9 @@ class Evaluator:
             now = _chosen_time(as_of, "asOf")
         elif body.get("timestamp") is not None:
             now = _chosen_time(body["timestamp"], "Bundle.timestamp")
-        return self._evaluate(service, gathered, now, {"gather": ms_since(started)})
+        evaluation = self._evaluate(service, gathered, now, {"gather": ms_since(started)})
+        _report_ignored(service, evaluation)
+        return evaluation
 
     def _evaluate(
         self,
@@ -142,7 +146,15 @@ class Evaluator:
         timings["cards"] = ms_since(started)
         fired = tuple(sorted({r for c in outcome.conclusions for r in c.rules}))
         ran_out = "gather" if gathered.out_of_time else None
-        return Evaluation(built, gathered.patient_id, now, rules=fired, timings=timings, ran_out=ran_out)
+        return Evaluation(
+            built,
+            gathered.patient_id,
+            now,
+            rules=fired,
+            timings=timings,
+            ran_out=ran_out,
+            ignored=(*gathered.ignored, *selected.ignored),
+        )
 
     def readiness_problem(self) -> str | None:
         """Say why this process should not take traffic (the engine cannot evaluate), or None."""
@@ -172,6 +184,12 @@ def warm_up() -> None:
             "intent": "order",
             "subject": {"reference": "Patient/x"},
             "medicationCodeableConcept": {"text": "warm-up"},
+            # As order screens send drafts (the CDS Hooks sandbox's Rx Sign): dose and supply.
+            "category": [{"text": "warm-up"}],
+            "dosageInstruction": [
+                {"timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}}, "doseAndRate": [{}]}
+            ],
+            "dispenseRequest": {"expectedSupplyDuration": {"value": 30, "code": "d"}},
         },
         {
             "resourceType": "MedicationStatement",
@@ -203,6 +221,22 @@ def in_time(deadline: float) -> None:
     """Go on to the next stage only while the deadline has not passed."""
     if time.monotonic() > deadline:
         raise OutOfTime
+
+
+def _report_ignored(service: hooks.Service, evaluation: Evaluation) -> None:
+    """Log once per request the elements we do not read that were malformed or missing: paths, no values."""
+    if evaluation.ignored:
+        log.warning(
+            "unread elements ignored",
+            extra={
+                "fields": {
+                    "service": service.id,
+                    "hookInstance": evaluation.hook_instance,
+                    "count": len(evaluation.ignored),
+                    "elements": list(evaluation.ignored[:20]),
+                }
+            },
+        )
 
 
 def _invalid_issues(exc: facts.InvalidData) -> list[Issue]:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
 from service.fhir import (
+    DRAFT_ORDER,
     InvalidResource,
     Resource,
     completed_years,
@@ -43,7 +44,7 @@ class FactSet:
 
 
 class InvalidData(ValueError):
-    """Resources that matter to the rules are not valid FHIR R4."""
+    """Resources that matter to the rules are not valid FHIR R4 in an element we read."""
 
     def __init__(self, problems: list[InvalidResource]):
         super().__init__(f"{len(problems)} resource(s) are not valid FHIR R4")
@@ -52,7 +53,7 @@ class InvalidData(ValueError):
 
 @dataclass(frozen=True)
 class Selected:
-    """The resources that can matter to a rule, by what they are, all valid FHIR R4."""
+    """The resources that can matter to a rule, by what they are, each with the elements we read valid."""
 
     patients: list[Resource]
     lab_results: list[Resource]
@@ -67,16 +68,33 @@ class Selected:
     draft_statins: list[Resource]
     draft_unidentified: list[Resource]  # orders being placed whose drug cannot be told: any may be a statin
     therapy: list[Resource]
+    left_out: tuple[str, ...] = ()  # invalid resources left out, in words, for the card
+    ignored: tuple[str, ...] = ()  # elements we do not read that are malformed or missing: where, and why
 
 
 @naming_once()
 def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) -> Selected:
-    """Pick what can matter to a rule and validate it; the rest is never parsed as FHIR."""
+    """Pick what can matter to a rule and validate what we read of it; the rest is never parsed as FHIR.
+
+    An invalid resource is refused (InvalidData), except when a statin is, or may be, being ordered: then
+    it is left out and the cards say so, as a refusal would show the clinician nothing at all.
+    """
     by_type: dict[str, list[Resource]] = {}
     for resource in resources:
         by_type.setdefault(resource.type, []).append(resource)
     drafts = list(drafts)
-    orders = [r for r in drafts if r.type == "MedicationRequest"]
+    ignored: list[str] = []
+    # A draft is never refused: one whose drug cannot be read is an order of a drug that cannot be told.
+    orders, unreadable = [], set()
+    for order in (r for r in drafts if r.type == "MedicationRequest"):
+        try:
+            ignored += _located(order, validate(order, DRAFT_ORDER))
+        except InvalidResource as exc:
+            ignored += _located(order, exc.problems)
+            unreadable.add(id(order))
+        # With no medication[x] yet (an order screen just opened), there is nothing to tell.
+        if any(name.startswith("medication") for name in order.data):
+            orders.append(order)
     observations = by_type.get("Observation", [])
     lab_results = [r for r in observations if labs.relevant(k, r.data)]
     taken = {id(r) for r in lab_results}
@@ -85,36 +103,54 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         k, [*by_type.get("Medication", []), *(r for r in drafts if r.type == "Medication")]
     )
     records = [r for kind in medications.MEDICATION_TYPES for r in by_type.get(kind, [])]
-    selected = Selected(
-        patients=by_type.get("Patient", []),
-        lab_results=lab_results,
-        spirometry=[r for r in observations if respiratory.is_fvc(k, r.data)],
-        findings=[r for r in observations if id(r) not in taken and clinical.relevant(k, r)],
-        conditions=[r for r in by_type.get("Condition", []) if clinical.relevant(k, r)],
-        reports=[r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
-        studies=[r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
+    chosen = {
+        "patients": by_type.get("Patient", []),
+        "lab_results": lab_results,
+        "spirometry": [r for r in observations if respiratory.is_fvc(k, r.data)],
+        "findings": [r for r in observations if id(r) not in taken and clinical.relevant(k, r)],
+        "conditions": [r for r in by_type.get("Condition", []) if clinical.relevant(k, r)],
+        "reports": [r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
+        "studies": [r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
+        "statins": [r for r in records if drugs.is_statin(r.data)],
+        "therapy": [r for r in records if treatments.treatment_classes(k, drugs, r.data)],
+    }
+    draft_statins = [r for r in orders if id(r) not in unreadable and drugs.is_statin(r.data)]
+    draft_unidentified = [r for r in orders if id(r) in unreadable or not drugs.identified(r.data)]
+    invalid = []
+    for resource in {id(r): r for listed in chosen.values() for r in listed}.values():
+        try:
+            ignored += _located(resource, validate(resource))
+        except InvalidResource as exc:
+            invalid.append(exc)
+    if invalid and not (draft_statins or draft_unidentified):
+        raise InvalidData(invalid)
+    out = {id(exc.resource) for exc in invalid}
+    chosen = {name: [r for r in listed if id(r) not in out] for name, listed in chosen.items()}
+    return Selected(
+        **chosen,
         drugs=drugs,
-        statins=[r for r in records if drugs.is_statin(r.data)],
         unidentified=[r for r in records if medications.taken(r) and not drugs.identified(r.data)],
-        draft_statins=[r for r in orders if drugs.is_statin(r.data)],
-        draft_unidentified=[r for r in orders if not drugs.identified(r.data)],
-        therapy=[r for r in records if treatments.treatment_classes(k, drugs, r.data)],
+        draft_statins=draft_statins,
+        draft_unidentified=draft_unidentified,
+        left_out=tuple(_left_out(exc) for exc in invalid),
+        ignored=tuple(dict.fromkeys(ignored)),
     )
-    _validate(
-        [
-            *selected.patients,
-            *selected.lab_results,
-            *selected.spirometry,
-            *selected.findings,
-            *selected.conditions,
-            *selected.reports,
-            *selected.studies,
-            *selected.statins,
-            *selected.therapy,
-            *selected.draft_statins,
-        ]
+
+
+def _located(resource: Resource, problems: list[tuple[str, str]]) -> list[str]:
+    """Say where each problem is in the request and what it is: the path, never the value."""
+    return [
+        f"{'.'.join(p for p in (resource.location or resource.type, path) if p)}: {problem}"
+        for path, problem in problems
+    ]
+
+
+def _left_out(exc: InvalidResource) -> str:
+    paths = ", ".join(dict.fromkeys(path or "the resource" for path, _ in exc.problems))
+    where = f" ({exc.resource.location})" if exc.resource.location else ""
+    return (
+        f"{exc.resource.reference}{where} could not be read (not valid FHIR R4 at {paths}) and was left out."
     )
-    return selected
 
 
 def build(
@@ -134,7 +170,7 @@ def build(
 def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[str]) -> FactSet:
     """Map the selected resources to facts, each with what it rests on."""
     patients, lab_results, drugs = selected.patients, selected.lab_results, selected.drugs
-    notes: list[str] = []
+    notes: list[str] = list(selected.left_out)
     entries = [patient_fact(patients[0] if patients else None, now)]
     ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes)
     entries.append(labs.ck_fact(k, ck_results, now))
@@ -177,17 +213,6 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
         basis=MappingProxyType({fact["id"]: Basis(text, refs) for fact, text, refs in entries}),
         notes=tuple(dict.fromkeys(notes)),
     )
-
-
-def _validate(resources: list[Resource]) -> None:
-    problems = []
-    for resource in resources:
-        try:
-            validate(resource)
-        except InvalidResource as exc:
-            problems.append(exc)
-    if problems:
-        raise InvalidData(problems)
 
 
 def draft_fact(

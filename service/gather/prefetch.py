@@ -17,7 +17,9 @@ from service.outcome import ApiError, Issue, error
 
 log = logging.getLogger(__name__)
 
-BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction", "batch"})
+BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction", "batch"})  # those /evaluate takes
+# http://hl7.org/fhir/R4/valueset-bundle-type.html
+R4_BUNDLE_TYPES = BUNDLE_TYPES | {"document", "message", "transaction-response", "batch-response", "history"}
 _MISSING = object()
 TOKEN = re.compile(r"\{\{context\.(\w+)\}\}")
 # Where each resource type names its patient.
@@ -42,6 +44,7 @@ class Gathered:
     available: frozenset[str]  # resource types whose data was sent or fetched, even if there was none
     drafts: tuple[Resource, ...] = ()  # orders being placed now (order-select: only the selected ones)
     out_of_time: bool = False  # the fetch budget ran out before every key came in
+    ignored: tuple[str, ...] = ()  # what we do not read but was malformed or missing: where, and why
 
 
 def from_prefetch(
@@ -71,7 +74,26 @@ def from_prefetch(
     drafts = _drafts(request)
     _check_subjects([*resources, *drafts], request.patient_id)
     available = frozenset(key.resource_type for key in found)
-    return Gathered(request.patient_id, tuple(resources), available, tuple(drafts), out_of_time=bool(late))
+    return Gathered(
+        request.patient_id,
+        tuple(resources),
+        available,
+        tuple(drafts),
+        out_of_time=bool(late),
+        ignored=_untyped(request),
+    )
+
+
+def _untyped(request: HookRequest) -> tuple[str, ...]:
+    """Name the Bundles sent without a type: R4 requires one, but we read only their entries."""
+    sent = {f"prefetch.{key}": value for key, value in request.prefetch.items()}
+    sent["context.draftOrders"] = request.context.get("draftOrders")
+    return tuple(
+        f"{where}.type: Bundle.type is required but missing or not an R4 bundle type"
+        for where, value in sent.items()
+        if as_dict(value).get("resourceType") == "Bundle"
+        and as_str(as_dict(value).get("type")) not in R4_BUNDLE_TYPES
+    )
 
 
 def _sent(

@@ -23,7 +23,7 @@ import requests
 from flask import Flask, request
 
 from service.config import ConfigError, Settings
-from service.fhir import is_http_url
+from service.fhir import is_http_url, url_origin
 from service.outcome import error
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ MAX_TOKEN_CHARS = 16_384
 MAX_JWKS_BYTES = 256 * 1024
 JWKS_TIMEOUT = (3.05, 5)
 BEARER = re.compile(r"Bearer +([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)", re.IGNORECASE)
+# The CDS Hooks sandbox signs in the browser with a key committed to its repository (keys/ecprivkey.pem).
+SANDBOX_HOST, SANDBOX_KID = "sandbox.cds-hooks.org", "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f"
 URL_FOR_LOG = re.compile(r"https?://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~/-]*)?")
 
 # The library's errors as reason codes, most specific first.
@@ -92,7 +94,19 @@ def load_issuers(settings: Settings) -> tuple[Issuer, ...]:
     except ValueError as exc:
         raise ConfigError(f"IMNM_CDS_TRUSTED_ISSUERS: {exc}") from None
     settings.require_https(*(url for issuer in issuers for url in issuer.jku))
+    public = [issuer.iss for issuer in issuers if _is_sandbox(issuer)]
+    if settings.production and public:
+        raise ConfigError(
+            f"IMNM_CDS_PRODUCTION=true refuses to trust {', '.join(public)}: "
+            "the CDS Hooks sandbox's private key is published, so anyone can sign as it"
+        )
     return issuers
+
+
+def _is_sandbox(issuer: Issuer) -> bool:
+    """Tell whether an issuer is the CDS Hooks sandbox: by its iss or jku host, or its published kid."""
+    hosts = {url_origin(url)[1] for url in (issuer.iss, *issuer.jku) if url_origin(url)}
+    return SANDBOX_HOST in hosts or SANDBOX_KID in (issuer.keys or {})
 
 
 def trusted_issuers(text: str) -> tuple[Issuer, ...]:
@@ -328,15 +342,16 @@ class Verifier:
             raise Rejected("algorithm", issuer.iss)
         if not isinstance(kid, str) or not kid:
             raise Rejected("no-kid", issuer.iss)
-        if jku is not None:
+        pinned = (issuer.keys or {}).get(kid)
+        if pinned is not None:  # a pinned key is the key, whatever jku says: nothing is fetched
+            found = pinned
+        elif jku is not None:
             # Checked before any fetch: an attacker's jku is never requested.
             if jku not in issuer.jku:
                 raise Rejected("jku-not-allowed", issuer.iss)
             found = self.remote.find(jku, kid)
         else:
-            found = (issuer.keys or {}).get(kid) or next(
-                (keys for url in issuer.jku if (keys := self.remote.find(url, kid))), None
-            )
+            found = next((keys for url in issuer.jku if (keys := self.remote.find(url, kid))), None)
         if found is None:
             raise Rejected("unknown-kid", issuer.iss)
         if alg not in found:
