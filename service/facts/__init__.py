@@ -136,7 +136,8 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     patients, lab_results, drugs = selected.patients, selected.lab_results, selected.drugs
     notes: list[str] = []
     entries = [patient_fact(patients[0] if patients else None, now)]
-    ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes)
+    sex = entries[0][0]["sex"]
+    ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes, sex)
     entries.append(labs.ck_fact(k, ck_results, now))
     entries.append(labs.tsh_fact(k, lab_results, now, notes))
     antibody_results = labs.antibody_results(k, lab_results, notes)
