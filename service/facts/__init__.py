@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
-from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
+from service.facts import allergies, biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
 from service.fhir import (
     InvalidResource,
     Resource,
@@ -59,6 +59,7 @@ class Selected:
     spirometry: list[Resource]
     findings: list[Resource]
     conditions: list[Resource]
+    allergies: list[Resource]  # current statin allergies and intolerances
     reports: list[Resource]
     studies: list[Resource]
     drugs: medications.Medications
@@ -91,6 +92,9 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         spirometry=[r for r in observations if respiratory.is_fvc(k, r.data)],
         findings=[r for r in observations if id(r) not in taken and clinical.relevant(k, r)],
         conditions=[r for r in by_type.get("Condition", []) if clinical.relevant(k, r)],
+        allergies=[
+            r for r in by_type.get("AllergyIntolerance", []) if allergies.is_statin_allergy(k, drugs, r.data)
+        ],
         reports=[r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
         studies=[r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
         drugs=drugs,
@@ -107,6 +111,7 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
             *selected.spirometry,
             *selected.findings,
             *selected.conditions,
+            *selected.allergies,
             *selected.reports,
             *selected.studies,
             *selected.statins,
@@ -169,6 +174,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
         unidentified=unidentified,
     )
     entries.append(medications.statin_fact(history, now))
+    entries.append(allergies.allergy_fact(k, selected.allergies, "AllergyIntolerance" in available))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
     entries.append(draft_fact(selected.draft_statins, selected.draft_unidentified))
     entries.append(respiratory.fvc_fact(k, selected.spirometry, now, notes))
