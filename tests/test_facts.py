@@ -93,7 +93,9 @@ def test_ck_without_a_range_uses_the_cited_default_and_says_so(knowledge):
     assert "assumed" in result.basis["ck"].text
 
 
-@pytest.mark.parametrize(("gender", "uln"), [("female", 180.0), ("male", 220.0), ("other", 220.0), (None, 220.0)])
+@pytest.mark.parametrize(
+    ("gender", "uln"), [("female", 180.0), ("male", 220.0), ("other", 220.0), (None, 220.0)]
+)
 def test_ck_without_a_range_uses_the_sex_specific_default(knowledge, gender, uln):
     person = {"resourceType": "Patient", "id": "p1", **({"gender": gender} if gender else {})}
     summary = fact(build(knowledge, person, ck("a", 200, high=None)), "ck")

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
-from service.facts import allergies, biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
+from service.facts import (
+    allergies,
+    biopsy,
+    clinical,
+    kinetics,
+    labs,
+    medications,
+    respiratory,
+    screening,
+    treatments,
+)
 from service.fhir import (
     InvalidResource,
     Resource,

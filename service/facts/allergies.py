@@ -1,4 +1,4 @@
-"""Map AllergyIntolerance records to one fact: a statin allergy or intolerance, and whether it harmed muscle."""
+"""Map AllergyIntolerance records to one fact: a statin allergy, and whether it harmed muscle."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def counts(data: dict) -> bool:
 
 
 def is_statin_allergy(k, drugs: Medications, data: dict) -> bool:
-    """Tell whether a current AllergyIntolerance is to a statin: the class, an ingredient, a product or brand."""
+    """Tell whether a current AllergyIntolerance is to a statin: class, ingredient, product or brand."""
     if not counts(data):
         return False
     code = data.get("code")
@@ -31,7 +31,7 @@ def is_statin_allergy(k, drugs: Medications, data: dict) -> bool:
 
 
 def for_myopathy(k, data: dict) -> bool:
-    """Tell whether a reaction was muscle injury: myopathy, myositis, rhabdomyolysis, raised CK or muscle pain."""
+    """Tell whether a reaction harmed muscle: myopathy, myositis, rhabdomyolysis, raised CK, pain."""
     for reaction in map(as_dict, as_list(data.get("reaction"))):
         if any(matches(k, "muscle-reaction", m) for m in as_list(reaction.get("manifestation"))):
             return True

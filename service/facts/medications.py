@@ -52,7 +52,7 @@ class Exposure:
 
 
 class Medications:
-    """Resolve a medication record's drug (inline, contained or referenced) and what it contains and how it is given."""
+    """Resolve a medication record's drug (inline, contained or referenced): what it holds, how it is given."""
 
     def __init__(self, k, medications: list[Resource]):
         self._k = k
@@ -77,12 +77,14 @@ class Medications:
         return as_dict(self._by_reference.get(reference))
 
     def concepts(self, data: dict) -> list:
-        """Return the drug's CodeableConcepts: the code, a Medication's ingredients, and a product's ingredient."""
+        """Return the drug's CodeableConcepts: its code, a Medication's ingredients, a product's ingredient."""
         if "medicationCodeableConcept" in data:
             found = [data["medicationCodeableConcept"]]
         else:
             medication = self._medication(data)
-            ingredients = [as_dict(i).get("itemCodeableConcept") for i in as_list(medication.get("ingredient"))]
+            ingredients = [
+                as_dict(i).get("itemCodeableConcept") for i in as_list(medication.get("ingredient"))
+            ]
             found = [medication.get("code"), *ingredients]
         return found + self.product_ingredients(found)
 
@@ -105,7 +107,7 @@ class Medications:
         return any(matches(self._k, valueset, concept) for concept in self.concepts(data))
 
     def is_statin(self, data: dict) -> bool:
-        """Tell whether a medication record is for a statin (ingredient, product, brand, ATC class or name)."""
+        """Tell whether a medication record is for a statin (ingredient, product, brand, ATC class, name)."""
         return any(is_statin(self._k, concept) for concept in self.concepts(data))
 
     def intensity(self, data: dict) -> str | None:
@@ -113,8 +115,10 @@ class Medications:
         return next((level for level in INTENSITIES if self.matches(data, f"statin-{level}-intensity")), None)
 
     def systemic(self, data: dict) -> bool:
-        """Tell whether a record's drug acts on the whole body: no local route, dose form or dosage wording."""
-        dosages = [as_dict(d) for d in [*as_list(data.get("dosageInstruction")), *as_list(data.get("dosage"))]]
+        """Tell whether a record's drug acts on the whole body: no local route, dose form or wording."""
+        dosages = [
+            as_dict(d) for d in [*as_list(data.get("dosageInstruction")), *as_list(data.get("dosage"))]
+        ]
         if isinstance(data.get("dosage"), dict):  # MedicationAdministration: one dosage
             dosages.append(data["dosage"])
         routes = [d.get("route") for d in dosages]

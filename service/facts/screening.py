@@ -24,7 +24,7 @@ def onset_fact(
     birth,
     now: datetime,
 ) -> tuple[dict, str, tuple[str, ...]]:
-    """Date the current episode: the earliest of its first raised CK, the onset of weakness, or a diagnosis."""
+    """Date the current episode: its first raised CK, the onset of weakness or a diagnosis, if earlier."""
     first = episode_start(k, ck_results)
     candidates = [(first.time, "first raised CK", (first.resource.reference,))] if first else []
     for name, why in (
@@ -47,7 +47,7 @@ def onset_fact(
 
 
 def episode_start(k, ck_results: list[CkResult]) -> CkResult | None:
-    """Return the first raised CK of the latest run of raised results (after the last normal one before it)."""
+    """Return the first raised CK of the latest run of raised results (after the last normal one)."""
     raised = [r.x_uln > k.value("imnm.ck.raised") for r in ck_results]  # in time order
     if True not in raised:
         return None
