@@ -52,7 +52,7 @@ class Exposure:
 
 
 class Medications:
-    """Resolve a medication record's drug (inline, contained or referenced): what it holds, how it is given."""
+    """Resolve a medication record's drug (inline, contained or referenced): what it holds, its route."""
 
     def __init__(self, k, medications: list[Resource]):
         self._k = k
@@ -77,7 +77,7 @@ class Medications:
         return as_dict(self._by_reference.get(reference))
 
     def concepts(self, data: dict) -> list:
-        """Return the drug's CodeableConcepts: its code, a Medication's ingredients, a product's ingredient."""
+        """Return the drug's CodeableConcepts: code, a Medication's ingredients, a product's ingredient."""
         if "medicationCodeableConcept" in data:
             found = [data["medicationCodeableConcept"]]
         else:
