@@ -14,6 +14,7 @@ def define(k, emit):
     window_words = k.quote("statin.persistence-window")
     tolerance = k.value("statin.expected-tolerance")
     relevance = k.value("statin.relevance-window")
+    persisting = k.value("statin.persistence-ck")
     recent = k.value("statin.recent-ck")
     moderate, high, very_high = (k.value(f"statin.bands.{b}") for b in ("moderate", "high", "very-high"))
 
@@ -30,18 +31,17 @@ def define(k, emit):
     def muscle_symptoms(c):
         emit.finding(c, "muscle-symptoms", c.sx)
 
-    @when_all(pri(1), c.kin << stopped(m.latest_x_uln > raised, m.latest_days_after_stop >= window))
+    def after_stop(*conditions):
+        """Match kinetics with a CK taken after the persistence window and within the relevance window."""
+        return stopped(m.latest_days_after_stop >= window, m.latest_days_after_stop <= relevance, *conditions)
+
+    @when_all(pri(1), c.kin << after_stop(m.latest_x_uln > persisting))
     def ck_persists_after_stop(c):
         emit.finding(c, "ck-persists-after-statin", c.kin)
 
     @when_all(
         pri(1),
-        c.kin
-        << stopped(
-            m.rising_after_stop == True,
-            m.latest_x_uln > raised,
-            m.latest_days_after_stop >= window,
-        ),
+        c.kin << after_stop(m.rising_after_stop == True, m.latest_x_uln > raised),
     )
     def ck_rises_after_stop(c):
         emit.finding(c, "ck-rises-after-statin", c.kin)
@@ -54,6 +54,7 @@ def define(k, emit):
             clinical("proximal-weakness")
             & (m.state == "present")
             & (m.onset_days_ago < c.kin.days_since_stop - window)
+            & (m.onset_days_ago > c.kin.days_since_stop - relevance)
         ),
     )
     def weakness_after_stop(c):
@@ -103,21 +104,48 @@ def define(k, emit):
     def autoimmune_new_weakness(c):
         autoimmune(c, f"proximal weakness began more than {window_words} after stopping")
 
-    @when_all(
-        pri(2),
-        recently_stopped(
-            m.latest_x_uln > raised,
-            m.latest_days_after_stop < window,
-            m.expected_ratio <= tolerance,
-            m.rising_after_stop == False,
-        ),
+    settling_as_expected = (
+        (m.latest_x_uln > raised)
+        & (m.latest_days_after_stop < window)
+        & (m.expected_ratio <= tolerance)
+        & (m.rising_after_stop == False)
     )
-    def toxic_resolving(c):
-        emit.card(c, "statin-toxic-resolving", c.kin, **kinetics(c.kin))
 
-    @when_all(pri(2), recently_stopped(m.latest_x_uln <= raised))
+    def no_autoimmune_myopathy_known():
+        """Match only when nothing known makes a settling CK more than toxicity."""
+        return (
+            c.hmgcr << (antibody("anti-hmgcr") & (m.state != "positive")),
+            c.dx << (clinical("diagnosis-imnm") & (m.state == "unknown")),
+            c.sm << (clinical("statin-myopathy") & (m.state == "unknown")),
+        )
+
+    @when_all(pri(2), recently_stopped(settling_as_expected), *no_autoimmune_myopathy_known())
+    def toxic_resolving(c):
+        emit.card(c, "statin-toxic-resolving", c.kin, c.hmgcr, **kinetics(c.kin))
+
+    @when_all(pri(2), recently_stopped(m.latest_x_uln <= raised), *no_autoimmune_myopathy_known())
     def toxic_resolved(c):
-        emit.card(c, "statin-toxic-resolved", c.kin, **kinetics(c.kin))
+        emit.card(c, "statin-toxic-resolved", c.kin, c.hmgcr, **kinetics(c.kin))
+
+    # A falling or normal CK never reassures when the myopathy is known to be autoimmune.
+
+    def settling():
+        return recently_stopped((m.latest_x_uln <= raised) | settling_as_expected)
+
+    def not_simple_toxicity(c, reason):
+        emit.card(c, "statin-not-simple-toxicity", c.kin, c.why, reasons=[reason], **kinetics(c.kin))
+
+    @when_all(pri(2), settling(), c.why << (antibody("anti-hmgcr") & (m.state == "positive")))
+    def settling_with_hmgcr(c):
+        not_simple_toxicity(c, "anti-HMGCR antibodies are positive")
+
+    @when_all(pri(2), settling(), c.why << (clinical("statin-myopathy") & (m.state != "unknown")))
+    def settling_with_statin_myopathy(c):
+        not_simple_toxicity(c, "anti-HMGCR or statin-associated autoimmune myopathy is recorded")
+
+    @when_all(pri(2), settling(), c.why << (clinical("diagnosis-imnm") & (m.state != "unknown")))
+    def settling_with_imnm(c):
+        not_simple_toxicity(c, "an IMNM diagnosis is recorded")
 
     @when_all(pri(2), recently_stopped(m.after_stop_count == 0))
     def no_ck_since_stop(c):
@@ -215,13 +243,24 @@ def define(k, emit):
         """Match orders being placed that are, or may be, a statin."""
         return c.draft << (of_type("draft-statin") & ((m.count > 0) | (m.unidentified > 0)))
 
+    # By cause: a statin-triggered myopathy is critical; other IMNM (anti-SRP, seronegative) and a CK
+    # pattern not yet explained are warnings.
+
     @when_all(pri(2), drafted(), c.why << (antibody("anti-hmgcr") & (m.state == "positive")))
     def rechallenge_after_hmgcr(c):
-        rechallenge(c, "anti-HMGCR antibodies are positive")
+        rechallenge(c, "anti-HMGCR antibodies are positive", "critical")
+
+    @when_all(pri(2), drafted(), c.why << (clinical("statin-myopathy") & (m.state != "unknown")))
+    def rechallenge_after_statin_myopathy(c):
+        rechallenge(c, "anti-HMGCR or statin-associated autoimmune myopathy is recorded", "critical")
+
+    @when_all(pri(2), drafted(), c.why << (of_type("statin-allergy") & (m.myopathy == True)))
+    def rechallenge_after_statin_allergy(c):
+        rechallenge(c, "a statin allergy with a muscle reaction is recorded", "critical")
 
     @when_all(pri(2), drafted(), c.why << (clinical("diagnosis-imnm") & (m.state != "unknown")))
     def rechallenge_after_imnm(c):
-        rechallenge(c, "an IMNM diagnosis is recorded")
+        rechallenge(c, "an IMNM diagnosis is recorded", "warning")
 
     @when_all(
         pri(2),
@@ -237,12 +276,20 @@ def define(k, emit):
         ),
     )
     def rechallenge_after_autoimmune_pattern(c):
-        rechallenge(c, "muscle injury persisted or progressed after the last statin dose")
+        rechallenge(c, "muscle injury persisted or progressed after the last statin dose", "warning")
 
-    def rechallenge(c, reason):
+    def rechallenge(c, reason, severity):
         if c.draft.count:
             orders = ["remove-draft-statin"]
-            emit.card(c, "statin-rechallenge-risk", c.draft, c.why, reasons=[reason], orders=orders)
+            emit.card(
+                c,
+                "statin-rechallenge-risk",
+                c.draft,
+                c.why,
+                reasons=[reason],
+                orders=orders,
+                severities=[severity],
+            )
         else:  # no statin among the orders, but a drug that cannot be told may be one
             emit.card(
                 c,
@@ -253,11 +300,18 @@ def define(k, emit):
                 unidentified=c.draft.unidentified,
             )
 
+    emit.finish("statin-rechallenge-risk", most_severe)
+
     def sams(c, key, *basis, orders=()):
         """Ask for a statin-muscle-symptoms card; suggest a TSH unless one was checked recently."""
         if c.tsh.days_ago is None or c.tsh.days_ago > k.value("statin.recent-tsh"):  # untested or undated
             orders = [*orders, "tsh"]
         emit.card(c, key, c.st, c.ck, c.tsh, *basis, ck_x_uln=c.ck.latest_x_uln, orders=list(orders))
+
+
+def most_severe(params: dict) -> dict:
+    """Give the re-challenge card the indicator of its gravest cause."""
+    return {**params, "indicator": "critical" if "critical" in params["severities"] else "warning"}
 
 
 def kinetics(kin) -> dict:

@@ -78,15 +78,23 @@ READ: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "id", "subject", "status", "code", "effective[x]", "issued", "conclusion", "conclusionCode",
             "presentedForm",
         ),
+        "AllergyIntolerance": (
+            "id", "patient", "clinicalStatus", "verificationStatus", "code", "reaction", "recordedDate",
+        ),
         "MedicationRequest": (
             "id", "subject", "status", "medication[x]", "contained", "authoredOn", "dispenseRequest",
+            "dosageInstruction",
         ),
-        "MedicationStatement": ("id", "subject", "status", "medication[x]", "contained", "effective[x]"),
+        "MedicationStatement": (
+            "id", "subject", "status", "medication[x]", "contained", "effective[x]", "dosage",
+        ),
         "MedicationAdministration": (
-            "id", "subject", "status", "medication[x]", "contained", "effective[x]",
+            "id", "subject", "status", "medication[x]", "contained", "effective[x]", "dosage",
         ),
-        "MedicationDispense": ("id", "subject", "status", "medication[x]", "contained", "whenHandedOver"),
-        "Medication": ("id", "code", "ingredient"),
+        "MedicationDispense": (
+            "id", "subject", "status", "medication[x]", "contained", "whenHandedOver", "dosageInstruction",
+        ),
+        "Medication": ("id", "code", "form", "ingredient"),
         DRAFT_ORDER: ("id", "medication[x]", "contained"),
     }
 )  # fmt: skip

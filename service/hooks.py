@@ -61,6 +61,7 @@ RECORD = (
         "MedicationStatement",
         required=False,
     ),
+    PrefetchKey("allergies", f"AllergyIntolerance?patient={PATIENT}", "AllergyIntolerance", required=False),
 )
 ORDER_TOPICS = frozenset({"statin-rechallenge-risk"})
 ORDER_USAGE = (

@@ -297,6 +297,7 @@ def hook_request(patient_id: str = "p1", resources=(), **prefetch_overrides) -> 
         "DiagnosticReport": "reports",
         "MedicationRequest": "medicationRequests",
         "MedicationStatement": "medicationStatements",
+        "AllergyIntolerance": "allergies",
     }
     prefetch = {
         "patient": {

@@ -89,8 +89,19 @@ def test_ck_mb_never_counts_as_total_ck(knowledge):
 def test_ck_without_a_range_uses_the_cited_default_and_says_so(knowledge):
     result = build(knowledge, ck("a", 616, high=None))
     summary = fact(result, "ck")
-    assert summary["uln"] == knowledge.value("labs.ck.default-uln") and summary["uln_assumed"] is True
+    assert summary["uln"] == knowledge.value("labs.ck.default-uln.male") and summary["uln_assumed"] is True
     assert "assumed" in result.basis["ck"].text
+
+
+@pytest.mark.parametrize(
+    ("gender", "uln"), [("female", 180.0), ("male", 220.0), ("other", 220.0), (None, 220.0)]
+)
+def test_ck_without_a_range_uses_the_sex_specific_default(knowledge, gender, uln):
+    person = {"resourceType": "Patient", "id": "p1", **({"gender": gender} if gender else {})}
+    summary = fact(build(knowledge, person, ck("a", 200, high=None)), "ck")
+    assert summary["uln"] == uln and summary["uln_assumed"] is True
+    # 200 U/L is above the women's limit (RCPA 180 U/L) and within the men's (220 U/L).
+    assert (summary["latest_x_uln"] > 1) is (gender == "female")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,11 @@ VALID = {
         "subject": SUBJECT,
     },
     "Condition": {"resourceType": "Condition", "code": {"text": "myositis"}, "subject": SUBJECT},
+    "AllergyIntolerance": {
+        "resourceType": "AllergyIntolerance",
+        "code": {"text": "atorvastatin"},
+        "patient": SUBJECT,
+    },
     "DiagnosticReport": {
         "resourceType": "DiagnosticReport",
         "status": "final",

@@ -155,7 +155,7 @@ def test_summaries_are_measured_with_the_values_in_force(tmp_path):
         ),
         ("[imnm.pretest.weakness-raised-ck-no-rash]\nvalue = 0.3\n", "a value and a source"),
         ('[imnm.pretest.nothing]\nvalue = 0.3\nsource = "x"\n', "no such parameter"),
-        ('[labs.ck.default-uln]\nvalue = "high"\nsource = "x"\n', "expected a float"),
+        ('[labs.ck.default-uln.male]\nvalue = "high"\nsource = "x"\n', "expected a float"),
         ("not toml [", "overrides"),
     ],
 )

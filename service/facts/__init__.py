@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
-from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
+from service.facts import (
+    allergies,
+    biopsy,
+    clinical,
+    kinetics,
+    labs,
+    medications,
+    respiratory,
+    screening,
+    treatments,
+)
 from service.fhir import (
     DRAFT_ORDER,
     InvalidResource,
@@ -60,6 +70,7 @@ class Selected:
     spirometry: list[Resource]
     findings: list[Resource]
     conditions: list[Resource]
+    allergies: list[Resource]  # current statin allergies and intolerances
     reports: list[Resource]
     studies: list[Resource]
     drugs: medications.Medications
@@ -109,6 +120,9 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         "spirometry": [r for r in observations if respiratory.is_fvc(k, r.data)],
         "findings": [r for r in observations if id(r) not in taken and clinical.relevant(k, r)],
         "conditions": [r for r in by_type.get("Condition", []) if clinical.relevant(k, r)],
+        "allergies": [
+            r for r in by_type.get("AllergyIntolerance", []) if allergies.is_statin_allergy(k, drugs, r.data)
+        ],
         "reports": [r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
         "studies": [r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
         "statins": [r for r in records if drugs.is_statin(r.data)],
@@ -172,7 +186,8 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     patients, lab_results, drugs = selected.patients, selected.lab_results, selected.drugs
     notes: list[str] = list(selected.left_out)
     entries = [patient_fact(patients[0] if patients else None, now)]
-    ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes)
+    sex = entries[0][0]["sex"]
+    ck_results = labs.ck_results(k, [r for r in lab_results if labs.is_ck(k, r.data)], notes, sex)
     entries.append(labs.ck_fact(k, ck_results, now))
     entries.append(labs.tsh_fact(k, lab_results, now, notes))
     antibody_results = labs.antibody_results(k, lab_results, notes)
@@ -204,6 +219,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
         unidentified=unidentified,
     )
     entries.append(medications.statin_fact(history, now))
+    entries.append(allergies.allergy_fact(k, selected.allergies, "AllergyIntolerance" in available))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
     entries.append(draft_fact(selected.draft_statins, selected.draft_unidentified))
     entries.append(respiratory.fvc_fact(k, selected.spirometry, now, notes))

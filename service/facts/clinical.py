@@ -35,6 +35,7 @@ CONCEPTS = (
     "diagnosis-rhabdomyolysis",
     "diagnosis-inclusion-body-myositis",
     "statin-associated-muscle-symptoms",
+    "statin-myopathy",
     "hypothyroidism",
     "mixed-connective-tissue-disease",
     "systemic-sclerosis",
@@ -57,7 +58,8 @@ class Mention:
     noted: datetime | None  # when the record last said so
 
 
-def _status(concept, system: str) -> str | None:
+def status_code(concept, system: str) -> str | None:
+    """Return the first code of a status CodeableConcept in its system (or with no system)."""
     for coding_system, code in codings(concept):
         if coding_system in (system, None) and code:
             return code
@@ -66,9 +68,9 @@ def _status(concept, system: str) -> str | None:
 
 def condition_state(data: dict) -> str | None:
     """Return present or past for a Condition that counts, else None."""
-    if _status(data.get("verificationStatus"), VERIFICATION_STATUS) not in COUNTED_VERIFICATION:
+    if status_code(data.get("verificationStatus"), VERIFICATION_STATUS) not in COUNTED_VERIFICATION:
         return None
-    status = _status(data.get("clinicalStatus"), CLINICAL_STATUS)
+    status = status_code(data.get("clinicalStatus"), CLINICAL_STATUS)
     if status is None or status in CURRENT:
         return "present"
     return "past" if status in PAST else None

@@ -81,10 +81,10 @@ def antibody_names(k, concept) -> list[str]:
     return [n for n in ANTIBODIES if n in texted]
 
 
-def ck_results(k, observations: list[Resource], notes: list[str]) -> list[CkResult]:
-    """Read every final total-CK value in U/L with its upper limit of normal."""
+def ck_results(k, observations: list[Resource], notes: list[str], sex: str | None = None) -> list[CkResult]:
+    """Read every final total-CK value in U/L with its upper limit of normal (the lab's, else by sex)."""
     factors = {unit.casefold(): factor for unit, factor in k.value("labs.ck.unit-factors").items()}
-    default_uln = k.value("labs.ck.default-uln")
+    default_uln = k.value(f"labs.ck.default-uln.{'female' if sex == 'female' else 'male'}")
     results = []
     for resource in observations:
         data = resource.data

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from rules.knowledge import RXNORM, normalise_system
 from service.fhir import (
     Resource,
     as_dict,
@@ -51,7 +52,7 @@ class Exposure:
 
 
 class Medications:
-    """Resolve a medication record's drug (inline, contained or referenced); tell whether it is a statin."""
+    """Resolve a medication record's drug (inline, contained or referenced): what it holds, its route."""
 
     def __init__(self, k, medications: list[Resource]):
         self._k = k
@@ -60,19 +61,42 @@ class Medications:
             self._by_reference[resource.reference] = resource.data
             if resource.full_url:
                 self._by_reference[resource.full_url] = resource.data
+        # Orders and records carry products (SCD, SBD, BN); the value sets list ingredients.
+        self._ingredients = {
+            code: k.param(f"products.{group}.{name}").attributes["ingredient"]
+            for group in k.children("products")
+            for name in k.children(f"products.{group}")
+            for code in k.value(f"products.{group}.{name}")
+        }
 
-    def concepts(self, data: dict) -> list:
-        """Return the drug's CodeableConcepts: the code itself and, for a Medication, its ingredients."""
-        if "medicationCodeableConcept" in data:
-            return [data["medicationCodeableConcept"]]
+    def _medication(self, data: dict) -> dict:
         reference = as_str(as_dict(data.get("medicationReference")).get("reference")) or ""
         if reference.startswith("#"):
             contained = [as_dict(r) for r in as_list(data.get("contained"))]
-            medication = next((r for r in contained if r.get("id") == reference[1:]), {})
+            return next((r for r in contained if r.get("id") == reference[1:]), {})
+        return as_dict(self._by_reference.get(reference))
+
+    def concepts(self, data: dict) -> list:
+        """Return the drug's CodeableConcepts: code, a Medication's ingredients, a product's ingredient."""
+        if "medicationCodeableConcept" in data:
+            found = [data["medicationCodeableConcept"]]
         else:
-            medication = self._by_reference.get(reference, {})
-        ingredients = [as_dict(i).get("itemCodeableConcept") for i in as_list(medication.get("ingredient"))]
-        return [medication.get("code"), *ingredients]
+            medication = self._medication(data)
+            ingredients = [
+                as_dict(i).get("itemCodeableConcept") for i in as_list(medication.get("ingredient"))
+            ]
+            found = [medication.get("code"), *ingredients]
+        return found + self.product_ingredients(found)
+
+    def product_ingredients(self, concepts: list) -> list[dict]:
+        """Return the ingredient, as a CodeableConcept, of each RxNorm product code among the concepts."""
+        codes = [
+            self._ingredients.get(code or "")
+            for concept in concepts
+            for system, code in codings(concept)
+            if normalise_system(system) == RXNORM
+        ]
+        return [{"coding": [{"system": RXNORM, "code": code}]} for code in dict.fromkeys(codes) if code]
 
     def identified(self, data: dict) -> bool:
         """Tell whether a medication record names its drug: a code or text, inline or on its Medication."""
@@ -83,13 +107,37 @@ class Medications:
         return any(matches(self._k, valueset, concept) for concept in self.concepts(data))
 
     def is_statin(self, data: dict) -> bool:
-        """Tell whether a medication record is for a statin (ingredient, product, ATC class or name)."""
-        sets = ["statin-ingredients", *(f"statin-{i}-intensity" for i in INTENSITIES)]
-        return any(self.matches(data, s) for s in sets)
+        """Tell whether a medication record is for a statin (ingredient, product, brand, ATC class, name)."""
+        return any(is_statin(self._k, concept) for concept in self.concepts(data))
 
     def intensity(self, data: dict) -> str | None:
         """Return the statin intensity where the product tells it."""
         return next((level for level in INTENSITIES if self.matches(data, f"statin-{level}-intensity")), None)
+
+    def systemic(self, data: dict) -> bool:
+        """Tell whether a record's drug acts on the whole body: no local route, dose form or wording."""
+        dosages = [
+            as_dict(d) for d in [*as_list(data.get("dosageInstruction")), *as_list(data.get("dosage"))]
+        ]
+        if isinstance(data.get("dosage"), dict):  # MedicationAdministration: one dosage
+            dosages.append(data["dosage"])
+        routes = [d.get("route") for d in dosages]
+        if any(matches(self._k, "local-route", r) for r in routes):
+            return False
+        if any(matches(self._k, "systemic-route", r) for r in routes):
+            return True
+        forms = [self._medication(data).get("form"), *self.concepts(data)]
+        wording = [as_str(d.get("text")) for d in dosages]
+        return not (
+            any(matches(self._k, "local-route", f) for f in forms)
+            or "local-route" in self._k.texted_as(w for w in wording if w)
+        )
+
+
+def is_statin(k, concept) -> bool:
+    """Tell whether a CodeableConcept names a statin: ingredient, brand, ATC class or a statin product."""
+    sets = ("statin-ingredients", *(f"statin-{i}-intensity" for i in INTENSITIES))
+    return any(matches(k, s, concept) for s in sets)
 
 
 def taken(resource: Resource) -> bool:

@@ -24,11 +24,9 @@ def onset_fact(
     birth,
     now: datetime,
 ) -> tuple[dict, str, tuple[str, ...]]:
-    """Date the onset: the earliest of the first raised CK, the onset of weakness, or a myositis diagnosis."""
-    raised = k.value("imnm.ck.raised")
-    candidates = [
-        (r.time, "first raised CK", (r.resource.reference,)) for r in ck_results if r.x_uln > raised
-    ][:1]
+    """Date the current episode: its first raised CK, the onset of weakness or a diagnosis, if earlier."""
+    first = episode_start(k, ck_results)
+    candidates = [(first.time, "first raised CK", (first.resource.reference,))] if first else []
     for name, why in (
         ("proximal-weakness", "onset of weakness"),
         *((d, "diagnosis date") for d in DIAGNOSES),
@@ -46,6 +44,17 @@ def onset_fact(
     if birth is not None:
         onset_fact["age_at_onset"] = completed_years(birth, onset)
     return onset_fact, f"myositis onset {day(onset)} (from the {why})", references
+
+
+def episode_start(k, ck_results: list[CkResult]) -> CkResult | None:
+    """Return the first raised CK of the latest run of raised results (after the last normal one)."""
+    raised = [r.x_uln > k.value("imnm.ck.raised") for r in ck_results]  # in time order
+    if True not in raised:
+        return None
+    start = len(raised) - 1 - raised[::-1].index(True)
+    while start > 0 and raised[start - 1]:
+        start -= 1
+    return ck_results[start]
 
 
 def panels(k, data: dict) -> list[str]:

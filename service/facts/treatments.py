@@ -9,8 +9,9 @@ from service.fhir import Resource, day, days_before
 
 
 def treatment_classes(k, drugs: Medications, data: dict) -> list[str]:
-    """Name the treatment classes (severity.classes) a medication record belongs to."""
-    return [name for name in k.value("severity.classes") if drugs.matches(data, name)]
+    """Name the treatment classes (severity.classes) of a drug given systemically (not drops or creams)."""
+    found = [name for name in k.value("severity.classes") if drugs.matches(data, name)]
+    return found if found and drugs.systemic(data) else []
 
 
 def immunosuppression_fact(
