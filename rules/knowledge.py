@@ -16,7 +16,7 @@ from types import MappingProxyType
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.valueset import ValueSet as FhirValueSet
 
-PARAMETER_FILES = ("imnm", "labs", "biopsy", "labels", "statin", "cancer", "differential", "severity")
+PARAMETER_FILES = ("imnm", "labs", "reports", "labels", "statin", "cancer", "differential", "severity")
 VERIFICATION = ("verified", "partial", "unverified", "local")
 # In the order a clinician should read them, within one indicator.
 TOPICS = (
