@@ -42,7 +42,9 @@ def expected(entry: dict) -> dict[str, str]:
 def test_the_corpus_is_big_enough_and_cites_its_published_sentences():
     assert len(CORPUS) >= 80
     published = [e for e in CORPUS if e["source"] != "written"]
-    assert len(published) >= 30 and all(re.search(r"\b(19|20)\d\d\b", e["source"]) for e in published)
+    assert len(published) >= 30 and all(
+        re.search(r"https?://|doi|PMID|\b(19|20)\d\d\b", e["source"]) for e in published
+    )
     for entry in CORPUS:
         assert set(entry["expect"]) <= set(FEATURES[entry["kind"]]), entry["text"]
 

@@ -1,7 +1,8 @@
 """Map gathered FHIR R4 resources to the flat facts the rules match, and what each fact rests on.
 
 Every evaluation asserts the same fact ids: one patient, one CK summary, one result per antibody,
-one state per clinical concept, one biopsy and one statin exposure. A concept with no data is
+one state per clinical concept, one biopsy, one latest muscle MRI (and one fact per MRI study)
+and one statin exposure. A concept with no data is
 asserted as unknown or not-tested, so rules join on facts that always exist and never rely on the
 engine's order-dependent negation.
 """
@@ -13,7 +14,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 
-from service.facts import biopsy, clinical, kinetics, labs, medications, respiratory, screening, treatments
+from service.facts import (
+    biopsy,
+    clinical,
+    imaging,
+    kinetics,
+    labs,
+    medications,
+    respiratory,
+    screening,
+    treatments,
+)
 from service.fhir import (
     InvalidResource,
     Resource,
@@ -60,6 +71,7 @@ class Selected:
     findings: list[Resource]
     conditions: list[Resource]
     reports: list[Resource]
+    imaging: list[Resource]
     studies: list[Resource]
     drugs: medications.Medications
     statins: list[Resource]
@@ -92,6 +104,7 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         findings=[r for r in observations if id(r) not in taken and clinical.relevant(k, r)],
         conditions=[r for r in by_type.get("Condition", []) if clinical.relevant(k, r)],
         reports=[r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
+        imaging=[r for r in by_type.get("DiagnosticReport", []) if imaging.relevant(k, r)],
         studies=[r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
         drugs=drugs,
         statins=[r for r in records if drugs.is_statin(r.data)],
@@ -108,6 +121,7 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
             *selected.findings,
             *selected.conditions,
             *selected.reports,
+            *selected.imaging,
             *selected.studies,
             *selected.statins,
             *selected.therapy,
@@ -154,6 +168,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     reported = "DiagnosticReport" in available
     entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, reported)]
     entries.append(biopsy.biopsy_fact(k, selected.reports, now, reported))
+    entries += imaging.mri_facts(k, selected.imaging, now, reported)
     unidentified = len(selected.unidentified)
     if unidentified:
         notes.append(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from service.fhir import as_list, as_str, attachment_text, texts
+
 # Across mentions in one report: a finding stated anywhere wins over a doubt, a doubt over a denial.
 RANK = {"unknown": 0, "absent": 1, "uncertain": 2, "present": 3}
 # Knowledge is loaded once per process (tests load a few): compile its patterns once each.
@@ -95,6 +97,15 @@ def compile_reader(k) -> Reader:
         value_classes=classes,
         features=features,
     )
+
+
+def report_text(data: dict) -> str:
+    """Return what a report says in words: conclusion, coded conclusions, plain-text attachments."""
+    parts = [as_str(data.get("conclusion")) or ""]
+    for concept in as_list(data.get("conclusionCode")):
+        parts += texts(concept)
+    parts += [attachment_text(a) for a in as_list(data.get("presentedForm"))]
+    return "\n".join(p for p in parts if p)
 
 
 def read(k, kind: str, text: str) -> dict[str, str]:
