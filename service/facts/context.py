@@ -132,61 +132,50 @@ def read_sentence(r: Reader, features, sentence: str) -> dict[str, str]:
             if feature.label is not None and feature.label.search(label):
                 found[feature.name] = feature.template_states[value_class]
         sentence = value
+    cues = None
     for feature in features:
         if feature.name in found:
             continue
         for mention in feature.mentions:
             for match in mention.pattern.finditer(sentence):
-                state = mention_state(r, sentence, match, mention)
+                cues = cues or Cues.find(r, sentence)
+                state = cues.state(match, mention)
                 if RANK[state] > RANK[found.get(feature.name, "unknown")]:
                     found[feature.name] = state
     return found
 
 
-def mention_state(r: Reader, sentence: str, match: re.Match, mention: Mention) -> str:
-    """Read one mention by the cues around it in its clause and sentence."""
-    if historical(r, sentence[: match.start()]):
-        return "unknown"
-    start, end = clause(r, sentence, match)
-    before, inside, after = sentence[start : match.start()], match.group(), sentence[match.end() : end]
-    denied = mention.means == "absent"
+@dataclass(frozen=True)
+class Cues:
+    """Where each cue sits in one sentence, found once for all its mentions."""
 
-    def negation(name: str, text: str) -> bool:
-        return any(not pseudo(r, text, m) for m in r.cues[name].finditer(text))
+    spans: dict[str, list[tuple[int, int]]]
+    length: int
 
-    if r.cues["pre-uncertain"].search(before) or r.cues["post-uncertain"].search(after):
-        return "uncertain"
-    if mention.negatable and (
-        negation("pre-negation", before)
-        or negation("post-negation", after)
-        or negation("pre-negation", inside)
-        or negation("post-negation", inside)
-    ):
-        denied = not denied
-    return "absent" if denied else "present"
+    @classmethod
+    def find(cls, r: Reader, sentence: str) -> Cues:
+        spans = {name: [m.span() for m in r.cues[name].finditer(sentence)] for name in CUES}
+        # A negation cue inside a pseudo-negation or an uncertainty phrase ("not ruled out") is no cue.
+        phrases = spans["pseudo"] + spans["post-uncertain"]
+        for name in ("pre-negation", "post-negation"):
+            spans[name] = [c for c in spans[name] if not any(s <= c[0] < e for s, e in phrases)]
+        return cls(spans, len(sentence))
 
+    def within(self, name: str, start: int, end: int) -> bool:
+        return any(start <= s and e <= end for s, e in self.spans[name])
 
-def clause(r: Reader, sentence: str, match: re.Match) -> tuple[int, int]:
-    """Return the bounds of the clause around a mention: terminations outside it end the scope."""
-    start, end = 0, len(sentence)
-    for term in r.cues["termination"].finditer(sentence):
-        if term.end() <= match.start():
-            start = term.end()
-        elif term.start() >= match.end():
-            end = term.start()
-            break
-    return start, end
-
-
-def pseudo(r: Reader, text: str, cue: re.Match) -> bool:
-    """Tell whether a negation cue is part of a pseudo-negation or an uncertainty phrase, so no cue."""
-    for phrase in (*r.cues["pseudo"].finditer(text), *r.cues["post-uncertain"].finditer(text)):
-        if phrase.start() <= cue.start() < phrase.end():
-            return True
-    return False
-
-
-def historical(r: Reader, before: str) -> bool:
-    """Tell whether a historical cue precedes a mention with no 'current' cue after it."""
-    cues = list(r.cues["historical"].finditer(before))
-    return bool(cues) and not r.cues["current"].search(before, cues[-1].end())
+    def state(self, match: re.Match, mention: Mention) -> str:
+        """Read one mention by the cues around it in its clause and sentence."""
+        begin, end = match.span()
+        historical = [e for s, e in self.spans["historical"] if e <= begin]
+        if historical and not self.within("current", historical[-1], begin):
+            return "unknown"
+        # The clause: terminations outside the mention end a cue's scope.
+        first = max((e for s, e in self.spans["termination"] if e <= begin), default=0)
+        last = min((s for s, e in self.spans["termination"] if s >= end), default=self.length)
+        if self.within("pre-uncertain", first, begin) or self.within("post-uncertain", end, last):
+            return "uncertain"
+        negated = mention.negatable and (
+            self.within("pre-negation", first, end) or self.within("post-negation", begin, last)
+        )
+        return "absent" if (mention.means == "absent") != negated else "present"
