@@ -1,4 +1,8 @@
-"""Time the report reader: compiling rules/reports.toml, then each corpus sentence (p50, p99)."""
+"""Time the report reader: compiling rules/reports.toml, each corpus sentence, and each workload report.
+
+Usage: .venv/bin/python bench/reader.py
+Times are CPU time (p50, p99 in ms): on a shared machine, wall time mostly measures the neighbours.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,34 @@ import time
 import tomllib
 from pathlib import Path
 
+import workload
 from rules import knowledge as knowledge_module
-from service.facts import context
+from service.facts import biopsy, context, imaging
+from service.fhir import Resource, naming_once
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "reports" / "corpus.toml"
+
+
+def reports(k, seeds: int = 200) -> None:
+    """Print p50/p99 of telling and reading each workload report as the service does (biopsy, MRI, CT)."""
+    now = workload.AS_OF
+    times: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        for entry in workload.request(100, seed)["prefetch"]["reports"]["entry"]:
+            report = Resource(entry["resource"])
+            started = time.process_time()
+            with naming_once():
+                if biopsy.relevant(k, report):
+                    biopsy.biopsy_fact(k, [report], now, True)
+                if imaging.relevant(k, report):
+                    imaging.mri_facts(k, [report], now, True)
+            times.setdefault(report.data["code"]["text"], []).append(time.process_time() - started)
+    for name, values in times.items():
+        values.sort()
+        print(
+            f"{name}: p50 {values[len(values) // 2] * 1000:.2f} ms, "
+            f"p99 {values[int(len(values) * 0.99)] * 1000:.2f} ms ({len(values)} reports)"
+        )
 
 
 def main() -> None:
@@ -35,6 +63,7 @@ def main() -> None:
         f"per sentence p50 {times[len(times) // 2] * 1000:.3f} ms, "
         f"p99 {times[int(len(times) * 0.99)] * 1000:.3f} ms ({len(times)} reads)"
     )
+    reports(k)
 
 
 if __name__ == "__main__":
