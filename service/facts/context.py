@@ -175,7 +175,10 @@ class Cues:
         last = min((s for s, e in self.spans["termination"] if s >= end), default=self.length)
         if self.within("pre-uncertain", first, begin) or self.within("post-uncertain", end, last):
             return "uncertain"
+        # A cue that opens the mention is part of the finding ("absent dysferlin staining").
         negated = mention.negatable and (
-            self.within("pre-negation", first, end) or self.within("post-negation", begin, last)
+            self.within("pre-negation", first, begin)
+            or self.within("pre-negation", begin + 1, end)
+            or self.within("post-negation", begin + 1, last)
         )
         return "absent" if (mention.means == "absent") != negated else "present"
