@@ -19,9 +19,6 @@ from service.fhir import (
     texts,
 )
 
-# The levels, most decisive first; rules/reports.toml [levels] says what each means.
-LEVELS = ("dystrophic", "other-inflammatory", "compatible-with-imnm", "non-specific-necrosis", "no-necrosis")
-
 
 def is_pathology(k, data: dict) -> bool:
     """Tell whether a report is a pathology report by its code or category, never by its conclusion."""
@@ -40,7 +37,7 @@ def is_muscle_biopsy(k, data: dict) -> bool:
 
 
 def level(fact: dict) -> str:
-    """Return the biopsy's level from its features (rules/reports.toml [levels])."""
+    """Return the biopsy's level from its features, most decisive first (rules/reports.toml [levels])."""
     if fact["dystrophic"] == "present":
         return "dystrophic"
     if "present" in (fact["endomysial_invasion"], fact["perifascicular_atrophy"], fact["rimmed_vacuoles"]):

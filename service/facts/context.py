@@ -49,6 +49,7 @@ class Reader:
 
 
 def compile_(pattern: str) -> re.Pattern:
+    """Compile a pattern from rules/reports.toml: every one is case-insensitive."""
     return re.compile(pattern, re.IGNORECASE)
 
 
