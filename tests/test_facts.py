@@ -425,6 +425,8 @@ def test_a_report_is_a_biopsy_by_its_code_or_category_and_muscle_by_specimen_cod
         "conclusion": "Muscle biopsy of the vastus lateralis showed necrotic fibres.",
     }
     assert fact(build(knowledge, note), "biopsy")["reported"] is False
+    guided = note | {"code": {"text": "MR guidance for biopsy of muscle"}}
+    assert fact(build(knowledge, guided), "biopsy")["reported"] is False
 
 
 def test_an_mri_naming_the_best_biopsy_site_is_an_mri_not_a_biopsy(knowledge):
