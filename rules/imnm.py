@@ -3,7 +3,7 @@
 from durable.lang import c, m, pri, when_all
 
 from rules.bayes import likelihood_ratio, update
-from rules.match import antibody, any_name, clinical, finding, of_type
+from rules.match import antibody, clinical, finding, of_type
 
 
 def define(k, emit):
@@ -21,7 +21,8 @@ def define(k, emit):
     def proximal_weakness(c):
         emit.finding(c, "proximal-weakness", c.w)
 
-    @when_all(pri(1), c.bx << (of_type("biopsy") & (m.necrosis == "present") & no_other_pattern()))
+    # Only a biopsy compatible with IMNM meets the ENMC 2017 biopsy criterion; necrosis alone does not.
+    @when_all(pri(1), c.bx << (of_type("biopsy") & (m.level == "compatible-with-imnm")))
     def necrotizing_biopsy(c):
         emit.finding(c, "necrotizing-biopsy", c.bx)
 
@@ -62,19 +63,26 @@ def define(k, emit):
             monitoring=k.text("severity.texts.monitoring"),
         )
 
-    @when_all(
-        pri(2),
-        c.ck << finding("ck-raised"),
-        c.wk << (clinical("proximal-weakness") & (m.state == "unknown")),
-        c.ab << (of_type("antibody") & (m.state == "positive") & any_name(imnm_antibodies)),
-        *evidence(),
-    )
-    def seropositive_weakness_unknown(c):
+    # Weakness is rarely coded: a positive IMNM antibody with a raised CK still deserves a card. One rule
+    # per antibody, since the engine never binds one fact to two patterns of a rule (the antibody is
+    # bound once, inside evidence()).
+    def weakness_unknown():
+        return c.ck << finding("ck-raised"), c.wk << (clinical("proximal-weakness") & (m.state == "unknown"))
+
+    @when_all(pri(2), *weakness_unknown(), *evidence(hmgcr=m.state == "positive"))
+    def seropositive_hmgcr_weakness_unknown(c):
+        seropositive_weakness_unknown(c, c.hmgcr)
+
+    @when_all(pri(2), *weakness_unknown(), *evidence(srp=m.state == "positive", hmgcr=m.state != "positive"))
+    def seropositive_srp_weakness_unknown(c):
+        seropositive_weakness_unknown(c, c.srp)
+
+    def seropositive_weakness_unknown(c, positive):
         emit.card(
             c,
             "imnm-seropositive-weakness-unknown",
             c.ck,
-            c.ab,
+            positive,
             antibody=positive_antibodies(c),
             ck_peak=c.ck.peak,
             ck_x_uln=c.ck.x_uln,
@@ -195,21 +203,11 @@ def define(k, emit):
         return " and ".join(k.text(f"labels.concepts.{n}") for n in positive)
 
 
-def no_other_pattern():
-    """Match a biopsy showing no feature of another myositis (invasion, perifascicular atrophy, vacuoles)."""
-    return (
-        (m.endomysial_invasion != "present")
-        & (m.perifascicular_atrophy != "present")
-        & (m.rimmed_vacuoles != "present")
-    )
-
-
 def biopsy_result(bx) -> str | None:
-    """Read a biopsy as a test for IMNM: positive (necrotizing), negative (no necrosis), else unknown."""
-    other = "present" in (bx.endomysial_invasion, bx.perifascicular_atrophy, bx.rimmed_vacuoles)
-    if bx.necrosis == "present" and not other:
+    """Read a biopsy as a test for IMNM: positive (compatible), negative (no necrosis), else unknown."""
+    if bx.level == "compatible-with-imnm":
         return "positive"
-    if bx.necrosis == "absent":
+    if bx.level == "no-necrosis":
         return "negative"
     return None
 

@@ -19,7 +19,7 @@ from fhir.resources.R4B.valueset import ValueSet as FhirValueSet
 PARAMETER_FILES = (
     "imnm",
     "labs",
-    "biopsy",
+    "reports",
     "labels",
     "statin",
     "cancer",
@@ -60,6 +60,8 @@ SYSTEM_ALIASES = {
     "urn:oid:2.16.840.1.113883.6.96": SNOMED,
     "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
     "urn:oid:2.16.840.1.113883.6.88": RXNORM,
+    # FHIR R3 examples name HL7 v2 table 0074 (report categories) by its older URI.
+    "http://hl7.org/fhir/v2/0074": "http://terminology.hl7.org/CodeSystem/v2-0074",
 }
 
 

@@ -75,8 +75,8 @@ READ: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "id", "subject", "clinicalStatus", "verificationStatus", "code", "onset[x]", "recordedDate",
         ),
         "DiagnosticReport": (
-            "id", "subject", "status", "code", "effective[x]", "issued", "conclusion", "conclusionCode",
-            "presentedForm",
+            "id", "subject", "status", "category", "code", "specimen", "effective[x]", "issued", "conclusion",
+            "conclusionCode", "presentedForm",
         ),
         "AllergyIntolerance": (
             "id", "patient", "clinicalStatus", "verificationStatus", "code", "reaction", "recordedDate",

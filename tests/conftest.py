@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 import signing
 from rules import knowledge as knowledge_module
 from service.config import Settings
+from service.evaluate.engine import Engine
 from service.store import feedback as feedback_store
 from service.web.app import create_app
 
@@ -59,6 +60,46 @@ HOOK_SCENARIOS = [
     and load(s / "expected.json").get("cards")
     and (load(s / "request.json")["prefetch"].get("patient") or {}).get("resourceType") == "Patient"
 ]
+
+
+# Every rule id that fired in this test process, findings and conclusions alike
+# (tests/test_every_rule_fires.py checks that each registered rule is among them).
+FIRED_RULES: set[str] = set()
+EVERY_RULE_TEST = "test_every_rule_fires.py::test_every_registered_rule_fires"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def recorded_rules():
+    """Record the rules each in-process evaluation fires."""
+    evaluate = Engine.evaluate
+
+    def recording(self, facts, wait=None):
+        outcome = evaluate(self, facts, wait)
+        for found in (*outcome.findings, *outcome.conclusions):
+            FIRED_RULES.update(found.rules)
+        return outcome
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Engine, "evaluate", recording)
+        yield FIRED_RULES
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the every-rule check last, once every other test has fired what it fires."""
+    last = [item for item in items if item.nodeid.endswith(EVERY_RULE_TEST)]
+    items[:] = [item for item in items if item not in last] + last
+    modules = {item.path.name for item in items}
+    every_module = {p.name for p in Path(__file__).parent.glob("test_*.py")}
+    config.stash[WHOLE_SUITE] = modules == every_module and not config.option.keyword
+
+
+WHOLE_SUITE = pytest.StashKey[bool]()
+
+
+@pytest.fixture
+def whole_suite(request) -> bool:
+    """Tell whether this run collected every test module, with no -k selection."""
+    return request.config.stash.get(WHOLE_SUITE, False)
 
 
 @pytest.fixture(scope="session", autouse=True)

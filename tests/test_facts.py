@@ -390,6 +390,107 @@ def test_only_final_muscle_biopsies_count(knowledge):
     assert fact(build(knowledge, skin), "biopsy")["reported"] is False
 
 
+V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+
+
+def category(code):
+    return [{"coding": [{"system": V2_0074, "code": code}]}]
+
+
+def mri(id_, text, when="2024-05-20", code="26235-2", **extra):
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": id_,
+        "status": "final",
+        "category": category("RAD"),
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "effectiveDateTime": when,
+        "conclusion": text,
+        **extra,
+    }
+
+
+def test_a_report_is_a_biopsy_by_its_code_or_category_and_muscle_by_specimen_code_or_conclusion(knowledge):
+    surgical = {
+        "resourceType": "DiagnosticReport",
+        "id": "sp",
+        "status": "final",
+        "category": category("SP"),
+        "code": {"coding": [{"system": LOINC, "code": "11529-5"}]},
+        "specimen": [{"display": "Skeletal muscle, left deltoid"}],
+        "conclusion": "Scattered necrotic fibres; MHC class I: diffuse upregulation; inflammation: minimal.",
+    }
+    assert fact(build(knowledge, surgical), "biopsy")["level"] == "compatible-with-imnm"
+    # Coded as pathology but of skin: no muscle anywhere, so no muscle biopsy.
+    skin = surgical | {
+        "specimen": [{"display": "Skin, left forearm, punch"}],
+        "conclusion": "Necrotic keratinocytes.",
+    }
+    assert fact(build(knowledge, skin), "biopsy")["reported"] is False
+    # A note that talks about a muscle biopsy is not one: the kind comes from the code and category.
+    note = {
+        "resourceType": "DiagnosticReport",
+        "id": "note",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "11488-4"}], "text": "Consult note"},
+        "conclusion": "Muscle biopsy of the vastus lateralis showed necrotic fibres.",
+    }
+    assert fact(build(knowledge, note), "biopsy")["reported"] is False
+    guided = note | {"code": {"text": "MR guidance for biopsy of muscle"}}
+    assert fact(build(knowledge, guided), "biopsy")["reported"] is False
+
+
+def test_an_mri_naming_the_best_biopsy_site_is_an_mri_not_a_biopsy(knowledge):
+    text = (
+        "Symmetric STIR hyperintensity of both vastus lateralis muscles; no fatty replacement on T1. "
+        "If a repeat muscle biopsy is considered, the vastus lateralis is the best site."
+    )
+    result = build(knowledge, mri("m1", text))
+    assert fact(result, "biopsy")["reported"] is False
+    latest = fact(result, "mri")
+    assert latest["stir_oedema"] == "present" and latest["fatty_replacement"] == "absent"
+    assert latest["date"] == "2024-05-20" and latest["studies"] == 1
+    assert result.basis["mri"].references == ("DiagnosticReport/m1",)
+
+
+def test_each_mri_study_is_its_own_fact_and_the_latest_is_the_mri_fact(knowledge):
+    old = mri("m1", "Muscle oedema in both thighs. No fatty infiltration.", when="2023-01-10")
+    new = mri("m2", "STIR: normal signal in all imaged muscles. T1: fatty atrophy of the hamstrings.")
+    chest = mri("ct", "Subpleural reticulation.", code="24627-2") | {"code": {"text": "CT chest"}}
+    result = build(knowledge, old, new, chest)
+    studies = sorted((f for f in result.facts if f["t"] == "mri-study"), key=lambda f: f["date"])
+    assert [(f["date"], f["stir_oedema"], f["fatty_replacement"]) for f in studies] == [
+        ("2023-01-10", "present", "absent"),
+        ("2024-05-20", "absent", "present"),
+    ]
+    assert fact(result, "mri")["date"] == "2024-05-20" and fact(result, "mri")["studies"] == 2
+
+
+def test_without_reports_the_mri_is_unknown_not_absent(knowledge):
+    assert fact(build(knowledge, available=ALL - {"DiagnosticReport"}), "mri")["stir_oedema"] == "unknown"
+    assert fact(build(knowledge, available=ALL - {"DiagnosticReport"}), "mri")["reported"] == "unknown"
+    assert fact(build(knowledge), "mri")["reported"] is False
+
+
+@pytest.mark.parametrize(
+    ("text", "level"),
+    [
+        ("Necrotic fibres. Dysferlin: absent.", "dystrophic"),
+        ("Necrotic fibres; CD8+ T cells invade non-necrotic fibres.", "other-inflammatory"),
+        (
+            "Scattered necrotic fibres; sparse inflammation; C5b-9 on non-necrotic fibres.",
+            "compatible-with-imnm",
+        ),
+        ("Findings are consistent with immune-mediated necrotizing myopathy.", "compatible-with-imnm"),
+        ("Scattered necrotic fibres.", "non-specific-necrosis"),
+        ("Necrotic fibres: none seen. Inflammation: minimal.", "no-necrosis"),
+        ("Fibre size variation.", "unknown"),
+    ],
+)
+def test_biopsy_levels(knowledge, text, level):
+    assert fact(build(knowledge, report(text)), "biopsy")["level"] == level
+
+
 # -- spirometry ------------------------------------------------------------------------------------
 
 

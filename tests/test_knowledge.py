@@ -185,7 +185,7 @@ def test_bad_overrides_fail_the_start(tmp_path, text, problem):
             "unknown order",
         ),
         ("orders.toml", 'verification = "B"', 'verification = "C"', "level A or B"),
-        ("biopsy.toml", "rimmed\\s+vacuol", "rimmed(", "regular expression"),
+        ("reports.toml", "rimmed\\s+vacuol", "rimmed(", "regular expression"),
         ("valuesets/anti-srp.json", '"valueCode": "B"', '"valueCode": "X"', "verification level"),
         ("valuesets/anti-srp.json", '"status": "active"', '"status": 7', "not a valid FHIR R4 ValueSet"),
         ("cards.toml", "within [[cancer.window]]", "within [[cancer.windows]]", "not a parameter"),

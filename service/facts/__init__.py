@@ -1,7 +1,8 @@
 """Map gathered FHIR R4 resources to the flat facts the rules match, and what each fact rests on.
 
 Every evaluation asserts the same fact ids: one patient, one CK summary, one result per antibody,
-one state per clinical concept, one biopsy and one statin exposure. A concept with no data is
+one state per clinical concept, one biopsy, one latest muscle MRI (and one fact per MRI study)
+and one statin exposure. A concept with no data is
 asserted as unknown or not-tested, so rules join on facts that always exist and never rely on the
 engine's order-dependent negation.
 """
@@ -17,6 +18,7 @@ from service.facts import (
     allergies,
     biopsy,
     clinical,
+    imaging,
     kinetics,
     labs,
     medications,
@@ -72,6 +74,7 @@ class Selected:
     conditions: list[Resource]
     allergies: list[Resource]  # current statin allergies and intolerances
     reports: list[Resource]
+    imaging: list[Resource]
     studies: list[Resource]
     drugs: medications.Medications
     statins: list[Resource]
@@ -124,6 +127,7 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
             r for r in by_type.get("AllergyIntolerance", []) if allergies.is_statin_allergy(k, drugs, r.data)
         ],
         "reports": [r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
+        "imaging": [r for r in by_type.get("DiagnosticReport", []) if imaging.relevant(k, r)],
         "studies": [r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
         "statins": [r for r in records if drugs.is_statin(r.data)],
         "therapy": [r for r in records if treatments.treatment_classes(k, drugs, r.data)],
@@ -205,6 +209,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     reported = "DiagnosticReport" in available
     entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, reported)]
     entries.append(biopsy.biopsy_fact(k, selected.reports, now, reported))
+    entries += imaging.mri_facts(k, selected.imaging, now, reported)
     unidentified = len(selected.unidentified)
     if unidentified:
         notes.append(

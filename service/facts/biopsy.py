@@ -1,15 +1,16 @@
-"""Map muscle-biopsy DiagnosticReports to one biopsy fact, each feature present, absent or unknown."""
+"""Map muscle-biopsy DiagnosticReports to one biopsy fact: each feature's state and the biopsy's level."""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime
 
+from service.facts import context
 from service.fhir import (
     Resource,
+    as_dict,
     as_list,
     as_str,
-    attachment_text,
     day,
     days_before,
     effective_time,
@@ -18,47 +19,47 @@ from service.fhir import (
     texts,
 )
 
-CLAUSE = re.compile(r"[.;:\n]|\bbut\b|\bhowever\b", re.IGNORECASE)
 
-
-def report_text(data: dict) -> str:
-    """Return everything a report says in words: code text, conclusion, coded conclusions, attachments."""
-    parts = [*texts(data.get("code")), as_str(data.get("conclusion")) or ""]
-    for concept in as_list(data.get("conclusionCode")):
-        parts += texts(concept)
-    parts += [attachment_text(a) for a in as_list(data.get("presentedForm"))]
-    return "\n".join(p for p in parts if p)
+def is_pathology(k, data: dict) -> bool:
+    """Tell whether a report is a pathology report by its code or category, never by its conclusion."""
+    return matches(k, "pathology-report", data.get("code")) or any(
+        matches(k, "report-pathology", category) for category in as_list(data.get("category"))
+    )
 
 
 def is_muscle_biopsy(k, data: dict) -> bool:
-    """Tell whether a final report is a muscle biopsy (no LOINC is specific to it, so by its words)."""
-    return is_final(data) and "pathology-report" in k.texted_as([report_text(data)])
+    """Tell whether a final report is a pathology report of muscle (specimen, code or conclusion)."""
+    if not (is_final(data) and is_pathology(k, data)):
+        return False
+    muscle = re.compile(k.value("reports.kinds.muscle"), re.IGNORECASE)
+    specimens = [as_str(as_dict(s).get("display")) or "" for s in as_list(data.get("specimen"))]
+    return any(muscle.search(t) for t in (*specimens, *texts(data.get("code")), context.report_text(data)))
 
 
-def read_features(k, text: str) -> dict[str, str]:
-    """Find each biopsy feature in the report text: present, absent (negated in its clause) or unknown."""
-    negation = re.compile(k.value("biopsy.negation"), re.IGNORECASE)
-    features = {}
-    for name in k.children("biopsy.features"):
-        param = k.param(f"biopsy.features.{name}")
-        state = "unknown"
-        for match in re.finditer(param.value, text, re.IGNORECASE):
-            clause = CLAUSE.split(text[: match.start()])[-1]
-            negated = param.attributes.get("negatable", True) and negation.search(clause)
-            state = "absent" if negated else "present"
-            if state == "present":
-                break
-        features[name.replace("-", "_")] = state
-    return features
+def level(fact: dict) -> str:
+    """Return the biopsy's level from its features, most decisive first (rules/reports.toml [levels])."""
+    if fact["dystrophic"] == "present":
+        return "dystrophic"
+    if "present" in (fact["endomysial_invasion"], fact["perifascicular_atrophy"], fact["rimmed_vacuoles"]):
+        return "other-inflammatory"
+    immune = "present" in (fact["mac_deposition"], fact["mhc1_upregulation"])
+    if fact["consistent_with_imnm"] == "present" or (
+        fact["necrosis"] == "present" and fact["sparse_inflammation"] == "present" and immune
+    ):
+        return "compatible-with-imnm"
+    if fact["necrosis"] == "present":
+        return "non-specific-necrosis"
+    return "no-necrosis" if fact["necrosis"] == "absent" else "unknown"
 
 
 def biopsy_fact(
     k, reports: list[Resource], now: datetime, available: bool
 ) -> tuple[dict, str, tuple[str, ...]]:
-    """Return the biopsy fact from the latest muscle-biopsy report; coded IMNM counts as necrotizing."""
+    """Return the biopsy fact from the latest muscle-biopsy report; a coded IMNM conclusion is compatible."""
+    names = [f.name for f in context.reader(k).features["pathology"]]
     # Without diagnostic reports at all (not sent, not fetched), whether a biopsy was done is unknown.
-    fact = {"id": "biopsy", "t": "biopsy", "reported": False if available else "unknown"}
-    fact.update(dict.fromkeys((n.replace("-", "_") for n in k.children("biopsy.features")), "unknown"))
+    fact = {"id": "biopsy", "t": "biopsy", "reported": False if available else "unknown", "level": "unknown"}
+    fact.update(dict.fromkeys(names, "unknown"))
     if not reports:
         text = "none reported" if available else "unknown (no diagnostic reports available)"
         return fact, f"muscle biopsy: {text}", ()
@@ -67,20 +68,20 @@ def biopsy_fact(
         key=lambda r: (effective_time(r.data) or datetime.min.replace(tzinfo=now.tzinfo), r.reference),
     )
     time = effective_time(latest.data)
-    fact.update(read_features(k, report_text(latest.data)))
+    fact.update(context.read(k, "pathology", context.report_text(latest.data)))
     if any(matches(k, "diagnosis-imnm", c) for c in as_list(latest.data.get("conclusionCode"))):
-        fact["necrosis"] = "present"
+        fact["necrosis"] = fact["consistent_with_imnm"] = "present"
+    fact["level"] = level(fact)
     fact["reported"] = True
     if time:
         fact["days_ago"] = days_before(time, now)
     shown = [
-        k.param(f"biopsy.features.{name}").attributes["label"]
-        for name in k.children("biopsy.features")
-        if fact[name.replace("-", "_")] == "present"
+        k.text(f"reports.pathology.{name.replace('_', '-')}.label")
+        for name in names
+        if fact[name] == "present"
     ]
-    text = f"muscle biopsy {day(time)}: " + (
-        ", ".join(shown) if shown else "no feature recognised in the report text"
-    )
+    described = k.text(f"reports.levels.{fact['level']}")
+    text = f"muscle biopsy {day(time)}: {described}" + (f" ({', '.join(shown)})" if shown else "")
     return fact, text, (latest.reference,)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from service.facts.biopsy import report_text
+from service.facts.context import report_text
 from service.facts.labs import CkResult
-from service.fhir import Resource, completed_years, day, effective_time, is_final
+from service.fhir import Resource, completed_years, day, effective_time, is_final, texts
 
 DIAGNOSES = (
     "diagnosis-imnm",
@@ -61,7 +61,7 @@ def panels(k, data: dict) -> list[str]:
     """Name the screening panels a final report belongs to (a chest radiograph, a CT of thorax to pelvis)."""
     if not is_final(data):
         return []
-    text = report_text(data)
+    text = "\n".join([*texts(data.get("code")), report_text(data)])
     return [name for name, valueset in PANELS.items() if valueset in k.texted_as([text])]
 
 
