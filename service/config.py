@@ -194,7 +194,14 @@ class Settings:
         default=100_000,
         metadata=about(
             _number(int, 100, 10_000_000),
-            "Token ids (`jti`) a process keeps until their tokens expire; when full, tokens are refused.",
+            "Token ids (`jti`) a process keeps to refuse its own replays early; the shared store decides.",
+        ),
+    )
+    replay_store_timeout_ms: int = field(
+        default=250,
+        metadata=about(
+            _number(int, 10, 10_000),
+            "Longest wait for the replay store (the database) on a call; then 503, and nothing is answered.",
         ),
     )
     cors_origins: tuple[str, ...] = field(
