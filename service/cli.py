@@ -25,6 +25,8 @@ from service.store.feedback import FeedbackStore, StoreError
 from service.web import auth
 from service.web.app import create_app
 
+KEEPALIVE_FACTOR = 2  # connections a worker holds, per thread
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the imnm-cds command line."""
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threads", type=int, default=8)
     serve.add_argument(
         "--timeout", type=int, default=30, help="seconds before gunicorn restarts a stuck worker"
+    )
+    serve.add_argument(
+        "--keepalive", type=int, default=5, help="seconds an idle connection is kept open for the next call"
     )
 
     evaluate = commands.add_parser(
@@ -104,9 +109,11 @@ def run_serve(args) -> int:
             self.cfg.set("workers", args.workers)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("threads", args.threads)
-            # A worker takes no more connections than it has threads: otherwise the first worker to wake
-            # accepts every keep-alive connection of a busy client and the others sit idle (measured).
-            self.cfg.set("worker_connections", args.threads)
+            # Keep-alive: a worker holds idle connections beyond its busy threads, up to as many again.
+            # Bounded so, the first worker to wake cannot take every connection of a busy client and
+            # leave the others idle (gunicorn's default, 1,000 each, did: measured, README "Speed").
+            self.cfg.set("worker_connections", KEEPALIVE_FACTOR * args.threads)
+            self.cfg.set("keepalive", args.keepalive)
             self.cfg.set("timeout", args.timeout)
             self.cfg.set("accesslog", None)
             # gunicorn's control socket would let any process of this user resize or stop the server,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import subprocess
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import requests
 
@@ -46,6 +48,26 @@ def test_served_discovery_and_replay_of_every_fixture(server):
     result = run("replay", str(FIXTURES), "--url", server)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{len(list(FIXTURES.glob('*/request.json')))} same, 0 different" in result.stderr
+
+
+def test_served_calls_keep_their_connection_alive(server):
+    address = urlsplit(server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    scenario = FIXTURES / "worked-example-hmgcr-positive"
+    sockets = []
+    try:
+        for method, path, body in (
+            ("GET", "/cds-services", None),
+            ("POST", "/cds-services/imnm-patient-view", (scenario / "request.json").read_bytes()),
+        ):
+            connection.request(method, path, body, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())
+            assert answer.getheader("Connection", "").lower() != "close"
+            sockets.append(connection.sock)  # None once the server closed it
+    finally:
+        connection.close()
+    assert sockets[0] is not None and sockets[0] is sockets[1]
 
 
 def test_replay_shows_a_diff_and_fails_when_a_response_differs(server, tmp_path):
