@@ -268,6 +268,16 @@ class Settings:
             "`omit` (unknown; 412 if required) or `fetch` (fetched from `fhirServer` as if missing).",
         ),
     )
+    port: int = field(
+        default=8080,
+        metadata=about(_number(int, 0, 65535), "Port `imnm-cds serve` listens on (0: any free port)."),
+    )
+    workers: int = field(
+        default=2, metadata=about(_number(int, 1, 64), "Processes `imnm-cds serve` runs (gunicorn workers).")
+    )
+    threads: int = field(
+        default=8, metadata=about(_number(int, 1, 64), "Threads each worker answers calls with.")
+    )
 
     def __post_init__(self):
         """Check the settings that only make sense together."""
