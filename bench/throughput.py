@@ -158,6 +158,8 @@ def throughput(
                 result["cutShortByDeadline"] = cut_short(directory / "server.log") - before
                 result["workersRestarted"] = worker_pids(master) != pids
                 result["workerCpuSeconds"] = [round(used, 2) for used in sorted(cpu.values(), reverse=True)]
+                # On a shared machine the CPU the server gets varies from run to run; this does not.
+                result["perWorkerCpuSecond"] = round(result["requests"] / max(sum(cpu.values()), 0.01), 1)
             row = {
                 "resources": size,
                 "workers": workers,
@@ -173,6 +175,7 @@ def throughput(
                 f"past the deadline {result['cutShortByDeadline']}  "
                 f"answers closing the connection {result['closedConnections']}  "
                 f"worker CPU s {result['workerCpuSeconds']}  "
+                f"requests per worker CPU second {result['perWorkerCpuSecond']}  "
                 f"workers restarted: {result['workersRestarted']}",
                 flush=True,
             )
