@@ -7,10 +7,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service ./service
 COPY rules ./rules
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[postgres]'
+# The versions the tests passed with (constraints.txt), so a rebuild installs the same.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt '.[postgres]'
 
 # Runtime stage: slim, no compiler, unprivileged.
 FROM ${PYTHON}
@@ -26,8 +27,11 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels \
 # Feedback and issued cards: a SQLite file on a volume, unless a PostgreSQL URL is given.
 ENV IMNM_CDS_DATABASE_URL=sqlite:////var/lib/imnm-cds/feedback.sqlite
 VOLUME /var/lib/imnm-cds
+# Port, workers and threads: IMNM_CDS_PORT, IMNM_CDS_WORKERS, IMNM_CDS_THREADS (`docker run -e`).
+ENV IMNM_CDS_PORT=8080 IMNM_CDS_WORKERS=2 IMNM_CDS_THREADS=8
 USER 10001
-EXPOSE 8080
-HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2)"]
-CMD ["imnm-cds", "serve", "--host", "0.0.0.0", "--port", "8080", "--workers", "2", "--threads", "8"]
+EXPOSE ${IMNM_CDS_PORT}
+# Readiness, not liveness: unhealthy while the rule engine cannot evaluate (urlopen raises on a 503).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['IMNM_CDS_PORT']}/health/ready\", timeout=2)"]
+CMD ["imnm-cds", "serve", "--host", "0.0.0.0"]

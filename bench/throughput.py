@@ -1,11 +1,14 @@
 """Throughput and latency over HTTP under gunicorn on loopback, and a worker's memory over many requests.
 
 Usage: .venv/bin/python bench/throughput.py [--seconds 20] [--memory-requests 100000] [--quick]
+       [--sizes 100,1000] [--layouts 2x1,2x4,2x8,4x2]
 Needs wrk (Debian: apt-get install wrk).
 
 For 100 and 1,000 resources, and several worker × thread layouts, it starts `imnm-cds serve`, waits
 until it is ready, warms it up, and lets wrk post one generated patient-view request over concurrent
-connections: requests per second, latency percentiles, non-2xx answers and socket errors. Then, with
+connections: requests per second, latency percentiles, non-2xx answers and socket errors, how many
+answers closed their connection (none when connections are kept alive) and each worker's CPU seconds.
+Then, with
 the default layout, it sends --memory-requests requests and samples every worker's resident memory
 each second. Results go to bench/results/throughput-<date>.json as well as the screen. It fails (exit
 1, after saving) on any non-2xx answer, socket error or worker restart, or a worker whose memory grew
@@ -28,20 +31,38 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import workload
-from common import ROOT, environment, free_port, rss_mib, save, second_half_growth, worker_pids
+from common import (
+    ROOT,
+    cpu_seconds,
+    environment,
+    free_port,
+    rss_mib,
+    save,
+    second_half_growth,
+    worker_pids,
+)
 
-LAYOUTS = [(2, 1), (2, 4), (2, 8), (4, 2)]  # (workers, threads)
 DEFAULT_LAYOUT = (2, 8)  # what `imnm-cds serve` uses unless told otherwise
 CONNECTIONS = {100: 16, 1000: 8}
 RSS_GROWTH_MIB = 5.0  # most a worker may grow over the second half of the memory run
+# Each wrk thread has its own Lua state: count there the answers that close their connection (wrk then
+# opens a new one), and add the threads' counts up when done.
 REPORT = """
+threads = {}
+setup = function(thread) table.insert(threads, thread) end
+init = function(args) closed = 0 end
+response = function(status, headers, body)
+  if headers["Connection"] == "close" or headers["connection"] == "close" then closed = closed + 1 end
+end
 done = function(summary, latency, requests)
   local errors = summary.errors
+  local closed = 0
+  for _, thread in ipairs(threads) do closed = closed + thread:get("closed") end
   io.write(string.format(
-    '{"requests": %d, "seconds": %f, "non2xx": %d, "socketErrors": %d, ' ..
+    '{"requests": %d, "seconds": %f, "non2xx": %d, "socketErrors": %d, "closedConnections": %d, ' ..
     '"p50": %f, "p90": %f, "p99": %f, "max": %f}\\n',
     summary.requests, summary.duration / 1e6, errors.status,
-    errors.connect + errors.read + errors.write + errors.timeout,
+    errors.connect + errors.read + errors.write + errors.timeout, closed,
     latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3,
     latency.max / 1e3))
 end
@@ -131,9 +152,14 @@ def throughput(
                 wrk(url, body, CONNECTIONS[size], 3, directory)  # warm-up
                 pids = worker_pids(master)
                 before = cut_short(directory / "server.log")
+                cpu = {pid: cpu_seconds(pid) for pid in pids}
                 result = wrk(url, body, CONNECTIONS[size], seconds, directory)
+                cpu = {pid: cpu_seconds(pid) - used for pid, used in cpu.items()}
                 result["cutShortByDeadline"] = cut_short(directory / "server.log") - before
                 result["workersRestarted"] = worker_pids(master) != pids
+                result["workerCpuSeconds"] = [round(used, 2) for used in sorted(cpu.values(), reverse=True)]
+                # On a shared machine the CPU the server gets varies from run to run; this does not.
+                result["perWorkerCpuSecond"] = round(result["requests"] / max(sum(cpu.values()), 0.01), 1)
             row = {
                 "resources": size,
                 "workers": workers,
@@ -147,6 +173,9 @@ def throughput(
                 f"p50 {result['p50']:.1f} ms  p90 {result['p90']:.1f} ms  p99 {result['p99']:.1f} ms  "
                 f"non-2xx {result['non2xx']}  socket errors {result['socketErrors']}  "
                 f"past the deadline {result['cutShortByDeadline']}  "
+                f"answers closing the connection {result['closedConnections']}  "
+                f"worker CPU s {result['workerCpuSeconds']}  "
+                f"requests per worker CPU second {result['perWorkerCpuSecond']}  "
                 f"workers restarted: {result['workersRestarted']}",
                 flush=True,
             )
@@ -211,7 +240,8 @@ def memory(requests: int, directory: Path) -> dict:
 def failures(results: dict) -> list[str]:
     """Name every run that had a non-2xx answer, a socket error or a restart, and every worker that grew."""
     runs = {f"{r['resources']} resources, {r['workers']} × {r['threads']}": r for r in results["throughput"]}
-    runs["memory run"] = results["memory"]
+    if "memory" in results:
+        runs["memory run"] = results["memory"]
     found = [
         f"{name}: {r['non2xx']} non-2xx, {r['socketErrors']} socket errors"
         + (", a worker restarted" if r["workersRestarted"] else "")
@@ -220,7 +250,7 @@ def failures(results: dict) -> list[str]:
     ]
     found += [
         f"worker {pid} grew {rss['secondHalfGrowthMiB']} MiB over the second half of the memory run"
-        for pid, rss in results["memory"]["rss"].items()
+        for pid, rss in results.get("memory", {"rss": {}})["rss"].items()
         if rss["secondHalfGrowthMiB"] > RSS_GROWTH_MIB
     ]
     return found
@@ -229,7 +259,9 @@ def failures(results: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per layout")
-    parser.add_argument("--memory-requests", type=int, default=100_000)
+    parser.add_argument("--memory-requests", type=int, default=100_000, help="0: no memory run")
+    parser.add_argument("--sizes", default="100,1000", help="resources per request, comma-separated")
+    parser.add_argument("--layouts", default="2x1,2x4,2x8,4x2", help="workers x threads, comma-separated")
     parser.add_argument("--quick", action="store_true", help="short runs, to try the script")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -238,8 +270,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as temporary:
         directory = Path(temporary)
         results = {"environment": environment()}
-        results["throughput"] = throughput([100, 1000], LAYOUTS, seconds, directory)
-        results["memory"] = memory(5_000 if args.quick else args.memory_requests, directory)
+        sizes = [int(size) for size in args.sizes.split(",")]
+        layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]
+        results["throughput"] = throughput(sizes, layouts, seconds, directory)
+        if args.memory_requests:
+            results["memory"] = memory(5_000 if args.quick else args.memory_requests, directory)
     results["failures"] = failures(results)
     print(f"saved {save('throughput', results)}")
     for failure in results["failures"]:

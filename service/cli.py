@@ -25,6 +25,8 @@ from service.store.feedback import FeedbackStore, StoreError
 from service.web import auth
 from service.web.app import create_app
 
+KEEPALIVE_FACTOR = 2  # connections a worker holds, per thread
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the imnm-cds command line."""
@@ -33,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="run the service under gunicorn (gthread workers)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=2)
-    serve.add_argument("--threads", type=int, default=8)
+    serve.add_argument("--port", type=int, help="default: IMNM_CDS_PORT, else 8080")
+    serve.add_argument("--workers", type=int, help="default: IMNM_CDS_WORKERS, else 2")
+    serve.add_argument("--threads", type=int, help="default: IMNM_CDS_THREADS, else 8")
     serve.add_argument(
         "--timeout", type=int, default=30, help="seconds before gunicorn restarts a stuck worker"
+    )
+    serve.add_argument(
+        "--keepalive", type=int, default=5, help="seconds an idle connection is kept open for the next call"
     )
 
     evaluate = commands.add_parser(
@@ -97,16 +102,23 @@ def run_serve(args) -> int:
     """Serve the app factory under gunicorn with threaded workers; bad settings stop it before any worker."""
     settings = Settings.from_env()
     auth.load_issuers(settings)  # a bad trusted-issuer file stops the start before any worker
+    # An option given on the command line wins over its IMNM_CDS_ setting.
+    port, workers, threads = (
+        getattr(settings, name) if getattr(args, name) is None else getattr(args, name)
+        for name in ("port", "workers", "threads")
+    )
 
     class Server(BaseApplication):
         def load_config(self):
-            self.cfg.set("bind", f"{args.host}:{args.port}")
-            self.cfg.set("workers", args.workers)
+            self.cfg.set("bind", f"{args.host}:{port}")
+            self.cfg.set("workers", workers)
             self.cfg.set("worker_class", "gthread")
-            self.cfg.set("threads", args.threads)
-            # A worker takes no more connections than it has threads: otherwise the first worker to wake
-            # accepts every keep-alive connection of a busy client and the others sit idle (measured).
-            self.cfg.set("worker_connections", args.threads)
+            self.cfg.set("threads", threads)
+            # Keep-alive: a worker holds idle connections beyond its busy threads, up to as many again.
+            # Bounded so, the first worker to wake cannot take every connection of a busy client and
+            # leave the others idle (gunicorn's default, 1,000 each, did: measured, README "Speed").
+            self.cfg.set("worker_connections", KEEPALIVE_FACTOR * threads)
+            self.cfg.set("keepalive", args.keepalive)
             self.cfg.set("timeout", args.timeout)
             self.cfg.set("accesslog", None)
             # gunicorn's control socket would let any process of this user resize or stop the server,

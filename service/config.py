@@ -194,7 +194,14 @@ class Settings:
         default=100_000,
         metadata=about(
             _number(int, 100, 10_000_000),
-            "Token ids (`jti`) a process keeps until their tokens expire; when full, tokens are refused.",
+            "Token ids (`jti`) a process keeps to refuse its own replays early; the shared store decides.",
+        ),
+    )
+    replay_store_timeout_ms: int = field(
+        default=250,
+        metadata=about(
+            _number(int, 10, 10_000),
+            "Longest wait for the replay store (the database) on a call; then 503, and nothing is answered.",
         ),
     )
     cors_origins: tuple[str, ...] = field(
@@ -260,6 +267,16 @@ class Settings:
             "What a prefetch key the client reports as failed (an OperationOutcome) gets: `fail` (412), "
             "`omit` (unknown; 412 if required) or `fetch` (fetched from `fhirServer` as if missing).",
         ),
+    )
+    port: int = field(
+        default=8080,
+        metadata=about(_number(int, 0, 65535), "Port `imnm-cds serve` listens on (0: any free port)."),
+    )
+    workers: int = field(
+        default=2, metadata=about(_number(int, 1, 64), "Processes `imnm-cds serve` runs (gunicorn workers).")
+    )
+    threads: int = field(
+        default=8, metadata=about(_number(int, 1, 64), "Threads each worker answers calls with.")
     )
 
     def __post_init__(self):

@@ -435,13 +435,15 @@ def test_the_leeway_allows_small_clock_skew(client_keys):
 
 def test_the_replay_cache_is_bounded_and_forgets_expired_tokens():
     cache = ReplayCache(capacity=2)
-    assert cache.first_use((ISSUER, b"a"), expires_at=100, now=0)
-    assert cache.first_use((ISSUER, b"b"), expires_at=200, now=0)
-    assert not cache.first_use((ISSUER, b"a"), expires_at=100, now=50)
-    with pytest.raises(Rejected, match="replay-cache-full"):
-        cache.first_use((ISSUER, b"c"), expires_at=300, now=50)
-    assert cache.first_use((ISSUER, b"c"), expires_at=300, now=150)  # "a" expired and was dropped
-    assert cache.first_use((ISSUER, b"a"), expires_at=400, now=250)
+    cache.remember((ISSUER, b"a"), expires_at=100)
+    cache.remember((ISSUER, b"b"), expires_at=200)
+    assert cache.seen((ISSUER, b"a"), now=50)
+    cache.remember((ISSUER, b"c"), expires_at=300)  # full: not kept here; the shared store still refuses it
+    assert not cache.seen((ISSUER, b"c"), now=50)
+    assert not cache.seen((ISSUER, b"a"), now=150)  # expired and dropped, which makes room
+    cache.remember((ISSUER, b"c"), expires_at=300)
+    assert cache.seen((ISSUER, b"c"), now=150)
+    assert cache.seen((ISSUER, b"b"), now=150)
 
 
 def write(tmp_path, document) -> str:

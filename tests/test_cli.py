@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
 import signing
-from conftest import CLI, FIXTURES, ROOT, free_port, load, serve
+from conftest import CLI, FIXTURES, ROOT, free_port, gunicorn_url, load, ready, serve
 from service.store.feedback import FeedbackStore, IssuedCard
 from service.store.feedback_request import Coding, Feedback
 
@@ -46,6 +49,26 @@ def test_served_discovery_and_replay_of_every_fixture(server):
     result = run("replay", str(FIXTURES), "--url", server)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{len(list(FIXTURES.glob('*/request.json')))} same, 0 different" in result.stderr
+
+
+def test_served_calls_keep_their_connection_alive(server):
+    address = urlsplit(server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    scenario = FIXTURES / "worked-example-hmgcr-positive"
+    sockets = []
+    try:
+        for method, path, body in (
+            ("GET", "/cds-services", None),
+            ("POST", "/cds-services/imnm-patient-view", (scenario / "request.json").read_bytes()),
+        ):
+            connection.request(method, path, body, {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())
+            assert answer.getheader("Connection", "").lower() != "close"
+            sockets.append(connection.sock)  # None once the server closed it
+    finally:
+        connection.close()
+    assert sockets[0] is not None and sockets[0] is sockets[1]
 
 
 def test_replay_shows_a_diff_and_fails_when_a_response_differs(server, tmp_path):
@@ -94,6 +117,27 @@ def test_served_with_jwt_verification(jwks_server, client_keys, tmp_path):
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
     log = (tmp_path / "stderr.log").read_text()
     assert '"authentication on"' in log and token not in log
+
+
+def test_serve_takes_port_workers_and_threads_from_settings(tmp_path):
+    port, log = free_port(), tmp_path / "stderr.log"
+    settings = {"IMNM_CDS_PORT": str(port), "IMNM_CDS_WORKERS": "1", "IMNM_CDS_THREADS": "3"}
+    with log.open("w") as stderr:
+        environ = {**os.environ, **settings}
+        process = subprocess.Popen(
+            [*CLI, "serve"], cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    try:
+        assert gunicorn_url(log, 0, process) == f"http://127.0.0.1:{port}", log.read_text()[-2000:]
+        assert ready(f"http://127.0.0.1:{port}/health/ready", process)
+        workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert len(workers) == 1
+    assert "No keepalived connections" not in log.read_text()
+    refused = run("serve", env={**os.environ, "IMNM_CDS_WORKERS": "0"})
+    assert refused.returncode == 2 and "IMNM_CDS_WORKERS" in refused.stderr
 
 
 def test_serve_refuses_development_mode_in_production():

@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -42,9 +44,7 @@ from service.store.feedback_request import Feedback
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-# MIGRATIONS[n] brings a database at schema version n - 1 to version n (see README, "Feedback").
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+SCHEMA_VERSION = 2
 MIGRATION_LOCK = 0x1A4C_F33D  # PostgreSQL advisory lock: one process migrates at a time
 BUSY_SECONDS = 10.0  # how long a SQLite writer waits for another process's write to finish
 CARD_QUEUE = 10_000  # requests' issued cards waiting for the writer; beyond this they are dropped
@@ -98,6 +98,17 @@ feedback = Table(
     UniqueConstraint("service", "card_uuid", "outcome", "outcome_at", name="feedback_identity"),
 )
 IDENTITY = [feedback.c.service, feedback.c.card_uuid, feedback.c.outcome, feedback.c.outcome_at]
+# One row per accepted token, until it expires: a replay is refused by whichever process or instance
+# it reaches (service/store/replay.py). A digest of the jti keeps every key the same small size.
+seen_tokens = Table(
+    "seen_tokens",
+    metadata,
+    Column("issuer", Text, primary_key=True),
+    Column("jti_sha256", LargeBinary(32), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),  # seconds since the epoch
+)
+# MIGRATIONS[n] brings a database at schema version n - 1 to version n (see README, "Feedback").
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: seen_tokens.create}
 
 # The summary, per rule and topic. A card counts under every rule that fired for it.
 BY_RULE = (card_rules.c.rule, issued_cards.c.topic)
@@ -348,14 +359,32 @@ class FeedbackStore:
             log.error("card records lost", exc_info=exc, extra={"fields": {"cards": len(batch)}})
 
 
-def connect(url: str) -> Engine:
-    """Create the engine: SQLite in WAL mode with durable commits, or PostgreSQL through psycopg 3."""
+def connect(url: str, timeout: float | None = None, wait_for_disk: bool = True) -> Engine:
+    """Create the engine: SQLite in WAL mode with durable commits, or PostgreSQL through psycopg 3.
+
+    With a timeout (seconds), every wait is bounded by it: for a connection, a lock, a statement.
+    Without waiting for the disk, a commit survives the process but not a power loss.
+    """
     if make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"timeout": BUSY_SECONDS})
-    event.listen(engine, "connect", _sqlite_connected)
+        if timeout is None:
+            return create_engine(url, pool_pre_ping=True)
+        milliseconds = max(1, round(timeout * 1000))
+        options = f"-c statement_timeout={milliseconds} -c lock_timeout={milliseconds}"
+        if not wait_for_disk:
+            options += " -c synchronous_commit=off"
+        # libpq's connect_timeout is whole seconds, at least 2: a dead server costs that, once a
+        # connection breaks; pooled connections are reused, so calls do not pay it.
+        connect_args = {"connect_timeout": max(2, round(timeout)), "options": options}
+        return create_engine(url, pool_timeout=timeout, connect_args=connect_args)
+    engine = create_engine(url, connect_args={"timeout": BUSY_SECONDS if timeout is None else timeout})
+    event.listen(engine, "connect", _sqlite_connected if wait_for_disk else _sqlite_connected_unsynced)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _sqlite_connected_unsynced(dbapi_connection, record) -> None:
+    _sqlite_connected(dbapi_connection, record)
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: no fsync at commit
 
 
 def _sqlite_connected(dbapi_connection, _record) -> None:

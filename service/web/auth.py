@@ -25,6 +25,7 @@ from flask import Flask, request
 from service.config import ConfigError, Settings
 from service.fhir import is_http_url, url_origin
 from service.outcome import error
+from service.store.replay import ReplayStore, ReplayStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,10 @@ def _fetch_json(url: str):
 
 
 class ReplayCache:
-    """The jti of every accepted token, each kept until its token expires; bounded in entries."""
+    """The jti of tokens this process accepted, each kept until its token expires; bounded in entries.
+
+    It only refuses early what this process has seen: the replay store decides for every process.
+    """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -264,18 +268,19 @@ class ReplayCache:
         self._queue: list[tuple[float, tuple[str, bytes]]] = []  # heap by expiry
         self._lock = threading.Lock()
 
-    def first_use(self, key: tuple[str, bytes], expires_at: float, now: float) -> bool:
-        """Record this token id; False when it was seen before. Refuse (fail closed) when full."""
+    def seen(self, key: tuple[str, bytes], now: float) -> bool:
+        """Tell whether this process accepted this token id and its token has not expired."""
         with self._lock:
             while self._queue and self._queue[0][0] <= now:
                 del self._expiry[heapq.heappop(self._queue)[1]]
-            if key in self._expiry:
-                return False
-            if len(self._expiry) >= self.capacity:
-                raise Rejected("replay-cache-full", key[0])
-            self._expiry[key] = expires_at
-            heapq.heappush(self._queue, (expires_at, key))
-            return True
+            return key in self._expiry
+
+    def remember(self, key: tuple[str, bytes], expires_at: float) -> None:
+        """Keep this token id until it expires; when full, keep nothing more (the store still refuses)."""
+        with self._lock:
+            if key not in self._expiry and len(self._expiry) < self.capacity:
+                self._expiry[key] = expires_at
+                heapq.heappush(self._queue, (expires_at, key))
 
 
 class Verifier:
@@ -289,6 +294,7 @@ class Verifier:
         jwks_ttl_seconds: float,
         jwks_refetch_seconds: float,
         replay_capacity: int,
+        replay_store: ReplayStore | None = None,
     ):
         self.issuers = {issuer.iss: issuer for issuer in issuers}
         self.leeway = leeway_seconds
@@ -298,6 +304,8 @@ class Verifier:
             jwks_refetch_seconds,
         )
         self.replays = ReplayCache(replay_capacity)
+        # Without a store (tests of the other checks), only this process's own memory refuses replays.
+        self.store = replay_store
 
     def verify(self, authorization: str | None, audience: str) -> dict:
         """Return the token's claims, or raise Rejected with a reason code."""
@@ -329,7 +337,13 @@ class Verifier:
             raise Rejected("tenant", issuer.iss)
         # A digest keeps every entry the same small size, however long the client's jti.
         jti = hashlib.sha256(claims["jti"].encode()).digest()
-        if not self.replays.first_use((issuer.iss, jti), claims["exp"] + self.leeway, now):
+        expires_at = claims["exp"] + self.leeway
+        if self.replays.seen((issuer.iss, jti), now):
+            raise Rejected("replayed", issuer.iss)
+        # One atomic insert-if-absent decides, whichever worker or instance the token reaches first.
+        first = self.store is None or self.store.first_use(issuer.iss, jti, expires_at, now)
+        self.replays.remember((issuer.iss, jti), expires_at)
+        if not first:
             raise Rejected("replayed", issuer.iss)
         return claims
 
@@ -394,12 +408,15 @@ def protect(app: Flask, settings: Settings) -> None:
             extra={"fields": {"mode": "development"}},
         )
         return
+    store = ReplayStore(settings.database_url, settings.replay_store_timeout_ms / 1000)
+    app.extensions["imnm_cds_replays"] = store
     verifier = Verifier(
         load_issuers(settings),
         leeway_seconds=settings.auth_leeway_seconds,
         jwks_ttl_seconds=settings.jwks_cache_seconds,
         jwks_refetch_seconds=settings.jwks_refetch_seconds,
         replay_capacity=settings.replay_cache_size,
+        replay_store=store,
     )
     log.info(
         "authentication on",
@@ -416,3 +433,6 @@ def protect(app: Flask, settings: Settings) -> None:
             log.warning("unauthorized", extra={"fields": {"reason": exc.reason, "issuer": exc.issuer}})
             # The spec: "HTTP 401 Unauthorized ... without any additional information".
             raise error(401, "login", "unauthorized") from None
+        except ReplayStoreUnavailable:
+            # Fail closed: a token that cannot be recorded could be replayed. Logged and counted by the store.
+            raise error(503, "transient", "the token could not be checked for replay; retry") from None

@@ -37,8 +37,8 @@ ERRORS = {
     413: "The body is larger than the limit.",
     415: "The body is not application/json or application/fhir+json.",
     500: "The rule engine failed on this request; no advice was produced. The next request is served.",
-    503: "Every rule-engine session is busy, the feedback database is unavailable, or (readiness) the "
-    "engine cannot evaluate; retry.",
+    503: "Every rule-engine session is busy, the feedback database is unavailable, the token could not "
+    "be checked for replay (with JWT verification), or (readiness) the engine cannot evaluate; retry.",
 }
 JSON = "application/json"
 FHIR_JSON = "application/fhir+json"
@@ -303,6 +303,7 @@ def document(settings: Settings) -> dict:
                 if path not in auth.OPEN_PATHS:
                     operation["security"] = [{"cdsClient": []}]
                     operation["responses"]["401"] = _error(401)
+                    operation["responses"]["503"] = _error(503)  # the replay store did not answer
     result = {
         "openapi": "3.1.0",
         "info": {
