@@ -59,6 +59,20 @@ class Panel:
         # Both positive matches no outcome: the subtypes exclude each other, so it is indeterminate.
         return chance(True) / chance(False) if chance(False) else None
 
+    def outcome(self, hmgcr: str | None, srp: str | None) -> str:
+        """Name what is known of the panel, as the table of rules/PROBABILITY.md names its rows."""
+        known = {POSITIVE, NEGATIVE}
+        hmgcr, srp = (state if state in known else None for state in (hmgcr, srp))
+        if hmgcr == srp == POSITIVE:
+            return "both positive (indeterminate)"
+        if POSITIVE in (hmgcr, srp):
+            return "anti-HMGCR positive" if hmgcr == POSITIVE else "anti-SRP positive"
+        if hmgcr == srp == NEGATIVE:
+            return "both negative"
+        if hmgcr:
+            return "anti-HMGCR negative, anti-SRP not done"
+        return "anti-SRP negative, anti-HMGCR not done" if srp else "not tested"
+
     def evidence(self, results: list[tuple[str, str]]) -> list[tuple[str, float]]:
         """Turn antibody results in the order given into steps, each the ratio it adds to those before."""
         known: dict[str, str] = {}
