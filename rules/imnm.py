@@ -2,14 +2,20 @@
 
 from durable.lang import c, m, pri, when_all
 
-from rules.bayes import likelihood_ratio, update
+from rules.bayes import Panel, update
 from rules.match import antibody, clinical, finding, of_type
 
 
 def define(k, emit):
     """Register the IMNM rules in the active ruleset."""
     raised = k.value("imnm.ck.raised")
-    imnm_antibodies = k.value("labs.antibody-groups.imnm")
+    panels = {
+        name: Panel(
+            k.text(f"imnm.panel.{name}.context"),
+            *(k.value(f"imnm.panel.{name}.{share}") for share in SHARES),
+        )
+        for name in ("statin", "no-statin")
+    }
 
     # Stage 1: base facts -> findings.
 
@@ -37,6 +43,7 @@ def define(k, emit):
             c.rash << (clinical("dermatomyositis-rash") & (rash if rash is not None else +m.state)),
             c.dx << (clinical("diagnosis-imnm") & (m.state == "unknown")),
             c.statin << of_type("statin"),
+            c.p << of_type("patient"),
         )
 
     def presentation():
@@ -58,6 +65,7 @@ def define(k, emit):
             c,
             "imnm-seropositive",
             *([c.statin] if hmgcr else []),
+            classified=True,
             antibody=positive_antibodies(c),
             statin_note=k.text("statin.texts.imnm-note") if hmgcr else "",
             monitoring=k.text("severity.texts.monitoring"),
@@ -97,7 +105,7 @@ def define(k, emit):
     def seronegative(c):
         emit.finding(c, "imnm-classified", c.ck, c.w, c.nb, c.hmgcr, c.srp)
         emit.finding(c, "imnm-seronegative", c.nb, c.hmgcr, c.srp)
-        suspect(c, "imnm-seronegative", c.nb, monitoring=k.text("severity.texts.monitoring"))
+        suspect(c, "imnm-seronegative", c.nb, classified=True, monitoring=k.text("severity.texts.monitoring"))
 
     # Work-up prompts only where neither a skin rash nor another syndrome's antibody (dermatomyositis,
     # antisynthetase) already points elsewhere.
@@ -167,49 +175,57 @@ def define(k, emit):
         )
 
     def probability(c) -> dict:
-        """Return the pre-test probability and each Bayesian step; nothing where no pre-test applies."""
-        if c.rash.state != "unknown":
+        """Return the pre-test probability, its context and each Bayesian step; nothing where none applies."""
+        # A child, CK below the work-up threshold or a rash of dermatomyositis: the model does not apply.
+        too_young = c.p.age is not None and c.p.age < k.value("imnm.probability.adult-age")
+        too_low = c.ck.x_uln < k.value("imnm.probability.workup-threshold")
+        if c.rash.state != "unknown" or too_young or too_low:
             return {}
-        pretest_key = "imnm.pretest.weakness-raised-ck-no-rash"
-        found, cited = [], [pretest_key]
-        # The anti-HMGCR and anti-SRP subtypes exclude each other: once one is positive, the other's
-        # negative result says nothing more, so counting it would break the independence assumed.
-        subtype_found = "positive" in (c.hmgcr.state, c.srp.state)
-        for test, state in (
-            ("anti-hmgcr", c.hmgcr.state),
-            ("anti-srp", c.srp.state),
-            ("necrotizing-biopsy", biopsy_result(c.bx)),
-        ):
-            if state not in ("positive", "negative") or (
-                subtype_found and test in imnm_antibodies and state == "negative"
-            ):
-                continue
-            sensitivity, specificity = f"imnm.tests.{test}.sensitivity", f"imnm.tests.{test}.specificity"
-            ratio = likelihood_ratio(k.value(sensitivity), k.value(specificity), state == "positive")
-            found.append((k.text(f"imnm.tests.{test}.{state}"), ratio))
-            cited += [sensitivity, specificity]
+        high = c.ck.x_uln > k.value("imnm.pretest.high-ck-from")
+        pretest_key = f"imnm.pretest.{'high-ck' if high else 'moderate-ck'}"
+        context = "statin" if c.statin.exposure in ("current", "past") else "no-statin"
+        panel = panels[context]
+        # Older results first, so the ladder reads in the order the results came.
+        results = sorted((("anti-hmgcr", c.hmgcr), ("anti-srp", c.srp)), key=lambda r: -(r[1].days_ago or 0))
+        found = panel.evidence([(name, fact.state) for name, fact in results])
+        cited = [pretest_key, *(f"imnm.panel.{context}.{share}" for share in SHARES if found)]
+        both_positive = c.hmgcr.state == c.srp.state == "positive"
+        biopsy = f"imnm.biopsy-ratio.{c.bx.level}"
+        if biopsy in k.parameters and not both_positive:
+            found.append((k.param(biopsy).attributes["evidence"], k.value(biopsy)))
+            cited.append(biopsy)
         pretest = k.value(pretest_key)
         steps = update(pretest, found)
+        posttest = None if both_positive else steps[-1].probability if steps else pretest
         return {
             "pretest": pretest,
             "presentation": k.param(pretest_key).attributes["presentation"],
-            "probability": steps[-1].probability if steps else pretest,
+            "probability": posttest,
+            "band": band(posttest),
+            "context": panel.context,
+            "outcome": panel.outcome(c.hmgcr.state, c.srp.state),
+            "seronegative_shares": [
+                ("after a statin", panels["statin"].seronegative),
+                ("otherwise", panels["no-statin"].seronegative),
+            ],
             "steps": steps,
             "cited": cited,
         }
+
+    def band(probability: float | None) -> str | None:
+        """Name the band a work-up card shows: low, moderate or high."""
+        if probability is None:
+            return None
+        if probability < k.value("imnm.probability.low-below"):
+            return "low"
+        return "high" if probability >= k.value("imnm.probability.high-from") else "moderate"
 
     def positive_antibodies(c) -> str:
         positive = [n for n, f in (("anti-hmgcr", c.hmgcr), ("anti-srp", c.srp)) if f.state == "positive"]
         return " and ".join(k.text(f"labels.concepts.{n}") for n in positive)
 
 
-def biopsy_result(bx) -> str | None:
-    """Read a biopsy as a test for IMNM: positive (compatible), negative (no necrosis), else unknown."""
-    if bx.level == "compatible-with-imnm":
-        return "positive"
-    if bx.level == "no-necrosis":
-        return "negative"
-    return None
+SHARES = ("hmgcr", "srp", "false-hmgcr", "false-srp")
 
 
 def unresulted():

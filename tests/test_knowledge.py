@@ -24,14 +24,14 @@ def test_every_parameter_cites_a_known_source(knowledge):
 
 
 def test_unverified_values_are_marked_so(knowledge):
-    assert knowledge.param("imnm.pretest.weakness-raised-ck-no-rash").source.verification == "unverified"
-    assert knowledge.param("imnm.tests.anti-srp.specificity").source.id == "engineering-choice"
+    assert knowledge.param("imnm.pretest.high-ck").source.verification == "unverified"
+    assert knowledge.param("imnm.panel.statin.false-srp").source.id == "review-placeholder"
 
 
 def test_the_default_knowledge_holds_the_worked_example(knowledge):
-    assert knowledge.value("imnm.pretest.weakness-raised-ck-no-rash") == 0.20
-    assert knowledge.value("imnm.tests.anti-hmgcr.sensitivity") == 0.75
-    assert knowledge.value("imnm.tests.anti-hmgcr.specificity") == 0.95
+    assert knowledge.value("imnm.pretest.high-ck") == 0.20
+    assert knowledge.value("imnm.panel.statin.hmgcr") == 0.75
+    assert knowledge.value("imnm.panel.statin.false-hmgcr") == 0.05
 
 
 def test_every_value_set_code_carries_a_verification_level_a_to_c():
@@ -104,11 +104,9 @@ def test_every_card_cites_sources_with_urls_and_has_a_known_topic(knowledge):
 
 def test_a_local_override_replaces_a_value_and_names_who_set_it(tmp_path):
     path = tmp_path / "local.toml"
-    path.write_text(
-        '[imnm.pretest.weakness-raised-ck-no-rash]\nvalue = 0.3\nsource = "Myositis clinic 2026-03"\n'
-    )
+    path.write_text('[imnm.pretest.high-ck]\nvalue = 0.3\nsource = "Myositis clinic 2026-03"\n')
     loaded = knowledge.load(path)
-    param = loaded.param("imnm.pretest.weakness-raised-ck-no-rash")
+    param = loaded.param("imnm.pretest.high-ck")
     assert param.value == 0.3 and param.source.verification == "local"
     assert param.source.label == "Myositis clinic 2026-03"
 
@@ -150,10 +148,10 @@ def test_summaries_are_measured_with_the_values_in_force(tmp_path):
     ("text", "problem"),
     [
         (
-            '[imnm.pretest.weakness-raised-ck-no-rash]\nvalue = 1.5\nsource = "x"\n',
+            '[imnm.pretest.high-ck]\nvalue = 1.5\nsource = "x"\n',
             "outside the allowed range",
         ),
-        ("[imnm.pretest.weakness-raised-ck-no-rash]\nvalue = 0.3\n", "a value and a source"),
+        ("[imnm.pretest.high-ck]\nvalue = 0.3\n", "a value and a source"),
         ('[imnm.pretest.nothing]\nvalue = 0.3\nsource = "x"\n', "no such parameter"),
         ('[labs.ck.default-uln.male]\nvalue = "high"\nsource = "x"\n', "expected a float"),
         ("not toml [", "overrides"),
@@ -172,8 +170,8 @@ def test_bad_overrides_fail_the_start(tmp_path, text, problem):
         ("imnm.toml", 'source = "enmc-2017"', 'source = "nobody"', "not in sources.toml"),
         (
             "imnm.toml",
-            'positive = "anti-HMGCR positive"',
-            'positive = "anti-HMGCR positive"\nprevalence = 0.1',
+            'context = "statin on record"',
+            'context = "statin on record"\nprevalence = 0.1',
             "outside a cited parameter",
         ),
         ("imnm.toml", "[ck.raised]\nvalue = 1.0", "[ck.raised]\nlimit = 3\nvalue = 1.0", "only words"),

@@ -14,6 +14,7 @@ from service.facts import FactSet
 # Card extension keys, prefixed to be globally unique as the spec advises (CDS Hooks 2.0, "Extensions").
 RULES, EVIDENCE, RISK_TIER = "imnm-cds.rules", "imnm-cds.evidence", "imnm-cds.riskTier"
 PROBABILITY, PRETEST = "imnm-cds.probability", "imnm-cds.pretestProbability"
+CONTEXT, OUTCOME = "imnm-cds.probabilityContext", "imnm-cds.antibodyOutcome"
 log = logging.getLogger(__name__)
 
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:imnm-cds")
@@ -136,15 +137,21 @@ def template_values(params: Mapping) -> dict:
             values[name] = f"{value:.1f}"
         else:
             values[name] = value
-    probability = params.get("probability")
-    stage = "post-test" if params.get("steps") else "pre-test"
-    values["probability_note"] = f" ({stage} {percent(probability)})" if probability is not None else ""
+    shown = params.get("probability") is not None and not params.get("classified")
+    values["probability_note"] = f" (IMNM probability {banded(params)})" if shown else ""
     return values
 
 
 def percent(p: float) -> str:
-    """Show a probability as a percentage, with a decimal below 10%."""
-    return f"{p * 100:.1f}%" if p < 0.1 else f"{p * 100:.0f}%"
+    """Show a probability as a whole percentage, or below 1% as such."""
+    return "below 1%" if p < 0.005 else f"{p * 100:.0f}%"
+
+
+def banded(params: Mapping) -> str:
+    """Show a probability as a band and a rounded figure: to 5 points from 10%, to 1 point below."""
+    p = params["probability"] * 100
+    rounded = round(p / 5) * 5 if p >= 10 else round(p)
+    return f"{params['band']}, about {max(rounded, 1):.0f}%"
 
 
 def fit(summary: str) -> str:
@@ -156,31 +163,30 @@ def fit(summary: str) -> str:
 
 
 def probability_section(k, params: Mapping) -> str:
-    """Explain the Bayesian update step by step, with the assumptions it makes."""
-    if params.get("probability") is None:
+    """Say in one line how likely IMNM is and from what; classification cards claim no probability."""
+    if params.get("probability") is None or params.get("classified"):
         return ""
-    opening = f"**Probability of IMNM:** pre-test {percent(params['pretest'])} ({params['presentation']})"
-    if not params["steps"]:
-        return opening + "; no test result is available yet to update it."
-    lines = [f"{opening} → post-test {percent(params['probability'])}."]
-    lines += ["", "| Evidence | Likelihood ratio | Probability after |", "|---|---|---|"]
-    lines += [
-        f"| {s.evidence} | {s.likelihood_ratio:.3g} | {percent(s.probability)} |" for s in params["steps"]
-    ]
-    tests = sorted({key.rsplit(".", 2)[1] for key in params["cited"] if key.startswith("imnm.tests.")})
-    described = "; ".join(
-        f"{k.text(f'labels.concepts.{t}')}: sensitivity {k.value(f'imnm.tests.{t}.sensitivity'):.0%}, "
-        f"specificity {k.value(f'imnm.tests.{t}.specificity'):.0%} for {k.text(f'imnm.tests.{t}.target')}"
-        for t in tests
+    results = ", ".join(s.evidence for s in params["steps"]) or "no antibody or biopsy result yet"
+    line = (
+        f"**Probability of IMNM:** {banded(params)} ({results}; pre-test {percent(params['pretest'])} for "
+        f"{params['presentation']}; {params['context']})."
     )
-    lines += ["", f"Test characteristics: {described}. The tests are assumed independent given the disease."]
-    return "\n".join(lines)
+    if "negative" in params["outcome"]:
+        shares = ", ".join(f"{s:.0%} {where}" for where, s in params["seronegative_shares"])
+        line += f" Lowered, not excluded: some IMNM is antibody-negative (about {shares}); a biopsy decides."
+    return line
 
 
 def probability_extension(params: Mapping) -> dict:
+    """Give integrators the numbers behind the probability, on every card where the model applies."""
     if params.get("probability") is None:
         return {}
-    return {PROBABILITY: round(params["probability"], 4), PRETEST: round(params["pretest"], 4)}
+    return {
+        PROBABILITY: round(params["probability"], 4),
+        PRETEST: round(params["pretest"], 4),
+        CONTEXT: params["context"],
+        OUTCOME: params["outcome"],
+    }
 
 
 def basis_section(title: str, items) -> str:

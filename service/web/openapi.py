@@ -10,7 +10,7 @@ from pathlib import Path
 from rules.knowledge import TOPICS
 from service import hooks
 from service.config import Settings
-from service.evaluate.cards import EVIDENCE, PRETEST, PROBABILITY, RISK_TIER, RULES
+from service.evaluate.cards import CONTEXT, EVIDENCE, OUTCOME, PRETEST, PROBABILITY, RISK_TIER, RULES
 from service.fhir import DATETIME, RESOURCE_TYPE
 from service.gather import prefetch
 from service.store import feedback_request
@@ -133,6 +133,8 @@ SCHEMAS = {
                     EVIDENCE: {"type": "array", "items": {"type": "string"}},
                     PROBABILITY: {"type": "number", "minimum": 0, "maximum": 1},
                     PRETEST: {"type": "number", "minimum": 0, "maximum": 1},
+                    CONTEXT: {"type": "string"},
+                    OUTCOME: {"type": "string"},
                     RISK_TIER: {"enum": ["standard", "moderate", "high"]},
                 },
                 "additionalProperties": False,
