@@ -74,8 +74,10 @@ class BulkClient:
         private = bool(manifest.get("requiresAccessToken"))
         for kind, entries in (("output", "output"), ("deleted", "deleted"), ("error", "error")):
             for index, entry in enumerate(_entries(manifest, entries)):
-                name = f"{kind}-{entry['type']}-{index}.ndjson"
+                # Only the output lies at the top: the folder reads as the export itself.
+                name = f"{'' if kind == 'output' else kind + '/'}{entry['type']}-{index}.ndjson"
                 if name not in job["done"]:
+                    (folder / name).parent.mkdir(exist_ok=True)
                     self._download(entry, folder / name, private)
                     job["done"].append(name)
                     _write_job(folder, job)

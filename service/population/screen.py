@@ -53,6 +53,7 @@ class Summary:
     cards: Counter = field(default_factory=Counter)  # (topic, indicator) → patients with such a card
     staged: dict = field(default_factory=dict)  # what loading found: resources by type, lines left out
     run: dict = field(default_factory=dict)  # this run: patients evaluated, seconds, per second
+    export: dict = field(default_factory=dict)  # screening from a server: the export's time and errors
 
     def as_json(self) -> dict:
         """Return the summary as a JSON document."""
@@ -68,6 +69,7 @@ class Summary:
             ],
             "staged": self.staged,
             "thisRun": self.run,
+            **({"export": self.export} if self.export else {}),
         }
 
     def save(self, out: Path) -> None:
