@@ -14,6 +14,7 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
+from service.fhir import as_dict, as_list, as_str
 from service.gather.backend import AccessError, ServerToken
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,27 @@ class BulkClient:
             job["deleted"] = True
             _write_job(folder, job)
         return job
+
+    def read_by_id(self, kind: str, ids: list[str], page: int = 50) -> list[dict]:
+        """Search one type by _id, a page of ids at a time; return the resources the server has."""
+        found = []
+        for start in range(0, len(ids), page):
+            query = urlencode({"_id": ",".join(ids[start : start + page]), "_count": page})
+            url: str | None = f"{self.base}/{kind}?{query}"
+            while url:
+                response = self._call("GET", url, headers=_accept("application/fhir+json"))
+                bundle = _json(response)
+                if response.status_code != 200 or not isinstance(bundle, dict):
+                    raise ExportError(f"cannot search {kind} by id ({_outcome(response)})")
+                resources = (as_dict(entry).get("resource") for entry in as_list(bundle.get("entry")))
+                found += [r for r in resources if isinstance(r, dict) and r.get("resourceType") == kind]
+                links = [as_dict(link) for link in as_list(bundle.get("link"))]
+                url = next(
+                    (as_str(link.get("url")) for link in links if link.get("relation") == "next"), None
+                )
+                if url and _origin(url) != _origin(self.base):
+                    raise ExportError(f"the server sent the next page of a search to {_origin(url)}")
+        return found
 
     def transaction(self, bundle: dict) -> None:
         """Post a transaction Bundle to the server's base; refuse anything but 200."""

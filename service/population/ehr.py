@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from service.evaluate import guidance
+from service.facts.medications import MEDICATION_TYPES
 from service.fhir import as_dict, as_list, as_str, parse_time
 from service.gather.bulk import BulkClient
 from service.hooks import PATIENT_VIEW
@@ -21,6 +22,7 @@ TYPES = sorted(KEPT | {"Medication"})  # what a rule reads, and the drugs medica
 PATIENTS = "patients.json"  # in a changes folder: every patient a change touches
 COMPLETE = "complete"  # in the whole export's folder: every file is in
 APPLIED = "applied"  # in a changes folder: the changes are in the whole export, their patients forgotten
+NAMED = "Medication-named.ndjson"  # in the whole export: Medications fetched because records name them
 POSTED = "posted.txt"  # patients whose results the results server has
 
 
@@ -51,6 +53,7 @@ def screen_from_server(
         if not (folder / APPLIED).exists():
             forget(out, apply_changes(whole, folder))
             (folder / APPLIED).touch()
+    add_named_medications(server, whole)
     exported = time.monotonic() - started
     summary = screen.screen(whole, out, as_of, workers, progress)
     errors = sum(1 for f in sorted((folder / "error").glob("*.ndjson")) for _ in _read(f))
@@ -88,6 +91,25 @@ def apply_changes(whole: Path, changes: Path) -> set[str]:
     return touched
 
 
+def add_named_medications(server: BulkClient, whole: Path) -> None:
+    """Fetch the Medications that exported medication records name and the export left out."""
+    have, named = set(), set()
+    for path in sorted(whole.glob("*.ndjson")):
+        for line in _read(path):
+            resource = as_dict(_json(line))
+            if resource.get("resourceType") == "Medication":
+                have.add(as_str(resource.get("id")))
+            elif resource.get("resourceType") in MEDICATION_TYPES:
+                reference = as_str(as_dict(resource.get("medicationReference")).get("reference")) or ""
+                if reference.startswith("Medication/"):
+                    named.add(reference.removeprefix("Medication/"))
+    missing = sorted(named - have)
+    if missing:
+        # Patient-level exports may leave out what lies outside the Patient compartment, as drugs do.
+        fetched = server.read_by_id("Medication", missing)
+        _replace(whole / NAMED, [*_read_if(whole / NAMED), *(json.dumps(r) for r in fetched)])
+
+
 def forget(out: Path, patients: set[str]) -> None:
     """Drop these patients' results (and posted marks) and the stage, so the next screen does them again."""
     for name in (RESULTS, POSTED):
@@ -101,7 +123,7 @@ def forget(out: Path, patients: set[str]) -> None:
 def post_results(server: BulkClient, out: Path, now: datetime) -> int:
     """Write each patient's cards as FHIR (GuidanceResponse, DetectedIssue) to a server; return how many."""
     posted_path = out / POSTED
-    posted = set(_read(posted_path)) if posted_path.exists() else set()
+    posted = set(_read_if(posted_path))
     count = 0
     with (out / RESULTS).open(encoding="utf-8") as results, posted_path.open("a", encoding="utf-8") as marks:
         for line in results:
@@ -152,6 +174,10 @@ def _patient_of_line(line: str, name: str) -> str:
 def _read(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8", errors="surrogateescape") as lines:
         yield from (line for line in map(str.strip, lines) if line)
+
+
+def _read_if(path: Path) -> Iterator[str]:
+    return _read(path) if path.exists() else iter(())
 
 
 def _replace(path: Path, lines: Iterable[str]) -> None:
