@@ -217,7 +217,8 @@ def _screen_from_server(args) -> screen.Summary:
     """Export from the FHIR server as a backend client, then screen; the server's refusals exit with 3."""
     client = backend.BackendClient(_required(args, "client_id"), _key(args))
     limits = bulk.Limits(max_wait=args.export_wait)
-    source = bulk.BulkClient(client.session, args.fhir, client.auth(args.fhir, set(ehr.TYPES)), limits)
+    read = {*ehr.TYPES, *(["Group"] if args.group else [])}  # a Group export reads the Group
+    source = bulk.BulkClient(client.session, args.fhir, client.auth(args.fhir, read), limits)
     results = None
     if args.post_results:
         token = client.auth(args.post_results, {"GuidanceResponse", "DetectedIssue"}, write=True)
