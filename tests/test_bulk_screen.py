@@ -422,3 +422,45 @@ def test_a_token_refused_before_its_time_is_renewed_once(proxy, key_file, tmp_pa
     assert len(asked) == 2
     # SMART v2 scopes, one per type read, as the server advertises permission-v2.
     assert exporting.auth.scope().split() == [f"system/{kind}.rs" for kind in ehr.TYPES]
+
+
+def test_changes_replace_their_resources_deleted_ones_go_and_every_patient_touched_is_named(tmp_path):
+    whole, changes = tmp_path / "export", tmp_path / "since-2024"
+    old = {
+        "Observation": [
+            ck("a-ck", 100, patient="a"),
+            ck("b-ck", 100, patient="b"),
+            ck("c-ck", 100, patient="c"),
+        ],
+        "MedicationStatement": [
+            {
+                "resourceType": "MedicationStatement",
+                "id": "d-med",
+                "status": "active",
+                "medicationReference": {"reference": "Medication/drug"},
+                "subject": {"reference": "Patient/d"},
+            }
+        ],
+    }
+    write_export(whole, {"all": [r for rs in old.values() for r in rs]})
+    write_export(
+        changes, {"new": [ck("a-ck", 9000, patient="a"), {"resourceType": "Medication", "id": "drug"}]}
+    )
+    delete = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "DELETE", "url": "Observation/b-ck"}}],
+    }
+    (changes / "deleted").mkdir()
+    (changes / "deleted" / "Bundle-0.ndjson").write_text(json.dumps(delete) + "\n")
+    assert ehr.apply_changes(whole, changes) == {"a", "b", "d"}
+    lines = [json.loads(line) for f in whole.glob("*.ndjson") for line in f.read_text().splitlines()]
+    assert sorted((r["id"], r.get("valueQuantity", {}).get("value")) for r in lines) == [
+        ("a-ck", 9000),
+        ("c-ck", 100),
+        ("d-med", None),
+        ("drug", None),
+    ]
+    # Applying the same changes again (a run cut short) changes nothing and names the same patients.
+    assert ehr.apply_changes(whole, changes) == {"a", "b", "d"}
+    assert len([line for f in whole.glob("*.ndjson") for line in f.read_text().splitlines()]) == 4
