@@ -181,6 +181,8 @@ def run_screen(args) -> int:
         return 0
     if (args.directory is None) == (args.fhir is None):
         raise ScreenError("screen a folder of NDJSON files or a FHIR server (--fhir BASE), one of them")
+    if args.directory and (args.group or args.since or args.post_results):
+        raise ScreenError("--group, --since and --post-results go with --fhir")
     _required(args, "out")
     try:
         if args.fhir:

@@ -138,7 +138,7 @@ def first_screen(ehr_server, key_file, tmp_path_factory) -> Path:
 
 
 def test_a_screen_from_the_server_gives_what_a_screen_of_the_same_resources_from_files_gives(
-    first_screen, population, tmp_path
+    first_screen, population, ehr_server, key_file, tmp_path
 ):
     source = write_export(tmp_path / "files", population)
     from_files = tmp_path / "from-files"
@@ -160,6 +160,12 @@ def test_a_screen_from_the_server_gives_what_a_screen_of_the_same_resources_from
     assert summary["export"]["errorsReported"] == 0
     job = json.loads((first_screen / "export" / "job.json").read_text())
     assert job["deleted"] and job["manifest"]["requiresAccessToken"] is True
+    # Run again: the same job, nothing downloaded or screened again, the same results.
+    again = screen_command(ehr_server, key_file, first_screen, "--as-of", AS_OF)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((first_screen / "export" / "job.json").read_text()) == job
+    assert json.loads((first_screen / "summary.json").read_text())["thisRun"]["patients"] == 0
+    assert results(first_screen / "results.ndjson") == actual
 
 
 def topics(row: dict) -> set[str]:

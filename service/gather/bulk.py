@@ -142,6 +142,11 @@ class BulkClient:
                 if not isinstance(manifest, dict) or not isinstance(manifest.get("output"), list):
                     raise ExportError("the export finished without a manifest listing its output")
                 return manifest
+            if response.status_code in (404, 410):
+                raise ExportError(
+                    f"the export job is gone from the server ({_outcome(response)}); "
+                    f"remove {folder} to start another export"
+                )
             if response.status_code not in (202, 429):
                 raise ExportError(f"the export failed ({_outcome(response)})")
             wait = _retry_after(response) or interval

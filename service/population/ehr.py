@@ -107,7 +107,8 @@ def add_named_medications(server: BulkClient, whole: Path) -> None:
     if missing:
         # Patient-level exports may leave out what lies outside the Patient compartment, as drugs do.
         fetched = server.read_by_id("Medication", missing)
-        _replace(whole / NAMED, [*_read_if(whole / NAMED), *(json.dumps(r) for r in fetched)])
+        if fetched:  # else the export, and so the stage, stays as it is for a resumed run
+            _replace(whole / NAMED, [*_read_if(whole / NAMED), *(json.dumps(r) for r in fetched)])
 
 
 def forget(out: Path, patients: set[str]) -> None:
