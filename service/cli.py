@@ -18,8 +18,9 @@ from service import hooks
 from service.config import ConfigError, Settings
 from service.evaluate.pipeline import Evaluator
 from service.fhir import parse_datetime
+from service.gather import backend, bulk
 from service.outcome import ApiError, operation_outcome
-from service.population import distributed, screen
+from service.population import distributed, ehr, screen
 from service.population.screen import ScreenError
 from service.store.feedback import FeedbackStore, StoreError
 from service.web import auth
@@ -66,12 +67,30 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--json", action="store_true", help="print JSON, as GET /feedback/summary answers")
 
     population = commands.add_parser(
-        "screen", help="evaluate every patient of a Bulk Data export (NDJSON); resumable"
+        "screen",
+        help="evaluate every patient of a Bulk Data export (NDJSON files, or a FHIR server); resumable",
     )
-    population.add_argument("directory", type=Path, help="a folder of *.ndjson files, one resource per line")
     population.add_argument(
-        "--out", type=Path, required=True, help="folder for results.ndjson and summary.json"
+        "directory", type=Path, nargs="?", help="a folder of *.ndjson files, one resource per line"
     )
+    server = population.add_argument_group("straight from a FHIR server (Bulk Data, SMART Backend Services)")
+    server.add_argument("--fhir", metavar="BASE", help="the FHIR server's base URL, instead of a folder")
+    server.add_argument("--group", metavar="ID", help="export Group/ID's patients (default: every patient)")
+    server.add_argument("--client-id", help="this service's client_id at the server's token endpoint")
+    server.add_argument("--key", type=Path, help="the client's private key (PEM: RSA, or EC P-384)")
+    server.add_argument(
+        "--jwks", action="store_true", help="print the JWK Set to register for --key, and exit"
+    )
+    server.add_argument(
+        "--since", type=_instant, metavar="T", help="apply the changes since T to the last export in --out"
+    )
+    server.add_argument(
+        "--post-results", metavar="BASE", help="write each patient's results as FHIR to this server"
+    )
+    server.add_argument(
+        "--export-wait", type=float, default=3600.0, help="seconds to wait for the export, at most"
+    )
+    population.add_argument("--out", type=Path, help="folder for results.ndjson and summary.json")
     population.add_argument("--as-of", type=_as_of, help="evaluation time (FHIR dateTime); default now")
     population.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     population.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -169,8 +188,18 @@ def run_evaluate(args) -> int:
 def run_screen(args) -> int:
     """Screen a population and print patients per card topic and indicator."""
     Settings.from_env()  # bad settings stop the screen before any worker starts
+    if args.jwks:
+        print(json.dumps(_key(args).jwks(), indent=2))
+        return 0
+    if (args.directory is None) == (args.fhir is None):
+        raise ScreenError("screen a folder of NDJSON files or a FHIR server (--fhir BASE), one of them")
+    if args.directory and (args.group or args.since or args.post_results):
+        raise ScreenError("--group, --since and --post-results go with --fhir")
+    _required(args, "out")
     try:
-        if args.dask:
+        if args.fhir:
+            summary = _screen_from_server(args)
+        elif args.dask:
             scheduler = None if args.dask == "local" else args.dask
             as_of = args.as_of or datetime.now(UTC)
             summary = distributed.screen_on_dask(args.directory, args.out, as_of, scheduler, args.workers)
@@ -179,7 +208,16 @@ def run_screen(args) -> int:
     except KeyboardInterrupt:
         print("imnm-cds: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except ServerRefused as exc:
+        print(f"imnm-cds: {exc}", file=sys.stderr)
+        return 3
     print(summary.table())
+    if summary.export:
+        export = summary.export
+        print(
+            f"export: {export['seconds']} s, {export['errorsReported']} errors reported by the server",
+            file=sys.stderr,
+        )
     if summary.run:
         run = summary.run
         print(
@@ -187,6 +225,56 @@ def run_screen(args) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _screen_from_server(args) -> screen.Summary:
+    """Export from the FHIR server as a backend client, then screen; the server's refusals exit with 3."""
+    client = backend.BackendClient(_required(args, "client_id"), _key(args))
+    limits = bulk.Limits(max_wait=args.export_wait)
+    read = {*ehr.TYPES, *(["Group"] if args.group else [])}  # a Group export reads the Group
+    source = bulk.BulkClient(client.session, args.fhir, client.auth(args.fhir, read), limits)
+    results = None
+    if args.post_results:
+        token = client.auth(args.post_results, {"GuidanceResponse", "DetectedIssue"}, write=True)
+        results = bulk.BulkClient(client.session, args.post_results, token, limits)
+    try:
+        return ehr.screen_from_server(
+            source,
+            args.out,
+            args.as_of,
+            args.workers,
+            progress=not args.no_progress,
+            group=args.group,
+            since=args.since,
+            results_server=results,
+        )
+    except (backend.AccessError, bulk.ExportError) as exc:
+        raise ServerRefused(str(exc)) from None
+
+
+class ServerRefused(Exception):
+    """The FHIR server refused or failed what the screen asked of it."""
+
+
+def _key(args) -> backend.ClientKey:
+    try:
+        return backend.ClientKey.load(_required(args, "key"))
+    except backend.AccessError as exc:
+        raise ScreenError(str(exc)) from None
+
+
+def _required(args, name: str):
+    value = getattr(args, name)
+    if value is None:
+        raise ScreenError(f"--{name.replace('_', '-')} is needed here")
+    return value
+
+
+def _instant(text: str) -> str:
+    moment = parse_datetime(text)
+    if moment is None or "T" not in text:
+        raise argparse.ArgumentTypeError("must be a FHIR instant, e.g. 2024-06-01T12:00:00Z")
+    return text
 
 
 def _as_of(text: str) -> datetime:

@@ -246,7 +246,7 @@ FHIR_TOKEN = "fhir-access-token-3c5e9a"  # the one bearer token the test FHIR se
 
 
 @contextlib.contextmanager
-def sekmet(directory: Path):
+def sekmet(directory: Path, **overrides):
     """Run a real FHIR R4 server (sekmet) on loopback that wants FHIR_TOKEN; yield its base URL."""
     command = [str(Path(sys.executable).with_name("sekmet")), "serve", "-c", "settings.yaml"]
     log = directory / "stderr.log"
@@ -263,6 +263,7 @@ def sekmet(directory: Path):
             "simulator": {"enabled": False},
             "log_inbound": False,
             "server_auth": {"types": ["bearer"], "tokens": [FHIR_TOKEN]},
+            **overrides,
         }
         (directory / "settings.yaml").write_text(json.dumps(settings))  # YAML reads JSON
         with log.open("w") as stderr:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from service.config import Settings
 from service.evaluate.pipeline import Evaluator
+from service.facts.medications import MEDICATION_TYPES
 from service.fhir import as_dict, as_str, half_surrogate, parse_time
 from service.gather import prefetch
 from service.outcome import ApiError, Issue, operation_outcome
@@ -48,9 +49,11 @@ class Summary:
     patients: int = 0
     with_cards: int = 0
     errors: int = 0
+    drug_not_exported: int = 0  # medication records naming a Medication the export left out
     cards: Counter = field(default_factory=Counter)  # (topic, indicator) → patients with such a card
     staged: dict = field(default_factory=dict)  # what loading found: resources by type, lines left out
     run: dict = field(default_factory=dict)  # this run: patients evaluated, seconds, per second
+    export: dict = field(default_factory=dict)  # screening from a server: the export's time and errors
 
     def as_json(self) -> dict:
         """Return the summary as a JSON document."""
@@ -59,12 +62,14 @@ class Summary:
             "patients": self.patients,
             "patientsWithCards": self.with_cards,
             "patientsWithErrors": self.errors,
+            "medicationRecordsWithDrugNotExported": self.drug_not_exported,
             "patientsByCard": [
                 {"topic": topic, "indicator": indicator, "patients": n}
                 for (topic, indicator), n in sorted(self.cards.items())
             ],
             "staged": self.staged,
             "thisRun": self.run,
+            **({"export": self.export} if self.export else {}),
         }
 
     def save(self, out: Path) -> None:
@@ -85,6 +90,11 @@ class Summary:
             f"{self.patients} patients as of {self.as_of}: "
             f"{self.with_cards} with cards, {self.errors} not evaluated"
         )
+        if self.drug_not_exported:
+            lines.append(
+                f"{self.drug_not_exported} medication records name a Medication the export left out:"
+                " their drug is unknown"
+            )
         return "\n".join(lines)
 
 
@@ -99,6 +109,7 @@ class Stage:
             """
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS resources (patient TEXT NOT NULL, body TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS medications (reference TEXT PRIMARY KEY, body TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS patients (patient TEXT PRIMARY KEY);
             CREATE TABLE IF NOT EXISTS done (patient TEXT PRIMARY KEY);
             """
@@ -121,11 +132,18 @@ class Stage:
             return json.loads(self.meta("staged") or "{}")
         if self.meta("input") is not None:
             raise ScreenError("the input files changed since this output was started; use a new --out")
-        self.db.executescript("DELETE FROM resources; DELETE FROM patients; DELETE FROM done;")
+        self.db.executescript(
+            "DELETE FROM resources; DELETE FROM medications; DELETE FROM patients; DELETE FROM done;"
+        )
         kept: Counter = Counter()
         left_out: Counter = Counter()
         for chunk in _batches(_rows(files, kept, left_out), 5000):
-            self.db.executemany("INSERT INTO resources VALUES (?, ?)", chunk)
+            self.db.executemany("INSERT INTO resources VALUES (?, ?)", [r for r in chunk if r[0]])
+            # A Medication belongs to no patient: it is kept by reference, for the records naming it.
+            self.db.executemany(
+                "INSERT OR REPLACE INTO medications VALUES (?, ?)",
+                [(f"Medication/{json.loads(line)['id']}", line) for patient, line in chunk if not patient],
+            )
         self.db.executescript(
             """
             CREATE INDEX IF NOT EXISTS by_patient ON resources (patient);
@@ -184,8 +202,8 @@ def _rows(files: list[Path], kept: Counter, left_out: Counter) -> Iterator[tuple
                 yield patient, line
 
 
-def attribute(line: str) -> tuple[str | None, str]:
-    """Return the patient and resource type of an NDJSON line, or None and why the line cannot be used."""
+def attribute(line: str) -> tuple[str | None, str]:  # noqa: PLR0911 (one return per reason)
+    """Return the patient ("" for a Medication) and type of an NDJSON line, or None and why not used."""
     if RAW_SURROGATE.search(line):
         return None, "not UTF-8"
     try:
@@ -195,6 +213,9 @@ def attribute(line: str) -> tuple[str | None, str]:
     if half_surrogate(line, resource):
         return None, "not UTF-8"
     kind = as_str(as_dict(resource).get("resourceType"))
+    if kind == "Medication":
+        # About no patient: "" stages it apart, for the medication records that name it.
+        return ("", kind) if as_str(resource.get("id")) else (None, "Medication without an id")
     if kind not in KEPT:
         return None, f"{kind or 'no resourceType'} (not used)"
     patient = patient_of(resource)
@@ -246,6 +267,7 @@ def summarise(results: Iterable[Path], as_of: str) -> Summary:
                     continue  # Dask writes a partition without patients as one empty line
                 result = json.loads(line)
                 summary.patients += 1
+                summary.drug_not_exported += result.get("drugNotExported", 0)
                 if "error" in result:
                     summary.errors += 1
                     continue
@@ -285,10 +307,30 @@ def _evaluate_batch(patients: list[str]) -> str:
             "SELECT body FROM resources WHERE patient = ? ORDER BY rowid", (patient,)
         )
         resources = [json.loads(body) for (body,) in rows]
-        lines.append(
-            result_line(evaluate_patient(_worker["evaluator"], patient, resources, _worker["as_of"]))
-        )
+        drugs, missing = medications_named(_worker["db"], resources)
+        result = evaluate_patient(_worker["evaluator"], patient, resources + drugs, _worker["as_of"])
+        lines.append(result_line({**result, "drugNotExported": missing} if missing else result))
     return "".join(lines)
+
+
+def medications_named(db: sqlite3.Connection, resources: list[dict]) -> tuple[list[dict], int]:
+    """Return the staged Medications a patient's records name, and how many records name one not staged."""
+    found: dict[str, dict] = {}
+    missing = 0
+    for resource in resources:
+        if resource["resourceType"] not in MEDICATION_TYPES:
+            continue
+        reference = as_str(as_dict(resource.get("medicationReference")).get("reference"))
+        if not reference or reference.startswith("#"):
+            continue  # a code of its own, or a contained Medication
+        reference = "/".join(reference.rstrip("/").split("/")[-2:])  # an absolute URL names it too
+        if reference not in found:
+            row = db.execute("SELECT body FROM medications WHERE reference = ?", (reference,)).fetchone()
+            if row is None:
+                missing += 1
+                continue
+            found[reference] = json.loads(row[0])
+    return list(found.values()), missing
 
 
 def result_line(result: dict) -> str:
