@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 from gunicorn.app.base import BaseApplication
 
-from service import hooks
+from service import hooks, logs, metrics
 from service.config import ConfigError, Settings
 from service.evaluate.pipeline import Evaluator
 from service.fhir import parse_datetime
@@ -97,6 +97,7 @@ def run_serve(args) -> int:
     """Serve the app factory under gunicorn with threaded workers; bad settings stop it before any worker."""
     settings = Settings.from_env()
     auth.load_issuers(settings)  # a bad trusted-issuer file stops the start before any worker
+    metrics.share_between_processes()  # before any worker forks and makes its metrics
 
     class Server(BaseApplication):
         def load_config(self):
@@ -112,6 +113,8 @@ def run_serve(args) -> int:
             # gunicorn's control socket would let any process of this user resize or stop the server,
             # and every instance of a user shares its one default path.
             self.cfg.set("control_socket_disable", True)
+            self.cfg.set("logconfig_dict", logs.gunicorn_config())
+            self.cfg.set("child_exit", lambda _arbiter, worker: metrics.process_gone(worker.pid))
 
         def load(self):
             return frozen(create_app(settings))

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -101,6 +102,17 @@ def _base_urls(text: str) -> tuple[str, ...]:
             raise ValueError(f"{url!r} must name a host, without credentials")
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
     return urls
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(sorted({name.strip() for name in text.split(",") if name.strip()}))
+
+
+def _networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    try:
+        return tuple(ip_network(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"must be IP addresses or networks, e.g. 10.0.0.0/8: {exc}") from None
 
 
 def about(parse: Callable[[str], object], doc: str) -> dict:
@@ -259,6 +271,29 @@ class Settings:
             _choice("fail", "omit", "fetch"),
             "What a prefetch key the client reports as failed (an OperationOutcome) gets: `fail` (412), "
             "`omit` (unknown; 412 if required) or `fetch` (fetched from `fhirServer` as if missing).",
+        ),
+    )
+    disabled_rules: tuple[str, ...] = field(
+        default=(),
+        metadata=about(
+            _names,
+            "Comma-separated rule ids (e.g. `statin.ck_persists_after_stop`) whose conclusions and cards "
+            "are switched off; an unknown id refuses the start. Logged at start-up and in `/health/ready`.",
+        ),
+    )
+    metrics_addresses: tuple[IPv4Network | IPv6Network, ...] = field(
+        default=(),
+        metadata=about(
+            _networks,
+            "With `IMNM_CDS_AUTH=jwt`: the addresses or networks (comma-separated) `GET /metrics` answers.",
+        ),
+    )
+    metrics_token_file: Path | None = field(
+        default=None,
+        metadata=about(
+            _file,
+            "With `IMNM_CDS_AUTH=jwt`: a file holding a secret that also opens `GET /metrics` when sent as "
+            "`Authorization: Bearer <secret>`.",
         ),
     )
 

@@ -22,9 +22,11 @@ import jwt
 import requests
 from flask import Flask, request
 
+from service import metrics
 from service.config import ConfigError, Settings
 from service.fhir import is_http_url
 from service.outcome import error
+from service.web import scrape
 
 log = logging.getLogger(__name__)
 
@@ -393,11 +395,12 @@ def protect(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def authenticate():
-        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
-            return
+        if request.method == "OPTIONS" or request.path in OPEN_PATHS or request.path == scrape.PATH:
+            return  # /metrics checks its own callers
         try:
             verifier.verify(request.headers.get("Authorization"), settings.public_url + request.path)
         except Rejected as exc:
             log.warning("unauthorized", extra={"fields": {"reason": exc.reason, "issuer": exc.issuer}})
             # The spec: "HTTP 401 Unauthorized ... without any additional information".
-            raise error(401, "login", "unauthorized") from None
+            metrics.jwt_refusals.labels(exc.reason).inc()
+            raise error(401, "login", "unauthorized", reason=f"jwt-{exc.reason}") from None
