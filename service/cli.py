@@ -239,14 +239,15 @@ def run_feedback_report(args) -> int:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return 0
     rows = summary["rules"]
-    rule = max([len("rule")] + [len(row["rule"]) for row in rows])
-    topic = max([len("topic")] + [len(row["topic"]) for row in rows])
-    line = f"{{:<{rule}}}  {{:<{topic}}}  {{:>8}}  {{:>6}}  {{:>8}}  {{:>10}}  {{}}"
-    print(line.format("rule", "topic", "issued", "cards", "accepted", "overridden", "top override reasons"))
+    # Knowledge first: rates under one version of the rules are not pooled with another's.
+    names = ("knowledge", "rule", "topic")
+    widths = [max([len(name)] + [len(row[name] or "-") for row in rows]) for name in names]
+    line = "  ".join(f"{{:<{width}}}" for width in widths) + "  {:>8}  {:>6}  {:>8}  {:>10}  {}"
+    print(line.format(*names, "issued", "cards", "accepted", "overridden", "top override reasons"))
     for row in rows:
         reasons = ", ".join(f"{r['code']} ({r['count']})" for r in row["topOverrideReasons"])
         counts = (row["issued"], row["cards"], row["accepted"], row["overridden"])
-        print(line.format(row["rule"], row["topic"], *counts, reasons).rstrip())
+        print(line.format(*(row[name] or "-" for name in names), *counts, reasons).rstrip())
     unmatched = summary["unmatchedFeedback"]
     print(
         f"feedback on cards with no issue record: {unmatched['accepted']} accepted, "
