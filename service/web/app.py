@@ -265,7 +265,7 @@ def _account(response: Response) -> Response:
 
 
 def _report(service_id: str, evaluation: Evaluation, knowledge: str) -> None:
-    """Log what was evaluated and count its stage times, cards and deadline run-out."""
+    """Log what was evaluated and count it."""
     log.info(
         "evaluated",
         extra={
@@ -280,6 +280,11 @@ def _report(service_id: str, evaluation: Evaluation, knowledge: str) -> None:
             }
         },
     )
+    _count(evaluation)
+
+
+def _count(evaluation: Evaluation) -> None:
+    """Count an evaluation's stage times, its cards by rule, topic and indicator, and a deadline run-out."""
     for stage, ms in evaluation.timings.items():
         metrics.stage_seconds.labels(stage).observe(ms / 1000)
     for card in evaluation.cards:
