@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # Health checks are for the platform, not CDS clients; CORS preflights carry no credentials by design.
 OPEN_PATHS = frozenset({"/health", "/health/ready"})
+NO_JWT_PATHS = OPEN_PATHS | {scrape.PATH}  # /metrics checks its own callers
 DEFAULT_ALGORITHMS = ("RS384", "ES384")  # the spec's RECOMMENDED pair
 # Each algorithm is bound to the key type it may verify with, so a token never picks the family.
 KEY_ALGORITHMS = {
@@ -395,8 +396,8 @@ def protect(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def authenticate():
-        if request.method == "OPTIONS" or request.path in OPEN_PATHS or request.path == scrape.PATH:
-            return  # /metrics checks its own callers
+        if request.method == "OPTIONS" or request.path in NO_JWT_PATHS:
+            return
         try:
             verifier.verify(request.headers.get("Authorization"), settings.public_url + request.path)
         except Rejected as exc:

@@ -312,7 +312,7 @@ def document(settings: Settings) -> dict:
     if settings.auth == "jwt":
         for path, operations in paths.items():
             for operation in operations.values():
-                if path not in auth.OPEN_PATHS and path != scrape.PATH:
+                if path not in auth.NO_JWT_PATHS:
                     operation["security"] = [{"cdsClient": []}]
                     operation["responses"]["401"] = _error(401)
     result = {
