@@ -161,7 +161,7 @@ class Settings:
         default="off",
         metadata=about(
             _choice("off", "jwt"),
-            "`jwt`: every call but `/health*` needs a signed JWT from a trusted CDS client. "
+            "`jwt`: every call but `/health*` and `/metrics` needs a signed JWT from a trusted CDS client. "
             "`off`: development mode, nothing is checked (logged as a warning at start-up).",
         ),
     )

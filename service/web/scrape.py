@@ -27,8 +27,11 @@ def install(app: Flask, settings: Settings) -> None:
         authorization = request.headers.get("Authorization", "")
         if secret and hmac.compare_digest(authorization.encode(), f"Bearer {secret}".encode()):
             return True
-        address = ip_address(request.remote_addr) if request.remote_addr else None
-        return address is not None and any(address in network for network in settings.metrics_addresses)
+        try:
+            address = ip_address(request.remote_addr or "")
+        except ValueError:  # a Unix socket has no address
+            return False
+        return any(address in network for network in settings.metrics_addresses)
 
     def scrape() -> Response:
         if not allowed():
