@@ -189,12 +189,18 @@ class FeedbackStore:
         try:
             with self.engine.begin() as connection:
                 stored = connection.execute(statement, rows).all()
-                cards = {uuid for uuid, _ in stored}
+        except DBAPIError as exc:
+            raise StoreUnavailable(type(exc.orig).__name__) from None
+        # Read after the commit, so the write transaction stays as short as before; the items are stored
+        # whatever this read does, so a failure here only counts them under rule "unknown".
+        cards = {uuid for uuid, _ in stored}
+        try:
+            with self.engine.connect() as connection:
                 rules = connection.execute(
                     select(card_rules.c.card_uuid, card_rules.c.rule).where(card_rules.c.card_uuid.in_(cards))
                 ).all()
-        except DBAPIError as exc:
-            raise StoreUnavailable(type(exc.orig).__name__) from None
+        except DBAPIError:
+            rules = []
         by_card = defaultdict(list)
         for uuid, rule in rules:
             by_card[uuid].append(rule)
