@@ -7,20 +7,25 @@ and p99 in milliseconds of: parse (JSON and the nesting check), gather (the hook
 prefetch unpacked), validate (what can matter picked out and validated as FHIR R4), facts, rules,
 cards, serialise, their total, and the same request through the whole Flask app (WSGI). Floors for the
 same payloads: a bare JSON parse and serialise, and a parse with every resource validated by
-fhir.resources. Results go to bench/results/latency-<date>.json as well as the screen.
+fhir.resources. And what metrics (in shared files, as under gunicorn) and the access line add to a call.
+Results go to bench/results/latency-<date>.json as well as the screen.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import tempfile
 import time
 from datetime import UTC, datetime
 
+from flask import Response
+
 import workload
 from common import environment, percentiles, save, table
-from service import hooks
+from service import hooks, metrics
 from service.cli import frozen
 from service.fhir import Resource, validate
 from service.web import app as app_module
@@ -61,6 +66,30 @@ def measure(size: int, runs: int, app) -> dict:
     return {stage: percentiles(values) for stage, values in stages.items()}
 
 
+def instrumentation(app, runs: int) -> dict:
+    """Time what one call's metrics and access line add, done as a served worker does them (shared files)."""
+    evaluation = app.extensions["imnm_cds"].hook(
+        hooks.PATIENT_VIEW, workload.request(10, 0), datetime.now(UTC)
+    )
+    root = logging.getLogger()
+    level, handler = root.level, root.handlers[0]
+    added = []
+    with open(os.devnull, "w") as nowhere, app.test_request_context(f"/cds-services/{hooks.PATIENT_VIEW.id}"):
+        stream = handler.setStream(nowhere)
+        root.setLevel("INFO")  # as served: the access line is written
+        for _ in range(runs):
+            started = time.perf_counter()
+            app_module._start()
+            metrics.engine_sessions.inc()
+            metrics.engine_sessions.dec()
+            app_module._count(evaluation)
+            app_module._account(Response())
+            added.append((time.perf_counter() - started) * 1000)
+        root.setLevel(level)
+        handler.setStream(stream)
+    return {"metrics+access line": percentiles(added)}
+
+
 def floors(size: int, runs: int) -> dict:
     """Time the least any service must spend on the same payloads: parse, serialise, validate all."""
     bare, validated = [], []
@@ -87,6 +116,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the runs, to try the script")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
+        os.environ[metrics.MULTIPROCESS] = (
+            directory  # metrics in shared files, as `imnm-cds serve` keeps them
+        )
         # A deadline long enough that every stage of even the largest request is measured, not cut off.
         settings = {"log_level": "WARNING", "database_url": f"sqlite:///{directory}/feedback.sqlite"}
         app = frozen(create_app(settings | {"deadline_ms": 60_000}))  # as a served worker runs it
@@ -100,7 +132,7 @@ def run(app, args) -> dict:
     for size in map(int, args.sizes.split(",")):
         runs = max(10, RUNS.get(size, 100) // (10 if args.quick else 1))
         stages = measure(size, runs, app)
-        stages |= floors(size, min(runs, 50))
+        stages |= floors(size, min(runs, 50)) | instrumentation(app, runs)
         results["sizes"][str(size)] = {"runs": runs, "ms": stages}
         print(f"\n{size} resources, {runs} distinct requests (ms)")
         print(table(stages))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -277,6 +278,25 @@ def load(overrides: Path | None = None, root: Path | None = None) -> Knowledge:
         cards=MappingProxyType(_load_cards(wording, sources, orders)),
         orders=MappingProxyType(orders),
     )
+
+
+def fingerprint(overrides: Path | None = None, root=None) -> str:
+    """Hash every file of rules/ (or a copy of it) and the local overrides: what a card was made from."""
+    digest = hashlib.sha256()
+    pending = [(root if root is not None else resources.files("rules"), "")]
+    while pending:
+        folder, prefix = pending.pop()
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            name = f"{prefix}{entry.name}"
+            if entry.is_dir():
+                if entry.name != "__pycache__":
+                    pending.append((entry, f"{name}/"))
+            elif not entry.name.endswith(".pyc"):
+                data = entry.read_bytes()
+                digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    if overrides is not None:
+        digest.update(b"overrides\0" + Path(overrides).read_bytes())
+    return digest.hexdigest()
 
 
 def _read_toml(path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 from gunicorn.app.base import BaseApplication
 
-from service import hooks
+from service import hooks, logs, metrics
 from service.config import ConfigError, Settings
 from service.evaluate.pipeline import Evaluator
 from service.fhir import parse_datetime
@@ -126,6 +126,7 @@ def run_serve(args) -> int:
         getattr(settings, name) if getattr(args, name) is None else getattr(args, name)
         for name in ("port", "workers", "threads")
     )
+    metrics.share_between_processes()  # before any worker forks and makes its metrics
 
     class Server(BaseApplication):
         def load_config(self):
@@ -143,6 +144,8 @@ def run_serve(args) -> int:
             # gunicorn's control socket would let any process of this user resize or stop the server,
             # and every instance of a user shares its one default path.
             self.cfg.set("control_socket_disable", True)
+            self.cfg.set("logconfig_dict", logs.gunicorn_config())
+            self.cfg.set("child_exit", lambda _arbiter, worker: metrics.process_gone(worker.pid))
 
         def load(self):
             return frozen(create_app(settings))
@@ -336,14 +339,15 @@ def run_feedback_report(args) -> int:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return 0
     rows = summary["rules"]
-    rule = max([len("rule")] + [len(row["rule"]) for row in rows])
-    topic = max([len("topic")] + [len(row["topic"]) for row in rows])
-    line = f"{{:<{rule}}}  {{:<{topic}}}  {{:>8}}  {{:>6}}  {{:>8}}  {{:>10}}  {{}}"
-    print(line.format("rule", "topic", "issued", "cards", "accepted", "overridden", "top override reasons"))
+    # Knowledge first: rates under one version of the rules are not pooled with another's.
+    names = ("knowledge", "rule", "topic")
+    widths = [max([len(name)] + [len(row[name] or "-") for row in rows]) for name in names]
+    line = "  ".join(f"{{:<{width}}}" for width in widths) + "  {:>8}  {:>6}  {:>8}  {:>10}  {}"
+    print(line.format(*names, "issued", "cards", "accepted", "overridden", "top override reasons"))
     for row in rows:
         reasons = ", ".join(f"{r['code']} ({r['count']})" for r in row["topOverrideReasons"])
         counts = (row["issued"], row["cards"], row["accepted"], row["overridden"])
-        print(line.format(row["rule"], row["topic"], *counts, reasons).rstrip())
+        print(line.format(*(row[name] or "-" for name in names), *counts, reasons).rstrip())
     unmatched = summary["unmatchedFeedback"]
     print(
         f"feedback on cards with no issue record: {unmatched['accepted']} accepted, "

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -103,6 +104,17 @@ def _base_urls(text: str) -> tuple[str, ...]:
     return urls
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(sorted({name.strip() for name in text.split(",") if name.strip()}))
+
+
+def _networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    try:
+        return tuple(ip_network(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"must be IP addresses or networks, e.g. 10.0.0.0/8: {exc}") from None
+
+
 def about(parse: Callable[[str], object], doc: str) -> dict:
     """Describe a setting: how its environment text is parsed and checked, and what it is for."""
     return {"parse": parse, "doc": doc}
@@ -149,7 +161,7 @@ class Settings:
         default="off",
         metadata=about(
             _choice("off", "jwt"),
-            "`jwt`: every call but `/health*` needs a signed JWT from a trusted CDS client. "
+            "`jwt`: every call but `/health*` and `/metrics` needs a signed JWT from a trusted CDS client. "
             "`off`: development mode, nothing is checked (logged as a warning at start-up).",
         ),
     )
@@ -277,6 +289,29 @@ class Settings:
     )
     threads: int = field(
         default=8, metadata=about(_number(int, 1, 64), "Threads each worker answers calls with.")
+    )
+    disabled_rules: tuple[str, ...] = field(
+        default=(),
+        metadata=about(
+            _names,
+            "Comma-separated rule ids (e.g. `statin.ck_persists_after_stop`) whose conclusions and cards "
+            "are switched off; an unknown id refuses the start. Logged at start-up and in `/health/ready`.",
+        ),
+    )
+    metrics_addresses: tuple[IPv4Network | IPv6Network, ...] = field(
+        default=(),
+        metadata=about(
+            _networks,
+            "With `IMNM_CDS_AUTH=jwt`: the addresses or networks (comma-separated) `GET /metrics` answers.",
+        ),
+    )
+    metrics_token_file: Path | None = field(
+        default=None,
+        metadata=about(
+            _file,
+            "With `IMNM_CDS_AUTH=jwt`: a file holding a secret that also opens `GET /metrics` when sent as "
+            "`Authorization: Bearer <secret>`.",
+        ),
     )
 
     def __post_init__(self):

@@ -163,7 +163,7 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
     if body.get("hook") != service.hook:
         raise error(400, "value", f"service {service.id} answers the {service.hook} hook", "hook")
     instance = body.get("hookInstance")
-    if not isinstance(instance, str) or not _is_uuid(instance):
+    if not isinstance(instance, str) or not is_uuid(instance):
         raise error(400, "value", "hookInstance must be a UUID", "hookInstance")
     context = body.get("context")
     if not isinstance(context, dict):
@@ -210,7 +210,8 @@ def _check_context(context: dict, name: str, kind: type) -> None:
         raise error(400, "required", f"{where} is required (a FHIR Bundle)", where)
 
 
-def _is_uuid(value: str) -> bool:
+def is_uuid(value: str) -> bool:
+    """Tell whether a string is a UUID, bare or as a urn:uuid: URI."""
     try:
         uuid.UUID(value.removeprefix("urn:uuid:"))
     except ValueError:

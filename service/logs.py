@@ -43,6 +43,23 @@ def configure(level: str) -> None:
     logging.getLogger("urllib3").setLevel(logging.CRITICAL)
 
 
+def gunicorn_config() -> dict:
+    """Configure gunicorn's logging (dictConfig): its error log as JSON lines on stderr, no access log."""
+    stderr = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stderr": stderr, "discard": {"class": "logging.NullHandler"}},
+        "root": {"level": "INFO", "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+            # Its lines carry the path and query, which may hold ids; the app logs each request instead.
+            "gunicorn.access": {"level": "CRITICAL", "handlers": ["discard"], "propagate": False},
+        },
+    }
+
+
 def ms_since(started: float) -> float:
     """Return the milliseconds since a time.perf_counter() reading, as logs show them."""
     return round((time.perf_counter() - started) * 1000, 3)

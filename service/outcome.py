@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -14,17 +15,28 @@ class Issue:
 
 
 class ApiError(Exception):
-    """A request we refuse, with the HTTP status and the issues to report."""
+    """A request we refuse, with the HTTP status, the issues to report and a reason code safe to log."""
 
-    def __init__(self, status: int, *issues: Issue):
+    def __init__(self, status: int, *issues: Issue, reason: str | None = None):
         super().__init__(issues[0].diagnostics if issues else str(status))
         self.status = status
         self.issues = issues
+        self.reason = reason or _reason(issues)
 
 
-def error(status: int, code: str, diagnostics: str, expression: str | None = None) -> ApiError:
+def error(
+    status: int, code: str, diagnostics: str, expression: str | None = None, reason: str | None = None
+) -> ApiError:
     """Build an ApiError with a single issue."""
-    return ApiError(status, Issue(code, diagnostics, expression))
+    return ApiError(status, Issue(code, diagnostics, expression), reason=reason)
+
+
+def _reason(issues) -> str:
+    """Name what was wrong by where it was (feedback[3].outcome -> feedback[].outcome), else its code."""
+    if not issues:
+        return "unknown"
+    first = issues[0]
+    return re.sub(r"\[\d+\]", "[]", first.expression)[:100] if first.expression else first.code
 
 
 def operation_outcome(issues) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -146,21 +147,27 @@ def test_serve_refuses_development_mode_in_production():
     assert "IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off" in result.stderr
 
 
-def test_feedback_report_shows_per_rule_counts_and_reasons(tmp_path):
+def test_feedback_report_shows_per_rule_counts_and_reasons_per_knowledge_version(tmp_path):
     url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
     store = FeedbackStore(url)
     now = datetime(2024, 6, 1, tzinfo=UTC)
     rules = ("imnm.ck_raised", "imnm.seropositive_hmgcr")
-    store.write_cards([IssuedCard("imnm-patient-view", "a", "imnm-suspected", "warning", rules, now)] * 3)
+    before, after = "0.1.0+0123456789ab", "0.1.0+ba9876543210"
+    card = functools.partial(IssuedCard, "imnm-patient-view", topic="imnm-suspected", indicator="warning")
+    store.write_cards([card(uuid="a", rules=rules, at=now, knowledge=before)] * 3)
+    store.write_cards([card(uuid="b", rules=rules, at=now, knowledge=after)] * 2)
     reason = Coding(
         "urn:imnm-cds:CodeSystem:override-reason", "not-relevant", "Not relevant for this patient"
     )
     store.save("imnm-patient-view", [Feedback("a", "overridden", now, reason=reason)], now)
+    store.save("imnm-patient-view", [Feedback("b", "accepted", now)], now)
     summary = store.summary()
     store.close()
     env = {**os.environ, "IMNM_CDS_DATABASE_URL": url}
     table = run("feedback-report", env=env)
     assert table.returncode == 0, table.stderr[-2000:]
     lines = [line.split() for line in table.stdout.splitlines()]
-    assert ["imnm.ck_raised", "imnm-suspected", "3", "1", "0", "1", "not-relevant", "(1)"] in lines
+    # The override rate before the knowledge changed is not pooled with the one after.
+    assert [before, "imnm.ck_raised", "imnm-suspected", "3", "1", "0", "1", "not-relevant", "(1)"] in lines
+    assert [after, "imnm.ck_raised", "imnm-suspected", "2", "1", "1", "0"] in lines
     assert json.loads(run("feedback-report", "--json", env=env).stdout) == summary

@@ -215,6 +215,7 @@ def test_summary_counts_issued_cards_and_what_users_did(tmp_path):
     row = rows["imnm.seropositive_hmgcr", "imnm-suspected"]
     reason = issued["overrideReasons"][1]
     assert row == {
+        "knowledge": app.extensions["imnm_cds"].knowledge_version,
         "rule": "imnm.seropositive_hmgcr",
         "topic": "imnm-suspected",
         "issued": 4,

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import threading
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -199,6 +200,34 @@ def test_an_older_database_is_migrated_at_start(database_url, monkeypatch):
         assert "feedback_outcome" in {i["name"] for i in inspect(connection).get_indexes("feedback")}
         assert connection.scalar(text("SELECT count(*) FROM feedback")) == 1
     store.close()
+
+
+def test_a_version_1_database_gains_the_knowledge_column_and_keeps_its_cards_apart(database_url):
+    store = FeedbackStore(database_url)
+    store.write_cards([issued("old")])
+    with store.engine.begin() as connection:  # back to schema version 1, as an older release left it
+        connection.execute(text("ALTER TABLE issued_cards DROP COLUMN knowledge"))
+        connection.execute(text("DROP TABLE seen_tokens"))
+        connection.execute(text("UPDATE schema_version SET version = 1"))
+    store.close()
+    store = FeedbackStore(database_url)
+    store.write_cards([replace(issued("new"), knowledge="0.2.0+0123456789ab")])
+    store.save(SERVICE, [item("old"), item("new")], T0)
+    summary = store.summary()
+    store.close()
+    assert versions(database_url) == [1, 2, 3]
+    rows = {r["knowledge"]: r for r in summary["rules"] if r["rule"] == "r.conclusion"}
+    assert rows.keys() == {"", "0.2.0+0123456789ab"}  # "": issued before the version was recorded
+    assert [(r["issued"], r["overridden"]) for r in rows.values()] == [(1, 1), (1, 1)]
+
+
+def test_a_card_is_recorded_under_the_knowledge_that_issued_it_last(store):
+    first, second = "0.1.0+aaaaaaaaaaaa", "0.1.0+bbbbbbbbbbbb"
+    store.write_cards([replace(issued("c", at=T0), knowledge=first)])
+    store.write_cards([replace(issued("c", at=T0 + timedelta(hours=1)), knowledge=second)])
+    store.write_cards([replace(issued("c", at=T0 + timedelta(minutes=1)), knowledge=first)])  # written late
+    rows = [r for r in store.summary()["rules"] if r["rule"] == "r.conclusion"]
+    assert [(r["knowledge"], r["issued"]) for r in rows] == [(second, 3)]
 
 
 def test_a_database_newer_than_the_service_refuses_to_start(database_url, monkeypatch):

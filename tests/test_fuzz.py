@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.config import Settings
 from service.web import openapi
-from service.web.auth import OPEN_PATHS
+from service.web.auth import NO_JWT_PATHS
 
 EXAMPLES = 20  # per operation and mode, besides the boundary cases schemathesis derives from the schema
 FUZZ = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -93,8 +93,9 @@ def test_evaluate_as_fhir_holds_under_fuzzing(app, cases, case):
 def test_without_a_token_every_protected_operation_answers_401(auth_app, cases, case):
     cases[f"{case.operation.label} (JWT on, no token)"] += 1
     response = case.call(app=auth_app)
-    # Open without a token: health, and CORS preflights (schemathesis also tries other methods).
-    if case.operation.path not in OPEN_PATHS and response.request.method != "OPTIONS":
+    # Open without a token: health, metrics (403 unless allowed), and CORS preflights (schemathesis also
+    # tries other methods).
+    if case.operation.path not in NO_JWT_PATHS and response.request.method != "OPTIONS":
         assert response.status_code == 401, (response.request.method, response.request.url)
         assert response.headers["www-authenticate"] == ["Bearer"]
     case.validate_response(response, checks=[failures_are_operation_outcomes])

@@ -17,6 +17,8 @@ import durable.engine
 import durable.lang
 from durable.lang import c, m, when_all
 
+from service import metrics
+
 log = logging.getLogger(__name__)
 
 RULESET = "imnm_cds"
@@ -175,7 +177,15 @@ def _check_fact(fact: Mapping, ids: set[int]) -> None:
 class Engine:
     """The rule base compiled once per process; evaluate() runs one isolated session per call."""
 
-    def __init__(self, knowledge, modules, *, max_sessions: int = 32, wait_seconds: float = 2.0):
+    def __init__(
+        self,
+        knowledge,
+        modules,
+        *,
+        max_sessions: int = 32,
+        wait_seconds: float = 2.0,
+        disabled: Iterable[str] = (),
+    ):
         if not 1 <= max_sessions <= SESSION_CEILING:
             raise ValueError(f"max_sessions must be 1..{SESSION_CEILING}")
         self._sessions: dict[str, _Session] = {}
@@ -183,6 +193,7 @@ class Engine:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_sessions)
         self._wait = wait_seconds
+        self.disabled = frozenset(disabled)
         self.broken = False
         self.leaked = 0
         self._host = _SyncHost()
@@ -233,10 +244,13 @@ class Engine:
 
     def _guard(self, rule_id: str, action):
         sessions = self._sessions
+        switched_off = rule_id in self.disabled
 
         def run(c):
             session = sessions[c.s.sid]
             session.acted = True
+            if switched_off:
+                return  # the rule matches, but concludes nothing: no finding, no card
             session.rule = rule_id
             try:
                 action(c)
@@ -251,11 +265,19 @@ class Engine:
 
     def evaluate(self, facts: Iterable[Mapping], wait: float | None = None) -> Outcome:
         """Assert all facts in one call, run the rules to quiescence, and return what they concluded."""
-        if not self._slots.acquire(timeout=self._wait if wait is None else wait):
-            raise EngineBusy("all rule-engine sessions are busy")
+        timeout = self._wait if wait is None else wait
+        if not self._slots.acquire(blocking=False):
+            waited = bool(timeout) and self._slots.acquire(timeout=timeout)
+            if timeout:
+                metrics.engine_waits.labels("served" if waited else "refused").inc()
+            if not waited:
+                raise EngineBusy("all rule-engine sessions are busy")
+        in_use = metrics.engine_sessions
+        in_use.inc()
         try:
             return self._evaluate(list(facts))
         finally:
+            in_use.dec()
             self._slots.release()
 
     @property

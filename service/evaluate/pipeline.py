@@ -7,12 +7,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import version
 from logging import getLogger
 
 import rules
 from rules import knowledge
 from service import facts, hooks
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.evaluate import cards
 from service.evaluate.engine import Engine, EngineBusy, EngineError
 from service.fhir import Resource, naming_once, parse_datetime, validate
@@ -47,12 +48,22 @@ class Evaluator:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.knowledge = knowledge.load(settings.knowledge_overrides)
+        # The package version and a hash of rules/ after local overrides: which knowledge made a card.
+        self.knowledge_version = (
+            f"{version('imnm-cds')}+{knowledge.fingerprint(settings.knowledge_overrides)[:12]}"
+        )
         self.engine = Engine(
             self.knowledge,
             rules.RULE_MODULES,
             max_sessions=settings.engine_sessions,
             wait_seconds=settings.engine_wait_seconds,
+            disabled=settings.disabled_rules,
         )
+        unknown = set(settings.disabled_rules) - set(self.engine.rule_ids)
+        if unknown:
+            raise ConfigError(f"IMNM_CDS_DISABLED_RULES: no such rules: {', '.join(sorted(unknown))}")
+        if settings.disabled_rules:
+            log.warning("rules switched off", extra={"fields": {"rules": list(settings.disabled_rules)}})
         self.fhir = FhirClient(settings)
         warm_up()
 
@@ -120,7 +131,7 @@ class Evaluator:
             try:
                 selected = facts.select(self.knowledge, gathered.resources, gathered.drafts)
             except facts.InvalidData as exc:
-                raise ApiError(400, *_invalid_issues(exc)) from None
+                raise ApiError(400, *_invalid_issues(exc), reason="invalid-fhir") from None
             timings["validate"] = ms_since(started)
             in_time(deadline)
             started = time.perf_counter()
@@ -132,7 +143,9 @@ class Evaluator:
             outcome = self.engine.evaluate(fact_set.facts)
         except EngineBusy:
             log.warning("rule engine busy", extra={"fields": {"sessions": self.settings.engine_sessions}})
-            raise error(503, "transient", "the service is at capacity; retry shortly") from None
+            raise error(
+                503, "transient", "the service is at capacity; retry shortly", reason="engine-busy"
+            ) from None
         except EngineError as exc:
             # Engine errors name the rule and the exception type, never a value from the request.
             log.error("rule engine failed", extra={"fields": {"error": str(exc)}})

@@ -15,6 +15,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from service import metrics
 from service.fhir import as_dict, as_list, as_str, url_origin, within
 from service.logs import ms_since
 
@@ -110,6 +111,8 @@ class FhirClient:
         late = Answer(failure=FetchFailed("deadline"), ms=ms_since(started))
         answers = {key: future.result() if future in done else late for key, future in futures.items()}
         pool.shutdown(wait=False, cancel_futures=True)
+        for answer in answers.values():
+            metrics.fhir_fetches.labels(answer.failure.reason if answer.failure else "ok").inc()
         return answers
 
     def _answer(self, base: str, token: str | None, query: Query, until: float) -> Answer:

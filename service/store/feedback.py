@@ -40,11 +40,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
+from service import metrics
 from service.store.feedback_request import Feedback
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x1A4C_F33D  # PostgreSQL advisory lock: one process migrates at a time
 BUSY_SECONDS = 10.0  # how long a SQLite writer waits for another process's write to finish
 CARD_QUEUE = 10_000  # requests' issued cards waiting for the writer; beyond this they are dropped
@@ -72,6 +73,9 @@ issued_cards = Table(
     Column("times_issued", Integer, nullable=False),
     Column("first_issued", DateTime, nullable=False),
     Column("last_issued", DateTime, nullable=False),
+    # The knowledge (package version + hash of rules/) that last issued it; NULL for cards issued before
+    # schema version 3. A card issued again under other knowledge moves to it, with its feedback.
+    Column("knowledge", String(64)),
 )
 card_rules = Table(
     "card_rules",
@@ -107,11 +111,8 @@ seen_tokens = Table(
     Column("jti_sha256", LargeBinary(32), primary_key=True),
     Column("expires_at", Float, nullable=False, index=True),  # seconds since the epoch
 )
-# MIGRATIONS[n] brings a database at schema version n - 1 to version n (see README, "Feedback").
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: seen_tokens.create}
-
-# The summary, per rule and topic. A card counts under every rule that fired for it.
-BY_RULE = (card_rules.c.rule, issued_cards.c.topic)
+# The summary, per knowledge, rule and topic. A card counts under every rule that fired for it.
+BY_RULE = (issued_cards.c.knowledge, card_rules.c.rule, issued_cards.c.topic)
 FEEDBACK_ON_CARDS = feedback.join(issued_cards, issued_cards.c.uuid == feedback.c.card_uuid).join(
     card_rules, card_rules.c.card_uuid == issued_cards.c.uuid
 )
@@ -162,6 +163,7 @@ class IssuedCard:
     indicator: str
     rules: tuple[str, ...]
     at: datetime  # UTC
+    knowledge: str | None = None
 
 
 class FeedbackStore:
@@ -190,15 +192,36 @@ class FeedbackStore:
         if not rows:
             return 0
         statement = (
-            self._insert(feedback).on_conflict_do_nothing(index_elements=IDENTITY).returning(feedback.c.id)
+            self._insert(feedback)
+            .on_conflict_do_nothing(index_elements=IDENTITY)
+            .returning(feedback.c.card_uuid, feedback.c.outcome)
         )
         try:
             with self.engine.begin() as connection:
-                return len(connection.execute(statement, rows).all())
+                stored = connection.execute(statement, rows).all()
         except DBAPIError as exc:
             raise StoreUnavailable(type(exc.orig).__name__) from None
+        # Read after the commit, so the write transaction stays as short as before; the items are stored
+        # whatever this read does, so a failure here only counts them under rule "unknown".
+        cards = {uuid for uuid, _ in stored}
+        try:
+            with self.engine.connect() as connection:
+                rules = connection.execute(
+                    select(card_rules.c.card_uuid, card_rules.c.rule).where(card_rules.c.card_uuid.in_(cards))
+                ).all()
+        except DBAPIError:
+            rules = []
+        by_card = defaultdict(list)
+        for uuid, rule in rules:
+            by_card[uuid].append(rule)
+        for uuid, outcome in stored:
+            for rule in by_card.get(uuid, ["unknown"]):
+                metrics.feedback.labels(rule, outcome).inc()
+        return len(stored)
 
-    def record_cards(self, service: str, cards: list[dict], at: datetime) -> None:
+    def record_cards(
+        self, service: str, cards: list[dict], at: datetime, knowledge: str | None = None
+    ) -> None:
         """Queue the cards just returned for the background writer; never wait for the database."""
         if not cards:
             return
@@ -211,6 +234,7 @@ class FeedbackStore:
                 card["indicator"],
                 tuple(card["extension"]["imnm-cds.rules"]),
                 at,
+                knowledge,
             )
             for card in cards
         ]
@@ -236,6 +260,7 @@ class FeedbackStore:
                 "times_issued": len(issues),
                 "first_issued": _naive(min(card.at for card in issues)),
                 "last_issued": _naive(max(card.at for card in issues)),
+                "knowledge": max(issues, key=lambda card: card.at).knowledge,
             }
             for uuid, issues in by_card.items()
         ]
@@ -258,6 +283,7 @@ class FeedbackStore:
                 ),
                 "topic": new.topic,
                 "indicator": new.indicator,
+                "knowledge": case((new.last_issued >= old.last_issued, new.knowledge), else_=old.knowledge),
             },
         )
         with self.engine.begin() as connection:
@@ -295,22 +321,26 @@ class FeedbackStore:
                 )
         except DBAPIError as exc:
             raise StoreUnavailable(type(exc.orig).__name__) from None
-        rows: dict[tuple[str, str], dict] = defaultdict(
+        rows: dict[tuple[str, str, str], dict] = defaultdict(
             lambda: {"issued": 0, "cards": 0, "accepted": 0, "overridden": 0, "topOverrideReasons": []}
         )
-        for rule, topic, cards, times in issued:
-            rows[rule, topic].update(cards=cards, issued=int(times))
-        for rule, topic, outcome, count in outcomes:
-            rows[rule, topic][outcome] = count
-        for rule, topic, system, code, display, count in reasons:  # most given first
-            listed = rows[rule, topic]["topOverrideReasons"]
+        for knowledge, rule, topic, cards, times in issued:
+            rows[knowledge or "", rule, topic].update(cards=cards, issued=int(times))
+        for knowledge, rule, topic, outcome, count in outcomes:
+            rows[knowledge or "", rule, topic][outcome] = count
+        for knowledge, rule, topic, system, code, display, count in reasons:  # most given first
+            listed = rows[knowledge or "", rule, topic]["topOverrideReasons"]
             if len(listed) < top:
                 listed.append(
                     {"system": system, "code": code, "count": count}
                     | ({"display": display} if display else {})
                 )
         return {
-            "rules": [{"rule": rule, "topic": topic, **rows[rule, topic]} for rule, topic in sorted(rows)],
+            # Knowledge "" holds cards issued before it was recorded (schema version 1).
+            "rules": [
+                {"knowledge": knowledge, "rule": rule, "topic": topic, **rows[knowledge, rule, topic]}
+                for knowledge, rule, topic in sorted(rows)
+            ],
             "unmatchedFeedback": {"accepted": 0, "overridden": 0} | dict(unmatched),
         }
 
@@ -434,6 +464,14 @@ def migrate(engine: Engine) -> None:
             MIGRATIONS[version](connection)
             connection.execute(insert(schema_version).values(version=version, applied_at=now))
             log.info("feedback database migrated", extra={"fields": {"schemaVersion": version}})
+
+
+def _add_knowledge(connection: Connection) -> None:
+    connection.exec_driver_sql("ALTER TABLE issued_cards ADD COLUMN knowledge VARCHAR(64)")
+
+
+# MIGRATIONS[n] brings a database at schema version n - 1 to version n (see README, "Feedback").
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: seen_tokens.create, 3: _add_knowledge}
 
 
 def _feedback_row(service: str, item: Feedback, received_at: datetime) -> dict:

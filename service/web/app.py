@@ -5,25 +5,32 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from service import hooks, logs
+from service import hooks, logs, metrics
 from service.config import ConfigError, Settings
 from service.evaluate import guidance
 from service.evaluate.pipeline import Evaluation, Evaluator
 from service.fhir import half_surrogate
+from service.logs import ms_since
 from service.outcome import ApiError, Issue, error, operation_outcome
 from service.store import feedback_request
 from service.store.feedback import FeedbackStore, StoreUnavailable
-from service.web import auth, headers, openapi
+from service.web import auth, headers, openapi, scrape
 
 log = logging.getLogger("service.http")
+access = logging.getLogger("service.access")
 
 JSON_TYPES = ("application/json", "application/fhir+json")
+NO_SERVICE = "no CDS service with this id; see GET /cds-services"
+DATABASE_DOWN = Issue("transient", "the feedback database is unavailable; nothing was stored; retry")
+INTERNAL_ERROR = Issue("exception", "internal error; no advice was produced")
 HTTP_ISSUE = {
     404: "not-found",
     405: "not-supported",
@@ -46,8 +53,10 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["imnm_cds"] = evaluator
     app.extensions["imnm_cds_feedback"] = store
+    _account_for(app, evaluator)
     auth.protect(app, settings)
     headers.install(app, settings.cors_origins)
+    scrape.install(app, settings)
 
     @app.get("/cds-services")
     def discovery():
@@ -57,16 +66,16 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     def call_service(service_id: str):
         service = hooks.SERVICES.get(service_id)
         if service is None:
-            raise error(404, "not-found", "no CDS service with this id; see GET /cds-services")
-        evaluation = evaluator.hook(service, _body(settings), datetime.now(UTC))
-        _log_evaluation(service.id, evaluation)
-        store.record_cards(service.id, evaluation.cards, datetime.now(UTC))
+            raise error(404, "not-found", NO_SERVICE, reason="unknown-service")
+        evaluation = evaluator.hook(service, _noted(_body(settings)), datetime.now(UTC))
+        _report(service.id, evaluation, evaluator.knowledge_version)
+        store.record_cards(service.id, evaluation.cards, datetime.now(UTC), evaluator.knowledge_version)
         return _json(evaluation.response())
 
     @app.post("/cds-services/<service_id>/feedback")
     def receive_feedback(service_id: str):
         if service_id not in hooks.SERVICES:
-            raise error(404, "not-found", "no CDS service with this id; see GET /cds-services")
+            raise error(404, "not-found", NO_SERVICE, reason="unknown-service")
         items = feedback_request.parse(_body(settings))
         stored = store.save(service_id, items, datetime.now(UTC))
         log.info(
@@ -84,8 +93,8 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         fhir = _wants_fhir()
         hook = request.args.get("hook", "patient-view")
         evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"), hook)
-        _log_evaluation("evaluate", evaluation)
-        store.record_cards("evaluate", evaluation.cards, datetime.now(UTC))
+        _report("evaluate", evaluation, evaluator.knowledge_version)
+        store.record_cards("evaluate", evaluation.cards, datetime.now(UTC), evaluator.knowledge_version)
         if fhir:
             service_id = hooks.service_for(hook).id
             results = guidance.bundle(evaluation.cards, evaluation.patient_id, service_id, evaluation.now)
@@ -102,32 +111,33 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     def ready():
         problem = evaluator.readiness_problem()
         if problem:
-            raise error(503, "transient", problem)
-        return _json({"status": "ready", "rules": len(evaluator.engine.rule_ids)})
+            raise error(503, "transient", problem, reason="not-ready")
+        return _json(
+            {
+                "status": "ready",
+                "rules": len(evaluator.engine.rule_ids),
+                "disabledRules": list(settings.disabled_rules),
+                "knowledge": evaluator.knowledge_version,
+            }
+        )
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
-        return _outcome(exc.status, exc.issues)
+        return _refuse(exc.status, exc.issues, exc.reason)
 
     @app.errorhandler(StoreUnavailable)
     def store_unavailable(exc: StoreUnavailable):
-        log.error("feedback database unavailable", extra={"fields": {"error": str(exc)}})
-        return _outcome(
-            503, [Issue("transient", "the feedback database is unavailable; nothing was stored; retry")]
-        )
+        # The error's text is the database driver's exception type, never a value.
+        return _refuse(503, [DATABASE_DOWN], "database-unavailable", {"error": str(exc)})
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return _outcome(
-            exc.code or 500, [Issue(HTTP_ISSUE.get(exc.code, "processing"), exc.description or exc.name)]
-        )
+        issue = Issue(HTTP_ISSUE.get(exc.code, "processing"), exc.description or exc.name)
+        return _refuse(exc.code or 500, [issue], exc.name.lower().replace(" ", "-"))
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        # The route, not the path: a path the client chose may hold identifiers.
-        route = request.url_rule.rule if request.url_rule else None
-        log.error("unhandled error", exc_info=exc, extra={"fields": {"route": route}})
-        return _outcome(500, [Issue("exception", "internal error; no advice was produced")])
+        return _refuse(500, [INTERNAL_ERROR], "exception", exc_info=exc)
 
     return app
 
@@ -135,7 +145,9 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
 def _body(settings: Settings):
     """Read the request body as JSON: right content type, within size and nesting limits."""
     if request.mimetype not in JSON_TYPES:
-        raise error(415, "not-supported", "send the body as application/json or application/fhir+json")
+        raise error(
+            415, "not-supported", f"send the body as {' or '.join(JSON_TYPES)}", reason="content-type"
+        )
     raw = request.get_data(cache=False)
     if request.content_length is None and len(raw) >= settings.max_body_bytes:
         raise RequestEntityTooLarge()  # a chunked body is cut at the limit, so one that reaches it is longer
@@ -145,11 +157,16 @@ def _body(settings: Settings):
         if half_surrogate(text, body):
             raise ValueError("half of a surrogate pair")
     except RecursionError:
-        raise error(400, "structure", "the JSON is nested too deeply") from None
+        raise error(400, "structure", "the JSON is nested too deeply", reason="json-depth") from None
     except ValueError:
-        raise error(400, "structure", "the body is not valid JSON in UTF-8") from None
+        raise error(400, "structure", "the body is not valid JSON in UTF-8", reason="json") from None
     if _depth_exceeds(body, settings.max_json_depth):
-        raise error(400, "structure", f"the JSON is nested deeper than {settings.max_json_depth} levels")
+        raise error(
+            400,
+            "structure",
+            f"the JSON is nested deeper than {settings.max_json_depth} levels",
+            reason="json-depth",
+        )
     return body
 
 
@@ -164,7 +181,8 @@ def _wants_fhir() -> bool:
         return False
     best = request.accept_mimetypes.best_match(["application/json", "application/fhir+json"])
     if best is None:
-        raise error(406, "not-supported", "answers are application/json (cards) or application/fhir+json")
+        answers = "answers are application/json (cards) or application/fhir+json"
+        raise error(406, "not-supported", answers, reason="accept")
     return best == "application/fhir+json"
 
 
@@ -185,11 +203,69 @@ def _json(payload: dict, status: int = 200, mimetype: str = "application/json") 
     return Response(json.dumps(payload, ensure_ascii=False), status=status, mimetype=mimetype)
 
 
-def _outcome(status: int, issues) -> Response:
+def _refuse(
+    status: int, issues, reason: str, fields: Mapping = MappingProxyType({}), exc_info=None
+) -> Response:
+    """Answer an OperationOutcome and log one line an operator can count: never the path, query or body."""
+    service_id = (request.view_args or {}).get("service_id")
+    log.log(
+        logging.ERROR if status >= 500 else logging.WARNING,
+        "error",
+        exc_info=exc_info,
+        extra={
+            "fields": {
+                "status": status,
+                "route": _route(),
+                "code": issues[0].code if issues else None,
+                "reason": reason,
+                # Only our own ids: an unknown one is text the client chose.
+                "service": service_id if service_id in hooks.SERVICES else None,
+                "hookInstance": g.get("hook_instance"),
+                **fields,
+            }
+        },
+    )
     return _json(operation_outcome(issues), status, "application/fhir+json")
 
 
-def _log_evaluation(service_id: str, evaluation: Evaluation) -> None:
+def _route() -> str:
+    """Name the route template that answered (e.g. /cds-services/<service_id>): a path may hold ids."""
+    return request.url_rule.rule if request.url_rule else "unmatched"
+
+
+def _noted(body):
+    """Note the request's hookInstance for the logs if it is a UUID (else it is text the client chose)."""
+    instance = body.get("hookInstance") if isinstance(body, dict) else None
+    g.hook_instance = instance if isinstance(instance, str) and hooks.is_uuid(instance) else None
+    return body
+
+
+def _account_for(app: Flask, evaluator: Evaluator) -> None:
+    """Count and log every answer; show in the metrics that this worker serves, and with what knowledge."""
+    metrics.workers.set(1)
+    metrics.knowledge.labels(evaluator.knowledge_version).set(1)
+    # Before auth's before-request function, so that a call it refuses is timed too.
+    app.before_request(_start)
+    app.after_request(_account)
+
+
+def _start() -> None:
+    g.started = time.perf_counter()
+
+
+def _account(response: Response) -> Response:
+    """Count the answer and log one access line: method, route template, status and milliseconds."""
+    route = _route()
+    metrics.requests.labels(route, str(response.status_code)).inc()
+    fields = {"method": request.method, "route": route, "status": response.status_code}
+    if "started" in g:
+        fields["ms"] = ms_since(g.started)
+    access.info("request", extra={"fields": fields})
+    return response
+
+
+def _report(service_id: str, evaluation: Evaluation, knowledge: str) -> None:
+    """Log what was evaluated and count it."""
     log.info(
         "evaluated",
         extra={
@@ -198,8 +274,22 @@ def _log_evaluation(service_id: str, evaluation: Evaluation) -> None:
                 "hookInstance": evaluation.hook_instance,
                 "cards": len(evaluation.cards),
                 "rules": list(evaluation.rules),
+                "knowledge": knowledge,
                 "ms": evaluation.timings,
                 **({"ranOut": evaluation.ran_out} if evaluation.ran_out else {}),
             }
         },
     )
+    _count(evaluation)
+
+
+def _count(evaluation: Evaluation) -> None:
+    """Count an evaluation's stage times, its cards by rule, topic and indicator, and a deadline run-out."""
+    for stage, ms in evaluation.timings.items():
+        metrics.stage_seconds.labels(stage).observe(ms / 1000)
+    for card in evaluation.cards:
+        topic, indicator = card["source"]["topic"]["code"], card["indicator"]
+        for rule in card["extension"]["imnm-cds.rules"]:
+            metrics.cards.labels(rule, topic, indicator).inc()
+    if evaluation.ran_out:
+        metrics.ran_out.labels(evaluation.ran_out).inc()

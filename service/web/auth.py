@@ -22,15 +22,18 @@ import jwt
 import requests
 from flask import Flask, request
 
+from service import metrics
 from service.config import ConfigError, Settings
 from service.fhir import is_http_url, url_origin
 from service.outcome import error
 from service.store.replay import ReplayStore, ReplayStoreUnavailable
+from service.web import scrape
 
 log = logging.getLogger(__name__)
 
 # Health checks are for the platform, not CDS clients; CORS preflights carry no credentials by design.
 OPEN_PATHS = frozenset({"/health", "/health/ready"})
+NO_JWT_PATHS = OPEN_PATHS | {scrape.PATH}  # /metrics checks its own callers
 DEFAULT_ALGORITHMS = ("RS384", "ES384")  # the spec's RECOMMENDED pair
 # Each algorithm is bound to the key type it may verify with, so a token never picks the family.
 KEY_ALGORITHMS = {
@@ -425,14 +428,17 @@ def protect(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def authenticate():
-        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
+        if request.method == "OPTIONS" or request.path in NO_JWT_PATHS:
             return
         try:
             verifier.verify(request.headers.get("Authorization"), settings.public_url + request.path)
         except Rejected as exc:
             log.warning("unauthorized", extra={"fields": {"reason": exc.reason, "issuer": exc.issuer}})
             # The spec: "HTTP 401 Unauthorized ... without any additional information".
-            raise error(401, "login", "unauthorized") from None
+            metrics.jwt_refusals.labels(exc.reason).inc()
+            raise error(401, "login", "unauthorized", reason=f"jwt-{exc.reason}") from None
         except ReplayStoreUnavailable:
             # Fail closed: a token that cannot be recorded could be replayed. Logged and counted by the store.
-            raise error(503, "transient", "the token could not be checked for replay; retry") from None
+            raise error(
+                503, "transient", "the token could not be checked for replay; retry", reason="replay-store"
+            ) from None

@@ -14,7 +14,7 @@ from service.evaluate.cards import CONTEXT, EVIDENCE, OUTCOME, PRETEST, PROBABIL
 from service.fhir import DATETIME, RESOURCE_TYPE
 from service.gather import prefetch
 from service.store import feedback_request
-from service.web import auth
+from service.web import auth, scrape
 
 # JSON Schema (2020-12) of CDS Hooks 2.0 requests, responses and discovery, from the HL7 logical
 # models and their invariants; OpenAPI 3.1 takes it as it is, under components.
@@ -29,7 +29,8 @@ ERRORS = {
     400: "Malformed JSON, wrong shape, a bad field, nesting deeper than the limit, invalid FHIR in a "
     "resource that matters, or data about another patient; `issue.expression` names where.",
     401: "No valid signed JWT from a trusted CDS client. Says nothing of why, as CDS Hooks asks.",
-    403: "The request needs data fetched from a `fhirServer` the service may not contact.",
+    403: "The request needs data fetched from a `fhirServer` the service may not contact; for /metrics, "
+    "the caller is neither at an address nor holds the secret the settings name.",
     406: "The Accept header allows neither application/json nor application/fhir+json.",
     412: "A required prefetch key was neither sent nor could be fetched (or, as configured, the client "
     "reported that prefetching it failed); for /evaluate, the Bundle holds an OperationOutcome reporting "
@@ -243,8 +244,13 @@ SCHEMAS = {
                 "type": "array",
                 "items": {
                     "type": "object",
-                    "required": ["rule", "topic", "issued", "cards", "accepted", "overridden"],
+                    "required": ["knowledge", "rule", "topic", "issued", "cards", "accepted", "overridden"],
                     "properties": {
+                        "knowledge": {
+                            "type": "string",
+                            "description": "Package version + hash of rules/ that issued the cards; "
+                            "empty for cards recorded before it was.",
+                        },
                         "rule": {"type": "string"},
                         "topic": {"type": "string"},
                         **{
@@ -281,7 +287,12 @@ SCHEMAS = {
     "Health": {
         "type": "object",
         "required": ["status"],
-        "properties": {"status": {"enum": ["ok", "ready"]}, "rules": {"type": "integer", "minimum": 1}},
+        "properties": {
+            "status": {"enum": ["ok", "ready"]},
+            "rules": {"type": "integer", "minimum": 1},
+            "disabledRules": {"type": "array", "items": {"type": "string"}},
+            "knowledge": {"type": "string", "description": "Package version + hash of rules/, overridden."},
+        },
     },
 }
 
@@ -298,11 +309,12 @@ def document(settings: Settings) -> dict:
         "/health": {"get": _health("Liveness: the process answers.")},
         "/health/ready": {"get": _health("Readiness: the rule engine evaluates.", ready=True)},
         "/openapi.json": {"get": _openapi()},
+        scrape.PATH: {"get": _metrics(settings)},
     }
     if settings.auth == "jwt":
         for path, operations in paths.items():
             for operation in operations.values():
-                if path not in auth.OPEN_PATHS:
+                if path not in auth.NO_JWT_PATHS:
                     operation["security"] = [{"cdsClient": []}]
                     operation["responses"]["401"] = _error(401)
                     operation["responses"]["503"] = _error(503)  # the replay store did not answer
@@ -329,7 +341,12 @@ def document(settings: Settings) -> dict:
                     "bearerFormat": "JWT",
                     "description": "A JWT signed by a trusted CDS client (CDS Hooks 2.0, Trusting CDS "
                     "Clients), its aud the public URL of the path called.",
-                }
+                },
+                "metricsSecret": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The secret in IMNM_CDS_METRICS_TOKEN_FILE (GET /metrics only).",
+                },
             },
         },
     }
@@ -486,6 +503,27 @@ def _health(summary: str, ready: bool = False) -> dict:
     if ready:
         responses |= _errors(503)
     return {"operationId": "ready" if ready else "health", "summary": summary, "responses": responses}
+
+
+def _metrics(settings: Settings) -> dict:
+    operation = {
+        "operationId": "metrics",
+        "summary": "Prometheus metrics, summed over every worker process",
+        "responses": {
+            "200": {
+                "description": "The Prometheus text format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    }
+    if settings.auth == "jwt":
+        operation["description"] = (
+            "Served only to the addresses IMNM_CDS_METRICS_ADDRESSES names, or with the secret in "
+            "IMNM_CDS_METRICS_TOKEN_FILE as a bearer token; no JWT."
+        )
+        operation["security"] = [{}, {"metricsSecret": []}]
+        operation["responses"] |= _errors(403)
+    return operation
 
 
 def _openapi() -> dict:
