@@ -14,7 +14,8 @@ from rules import knowledge
 from service import facts, hooks
 from service.config import Settings
 from service.evaluate import cards
-from service.evaluate.engine import Engine, EngineBusy, EngineError
+from service.evaluate.engine import Engine, EngineBusy, EngineError, Outcome
+from service.facts import FactSet
 from service.fhir import Resource, naming_once, parse_datetime, validate
 from service.gather import prefetch
 from service.gather.fhirclient import FhirClient
@@ -35,6 +36,10 @@ class Evaluation:
     rules: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
     ran_out: str | None = None  # the stage during which the deadline passed
+    # What the cards were made from, for the explanation page; None when the deadline passed first.
+    facts: FactSet | None = None
+    outcome: Outcome | None = None
+    topics: frozenset[str] = frozenset()  # the card topics of the service that evaluated
 
     def response(self) -> dict:
         return {"cards": self.cards}
@@ -142,7 +147,17 @@ class Evaluator:
         timings["cards"] = ms_since(started)
         fired = tuple(sorted({r for c in outcome.conclusions for r in c.rules}))
         ran_out = "gather" if gathered.out_of_time else None
-        return Evaluation(built, gathered.patient_id, now, rules=fired, timings=timings, ran_out=ran_out)
+        return Evaluation(
+            built,
+            gathered.patient_id,
+            now,
+            rules=fired,
+            timings=timings,
+            ran_out=ran_out,
+            facts=fact_set,
+            outcome=outcome,
+            topics=service.topics,
+        )
 
     def readiness_problem(self) -> str | None:
         """Say why this process should not take traffic (the engine cannot evaluate), or None."""

@@ -67,21 +67,31 @@ def biopsy_fact(
         key=lambda r: (effective_time(r.data) or datetime.min.replace(tzinfo=now.tzinfo), r.reference),
     )
     time = effective_time(latest.data)
-    fact.update(read_features(k, report_text(latest.data)))
-    if any(matches(k, "diagnosis-imnm", c) for c in as_list(latest.data.get("conclusionCode"))):
-        fact["necrosis"] = "present"
+    fact.update(features(k, latest.data))
     fact["reported"] = True
     if time:
         fact["days_ago"] = days_before(time, now)
+    return fact, f"muscle biopsy {day(time)}: {reading(k, latest)[2]}", (latest.reference,)
+
+
+def features(k, data: dict) -> dict[str, str]:
+    """Read a biopsy report's features; a coded IMNM conclusion counts as necrotizing."""
+    found = read_features(k, report_text(data))
+    if any(matches(k, "diagnosis-imnm", c) for c in as_list(data.get("conclusionCode"))):
+        found["necrosis"] = "present"
+    return found
+
+
+def reading(k, report: Resource) -> tuple[datetime | None, str, str]:
+    """Return a biopsy report's date, kind and reading: the features it shows, in words."""
+    found = features(k, report.data)
     shown = [
         k.param(f"biopsy.features.{name}").attributes["label"]
         for name in k.children("biopsy.features")
-        if fact[name.replace("-", "_")] == "present"
+        if found[name.replace("-", "_")] == "present"
     ]
-    text = f"muscle biopsy {day(time)}: " + (
-        ", ".join(shown) if shown else "no feature recognised in the report text"
-    )
-    return fact, text, (latest.reference,)
+    text = ", ".join(shown) if shown else "no feature recognised in the report text"
+    return effective_time(report.data), "biopsy", text
 
 
 def relevant(k, resource: Resource) -> bool:
