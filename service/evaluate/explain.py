@@ -97,10 +97,12 @@ def course_chart(k, facts) -> Chart | None:
         return None
     lanes = _lanes(k, timeline)
     rows = [3.2] + ([1.3] if timeline.fvc else []) + ([0.35 * len(lanes) + 0.5] if lanes else [])
-    height = sum(rows) + 0.8
+    height = sum(rows) + 1.4
     figure = Figure(figsize=(9, height))
-    figure.subplots_adjust(**MARGINS, top=1 - 0.15 / height, bottom=0.45 / height, hspace=0.35)
-    axes = figure.subplots(len(rows), 1, sharex=True, gridspec_kw={"height_ratios": rows}, squeeze=False)[:, 0]
+    figure.subplots_adjust(**MARGINS, top=1 - 0.75 / height, bottom=0.45 / height, hspace=0.35)
+    axes = figure.subplots(len(rows), 1, sharex=True, gridspec_kw={"height_ratios": rows}, squeeze=False)[
+        :, 0
+    ]
     alt = ["CK over time on a log scale"]
     ck_axes = axes[0]
     if timeline.ck:
@@ -133,16 +135,22 @@ def _draw_ck(k, axes, timeline, facts) -> list[str]:
     framed = list(times)  # what the x axis frames, so a long exposure does not squeeze the curve
     values = [max(r.value, 1.0) for r in results]
     axes.set_yscale("log")
-    axes.axhspan(1, uln, facecolor="0.88", hatch="..", edgecolor="0.7", linewidth=0, label=f"normal (≤ {uln:g} U/L)")
+    axes.axhspan(1, uln, facecolor="0.9", label=f"normal range (≤ ULN {uln:g} U/L)")
+    axes.axhline(uln, color="0.4", linewidth=0.8)
     axes.plot(times, values, marker="o", color="black", label="CK measured (U/L)")
     labelled = results if len(results) <= 12 else [results[0], highest(results), results[-1]]
     for r in labelled:
-        axes.annotate(f"{r.value:,.0f}", (r.time, max(r.value, 1.0)), textcoords="offset points", xytext=(4, 6))
+        axes.annotate(
+            f"{r.value:,.0f}", (r.time, max(r.value, 1.0)), textcoords="offset points", xytext=(4, 6)
+        )
     listed = results if len(results) <= LISTED else [results[0], highest(results), results[-1]]
     described = "; ".join(f"{r.value:,.0f} U/L ({r.x_uln:.1f}× ULN) on {day(r.time)}" for r in listed)
-    alt = [f"{len(results)} CK result{'s' if len(results) > 1 else ''}"
-           + (" (first, peak and latest shown)" if len(listed) < len(results) else "")
-           + f": {described}", f"upper limit of normal {uln:g} U/L shaded"]
+    alt = [
+        f"{len(results)} CK result{'s' if len(results) > 1 else ''}"
+        + (" (first, peak and latest shown)" if len(listed) < len(results) else "")
+        + f": {described}",
+        f"upper limit of normal {uln:g} U/L shaded",
+    ]
     last = timeline.last_statin
     if last is not None and last.last is not None:
         how = "recorded" if last.last_known else "inferred"
@@ -153,24 +161,30 @@ def _draw_ck(k, axes, timeline, facts) -> list[str]:
         if episode:
             peak = highest(episode)
             half_life = k.value("statin.ck-half-life")
-            end = max(episode[-1].time, peak.time + timedelta(days=half_life * math.log2(max(peak.x_uln, 1.0))))
+            # Drawn until toxicity would have brought CK back to the upper limit of normal.
+            end = peak.time + timedelta(days=half_life * math.log2(max(peak.x_uln, 1.0)))
             span = max((end - peak.time).total_seconds(), 1.0)
             curve = [peak.time + timedelta(seconds=span * i / 60) for i in range(61)]
             expected = [max(expected_value(peak, t, half_life), 1.0) for t in curve]
-            axes.plot(curve, expected, linestyle="--", color="0.35", label=f"expected if toxic (half-life {half_life:g} d)")
+            axes.plot(
+                curve,
+                expected,
+                linestyle="--",
+                color="0.35",
+                label=f"expected if toxic (half-life {half_life:g} d)",
+            )
             alt.append(f"expected toxic decay from the peak with a half-life of {half_life:g} days")
             framed.append(end)
     fitted = _fact(facts, "ck-kinetics").get("observed_half_life")
     if fitted is not None:
         alt.append(f"observed half-life {fitted:.1f} days")
-        axes.text(0.99, 0.96, f"observed half-life {fitted:.1f} d", transform=axes.transAxes,
-                  ha="right", va="top", bbox={"facecolor": "white", "edgecolor": "black"})
+        axes.set_title(f"observed half-life {fitted:.1f} days", loc="right", fontsize=9, fontweight="bold")
     pad = max((max(framed) - min(framed)) * 0.08, timedelta(days=7))
     axes.set_xlim(min(framed) - pad, max(framed) + pad)
     axes.set_ylabel("CK (U/L, log)")
     axes.set_ylim(bottom=max(1, min(values + [uln]) / 3), top=max(values + [uln]) * 3)
     axes.grid(True, which="major", alpha=0.3)
-    axes.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1.12), ncols=2, fontsize=8, frameon=False)
     return alt
 
 
@@ -198,8 +212,15 @@ def _draw_lanes(axes, lanes, timeline, facts) -> list[str]:
             if start is None or end is None:
                 continue
             width = max(end - start, timedelta(days=1))
-            axes.barh(row, width, left=start, height=0.6, color="0.55" if c.last_known else "white",
-                      edgecolor="black", hatch=None if c.last_known else "///")
+            axes.barh(
+                row,
+                width,
+                left=start,
+                height=0.6,
+                color="0.55" if c.last_known else "white",
+                edgecolor="black",
+                hatch=None if c.last_known else "///",
+            )
             spans.append(f"{day(start)} to {day(end)} ({'end recorded' if c.last_known else 'end inferred'})")
         if spans:
             alt.append(f"{name}: " + ", ".join(spans))
@@ -215,7 +236,9 @@ def _draw_lanes(axes, lanes, timeline, facts) -> list[str]:
     axes.set_yticks(range(len(lanes)), [name for name, _ in lanes])
     axes.set_ylim(len(lanes) - 0.4, -0.6)
     axes.grid(True, axis="x", alpha=0.3)
-    axes.set_title("solid: end recorded · hatched: end inferred · ▲ biopsy · ■ screening", fontsize=8, loc="left")
+    axes.set_title(
+        "solid: end recorded · hatched: end inferred · ▲ biopsy · ■ screening", fontsize=8, loc="left"
+    )
     return alt
 
 
@@ -230,7 +253,7 @@ def ladder(k, conclusion, facts) -> dict:
     figure.subplots_adjust(left=0.3, right=0.98, top=1 - 0.15 / height, bottom=0.5 / height)
     axes = figure.subplots()
     bars = axes.barh(range(len(labels)), [v * 100 for v in values], color="white", edgecolor="black")
-    bars[0].set_hatch("..")
+    bars[0].set_hatch("//")
     if steps:
         bars[-1].set_facecolor("0.6")
     for row, (value, step) in enumerate(zip(values, [None, *steps], strict=True)):
@@ -242,8 +265,13 @@ def ladder(k, conclusion, facts) -> dict:
     axes.set_xlabel("probability of IMNM (%)")
     axes.grid(True, axis="x", alpha=0.3)
     alt = f"Probability of IMNM: pre-test {cards.percent(params['pretest'])} ({params['presentation']})"
-    alt += "".join(f"; {s.evidence}, likelihood ratio {s.likelihood_ratio:.3g}, → {cards.percent(s.probability)}" for s in steps)
-    alt += f"; post-test {cards.percent(params['probability'])}." if steps else "; no result to update it yet."
+    alt += "".join(
+        f"; {s.evidence}, likelihood ratio {s.likelihood_ratio:.3g}, → {cards.percent(s.probability)}"
+        for s in steps
+    )
+    alt += (
+        f"; post-test {cards.percent(params['probability'])}." if steps else "; no result to update it yet."
+    )
     unknown = [facts.basis[i].text for i in conclusion.basis if not facts.basis[i].references]
     return {
         "chart": Chart(svg(figure), alt),

@@ -29,7 +29,7 @@ from service.outcome import error
 log = logging.getLogger(__name__)
 
 # Health checks are for the platform, not CDS clients; CORS preflights carry no credentials by design.
-OPEN_PATHS = frozenset({"/health", "/health/ready"})
+OPEN_PATHS = frozenset({"/health", "/health/ready", "/explain.css"})  # the page's stylesheet: no data
 DEFAULT_ALGORITHMS = ("RS384", "ES384")  # the spec's RECOMMENDED pair
 # Each algorithm is bound to the key type it may verify with, so a token never picks the family.
 KEY_ALGORITHMS = {

@@ -13,6 +13,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+# The explanation page: charts are data: images, its stylesheet comes from this origin, nothing runs.
+PAGE_POLICY = "default-src 'none'; img-src data:; style-src 'self'; frame-ancestors 'none'; form-action 'none'"
 # Clients send the JWT in the Authorization header, never as a cookie, so CORS never allows
 # credentials; that is also why "*" is safe to configure.
 CORS_PREFLIGHT = {
@@ -28,6 +30,8 @@ def install(app: Flask, cors_origins: tuple[str, ...]) -> None:
     @app.after_request
     def add_headers(response: Response) -> Response:
         response.headers.update(SECURITY_HEADERS)
+        if response.mimetype == "text/html":
+            response.headers["Content-Security-Policy"] = PAGE_POLICY
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750 §3, with no error detail
         if isinstance(request.routing_exception, MethodNotAllowed):
