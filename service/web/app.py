@@ -87,7 +87,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         _log_evaluation("evaluate", evaluation)
         store.record_cards("evaluate", evaluation.cards, datetime.now(UTC))
         if answer == "text/html":
-            return Response(explain.render(evaluator.knowledge, evaluation), mimetype="text/html")
+            return headers.page(explain.render(evaluator.knowledge, evaluation))
         if answer == "application/fhir+json":
             service_id = hooks.service_for(hook).id
             results = guidance.bundle(evaluation.cards, evaluation.patient_id, service_id, evaluation.now)

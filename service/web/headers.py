@@ -24,13 +24,19 @@ CORS_PREFLIGHT = {
 }
 
 
+def page(html: str) -> Response:
+    """Answer an HTML page under its own policy: data: images and same-origin styles only."""
+    return Response(html, mimetype="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+
 def install(app: Flask, cors_origins: tuple[str, ...]) -> None:
     """Add the security headers, and CORS headers for allowed origins, to every response."""
 
     @app.after_request
     def add_headers(response: Response) -> Response:
+        page = response.headers.get("Content-Security-Policy") == PAGE_POLICY
         response.headers.update(SECURITY_HEADERS)
-        if response.mimetype == "text/html":
+        if page:
             response.headers["Content-Security-Policy"] = PAGE_POLICY
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750 §3, with no error detail
