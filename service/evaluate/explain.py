@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
+from pathlib import Path
 
 import jinja2
 from matplotlib import rcParams
@@ -71,6 +72,12 @@ def render(k, evaluation: Evaluation, stylesheet: str = STYLESHEET_NAME) -> str:
     )
 
 
+def write(k, evaluation: Evaluation, out: Path) -> None:
+    """Write the page to a file, with its stylesheet beside it where the page links it."""
+    out.write_text(render(k, evaluation), encoding="utf-8")
+    out.with_name(STYLESHEET_NAME).write_text(STYLESHEET, encoding="utf-8")
+
+
 def explain_card(k, card: dict, conclusion, facts) -> dict:
     """Gather what a card rests on: its rules, evidence, what is not known, and its sources."""
     text = k.cards[conclusion.key]
@@ -120,7 +127,8 @@ def course_chart(k, facts) -> Chart | None:
         fvc_axes.set_ylabel("FVC\n% predicted")
         fvc_axes.set_ylim(0, max(110, max(values) + 15))
         fvc_axes.grid(True, alpha=0.3)
-        alt.append("FVC % predicted: " + ", ".join(f"{v:g}% on {day(t)}" for t, v in zip(times, values)))
+        readings = ", ".join(f"{r.value:g}% on {day(r.time)}" for r in timeline.fvc)
+        alt.append(f"FVC % predicted: {readings}")
     if lanes:
         alt += _draw_lanes(axes[-1], lanes, facts.timeline, facts)
     axes[-1].xaxis.set_major_formatter(ConciseDateFormatter(AutoDateLocator()))
@@ -182,7 +190,7 @@ def _draw_ck(k, axes, timeline, facts) -> list[str]:
     pad = max((max(framed) - min(framed)) * 0.08, timedelta(days=7))
     axes.set_xlim(min(framed) - pad, max(framed) + pad)
     axes.set_ylabel("CK (U/L, log)")
-    axes.set_ylim(bottom=max(1, min(values + [uln]) / 3), top=max(values + [uln]) * 3)
+    axes.set_ylim(bottom=max(1, min([*values, uln]) / 3), top=max([*values, uln]) * 3)
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(loc="lower left", bbox_to_anchor=(0, 1.12), ncols=2, fontsize=8, frameon=False)
     return alt
@@ -201,7 +209,7 @@ def _lanes(k, timeline) -> list[tuple[str, list]]:
 
 
 def _draw_lanes(axes, lanes, timeline, facts) -> list[str]:
-    """Draw exposure and treatment courses as bars (hatched where the end is inferred) and reports as marks."""
+    """Draw statin and treatment courses as bars (hatched where the end is inferred), reports as marks."""
     alt = []
     now = max([c.last for _, cs in lanes for c in cs if c.last] + [r.time for r in timeline.ck], default=None)
     for row, (name, courses) in enumerate(lanes):

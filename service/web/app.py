@@ -86,18 +86,11 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"), hook)
         _log_evaluation("evaluate", evaluation)
         store.record_cards("evaluate", evaluation.cards, datetime.now(UTC))
-        if answer == "text/html":
-            return headers.page(explain.render(evaluator.knowledge, evaluation))
-        if answer == "application/fhir+json":
-            service_id = hooks.service_for(hook).id
-            results = guidance.bundle(evaluation.cards, evaluation.patient_id, service_id, evaluation.now)
-            return _json(results, mimetype="application/fhir+json")
-        return _json(evaluation.response())
+        return _answer(answer, evaluation, hook, evaluator.knowledge)
 
-    @app.get(f"/{explain.STYLESHEET_NAME}")
-    def stylesheet():
-        return Response(explain.STYLESHEET, mimetype="text/css")
-
+    app.add_url_rule(
+        f"/{explain.STYLESHEET_NAME}", "stylesheet", lambda: Response(explain.STYLESHEET, mimetype="text/css")
+    )
     app.add_url_rule("/openapi.json", "openapi", functools.partial(_json, openapi.document(settings)))
 
     @app.get("/health")
@@ -176,6 +169,17 @@ def _answer_type() -> str:
             "answers are application/json (cards), application/fhir+json or text/html (explanation)",
         )
     return best
+
+
+def _answer(answer: str, evaluation: Evaluation, hook: str, knowledge) -> Response:
+    """Answer an evaluation as cards, as FHIR resources, or as the page explaining it."""
+    if answer == "text/html":
+        return headers.page(explain.render(knowledge, evaluation))
+    if answer == "application/fhir+json":
+        service_id = hooks.service_for(hook).id
+        results = guidance.bundle(evaluation.cards, evaluation.patient_id, service_id, evaluation.now)
+        return _json(results, mimetype="application/fhir+json")
+    return _json(evaluation.response())
 
 
 def _depth_exceeds(value, limit: int) -> bool:

@@ -14,7 +14,9 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 # The explanation page: charts are data: images, its stylesheet comes from this origin, nothing runs.
-PAGE_POLICY = "default-src 'none'; img-src data:; style-src 'self'; frame-ancestors 'none'; form-action 'none'"
+PAGE_POLICY = (
+    "default-src 'none'; img-src data:; style-src 'self'; frame-ancestors 'none'; form-action 'none'"
+)
 # Clients send the JWT in the Authorization header, never as a cookie, so CORS never allows
 # credentials; that is also why "*" is safe to configure.
 CORS_PREFLIGHT = {

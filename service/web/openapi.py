@@ -487,7 +487,9 @@ def _stylesheet() -> dict:
     return {
         "operationId": "explanationStylesheet",
         "summary": "The explanation page's stylesheet (no patient data; no JWT needed)",
-        "responses": {"200": {"description": "CSS.", "content": {"text/css": {"schema": {"type": "string"}}}}},
+        "responses": {
+            "200": {"description": "CSS.", "content": {"text/css": {"schema": {"type": "string"}}}}
+        },
     }
 
 
