@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jinja2
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from service.evaluate import explain
 from service.evaluate.cards import PROBABILITY, RISK_TIER, SEVERITY, percent
@@ -99,4 +100,5 @@ def _bars(labels: list[str], counts: list[int], axis: str, alt: str) -> explain.
     axes.set_xlabel(axis)
     axes.set_ylabel("patients")
     axes.set_ylim(0, max([*counts, 1]) * 1.2)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     return explain.Chart(explain.svg(figure), alt)
