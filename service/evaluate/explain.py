@@ -11,9 +11,6 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
-from matplotlib import rcParams
-from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-from matplotlib.figure import Figure
 
 from service.evaluate import cards
 from service.evaluate.pipeline import Evaluation
@@ -30,9 +27,11 @@ PAGES = jinja2.Environment(
     lstrip_blocks=True,
     undefined=jinja2.StrictUndefined,
 )
-rcParams["svg.hashsalt"] = "imnm-cds"  # the same page for the same input: no random ids in the SVG
-rcParams["font.size"] = 9
-rcParams["svg.fonttype"] = "none"  # text stays text: a smaller SVG, drawn faster, sharp in print
+STYLE = {
+    "svg.hashsalt": "imnm-cds",  # the same page for the same input: no random ids in the SVG
+    "svg.fonttype": "none",  # text stays text: a smaller SVG, drawn faster, sharp in print
+    "font.size": 9,
+}
 MARGINS = {"left": 0.16, "right": 0.98}  # fixed: a constrained layout doubles the drawing time
 LISTED = 20  # past this many CK results, the alt text names the first, the peak and the latest
 INDICATOR_MARK = {"critical": "‼ Critical", "warning": "! Warning", "info": "i Info"}
@@ -105,7 +104,7 @@ def course_chart(k, facts) -> Chart | None:
     lanes = _lanes(k, timeline)
     rows = [3.2] + ([1.3] if timeline.fvc else []) + ([0.35 * len(lanes) + 0.5] if lanes else [])
     height = sum(rows) + 1.4
-    figure = Figure(figsize=(9, height))
+    figure = new_figure(9, height)
     figure.subplots_adjust(**MARGINS, top=1 - 0.75 / height, bottom=0.45 / height, hspace=0.35)
     axes = figure.subplots(len(rows), 1, sharex=True, gridspec_kw={"height_ratios": rows}, squeeze=False)[
         :, 0
@@ -131,6 +130,8 @@ def course_chart(k, facts) -> Chart | None:
         alt.append(f"FVC % predicted: {readings}")
     if lanes:
         alt += _draw_lanes(axes[-1], lanes, facts.timeline, facts)
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter  # noqa: PLC0415 (see new_figure)
+
     axes[-1].xaxis.set_major_formatter(ConciseDateFormatter(AutoDateLocator()))
     return Chart(svg(figure), "; ".join(alt) + ".")
 
@@ -257,7 +258,7 @@ def ladder(k, conclusion, facts) -> dict:
     labels = ["pre-test"] + [s.evidence for s in steps]
     values = [params["pretest"]] + [s.probability for s in steps]
     height = 0.45 * len(labels) + 0.8
-    figure = Figure(figsize=(9, height))
+    figure = new_figure(9, height)
     figure.subplots_adjust(left=0.3, right=0.98, top=1 - 0.15 / height, bottom=0.5 / height)
     axes = figure.subplots()
     bars = axes.barh(range(len(labels)), [v * 100 for v in values], color="white", edgecolor="black")
@@ -327,7 +328,17 @@ def _fact(facts, id_: str) -> dict:
     return next((f for f in facts.facts if f["id"] == id_), {})
 
 
-def svg(figure: Figure) -> str:
+def new_figure(width: float, height: float):
+    """Start a figure of this size in inches, in the page's style."""
+    # matplotlib is imported on the first chart: a worker that never draws one starts without it.
+    import matplotlib  # noqa: PLC0415 (imported when first needed)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    matplotlib.rcParams.update(STYLE)
+    return Figure(figsize=(width, height))
+
+
+def svg(figure) -> str:
     """Return a figure as a data: URL of its SVG."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="svg", metadata={"Date": None})

@@ -8,8 +8,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import jinja2
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from service.evaluate import explain
 from service.evaluate.cards import PROBABILITY, RISK_TIER, SEVERITY, percent
@@ -91,7 +89,7 @@ def _rows(results: Iterable[Path]):
 
 def _bars(labels: list[str], counts: list[int], axis: str, alt: str) -> explain.Chart:
     """Draw counts as labelled bars."""
-    figure = Figure(figsize=(7, 2.6))
+    figure = explain.new_figure(7, 2.6)
     figure.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.22)
     axes = figure.subplots()
     bars = axes.bar(range(len(labels)), counts, color="0.7", edgecolor="black")
@@ -100,5 +98,5 @@ def _bars(labels: list[str], counts: list[int], axis: str, alt: str) -> explain.
     axes.set_xlabel(axis)
     axes.set_ylabel("patients")
     axes.set_ylim(0, max([*counts, 1]) * 1.2)
-    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.locator_params(axis="y", integer=True)
     return explain.Chart(explain.svg(figure), alt)
