@@ -1,0 +1,65 @@
+"""The explanation page for every fixture: drawn from the evaluation, each card in it, the same each time."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import FIXTURES, load, scenarios
+from service.cli import main
+
+
+def bundle_and_time(path) -> tuple[dict, str]:
+    """Return a fixture as a Bundle and the moment its expected answer was made for."""
+    request = load(path / "request.json")
+    if request.get("resourceType") == "Bundle":
+        return request, request.get("timestamp", "2024-06-01T12:00:00Z")
+    entries = []
+    for value in (request.get("prefetch") or {}).values():
+        if value is not None:
+            inner = value.get("entry", []) if value["resourceType"] == "Bundle" else [{"resource": value}]
+            entries += [{"resource": e["resource"]} for e in inner]
+    as_of = (request.get("extension") or {}).get("imnm-cds.asOf", "2024-06-01T12:00:00Z")
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}, as_of
+
+
+@pytest.mark.parametrize("path", scenarios(), ids=lambda p: p.name)
+def test_every_fixture_has_a_page_with_each_of_its_cards(client, path):
+    bundle, as_of = bundle_and_time(path)
+    cards = client.post(f"/evaluate?asOf={as_of}", json=bundle)
+    page = client.post(f"/evaluate?asOf={as_of}", json=bundle, headers={"Accept": "text/html"})
+    assert page.status_code == cards.status_code
+    if cards.status_code != 200:
+        return
+    html = page.get_data(as_text=True)
+    shown = cards.get_json()["cards"]
+    assert html.count('<article id="card-') == len(shown)
+    for card in shown:
+        assert card["uuid"] and card["source"]["label"].replace("&", "&amp;") in html
+    assert "<script" not in html and "style=" not in html  # the policy would block both
+    ck = [e for e in bundle["entry"] if "2157-6" in json.dumps(e["resource"].get("code", {}))]
+    if ck:
+        assert re.search(r'alt="CK over time on a log scale; \d+ CK results?', html)
+    second = client.post(f"/evaluate?asOf={as_of}", json=bundle, headers={"Accept": "text/html"})
+    assert second.get_data(as_text=True) == html
+
+
+def test_evaluate_writes_the_page_and_its_stylesheet_beside_it(tmp_path, capsys):
+    out = tmp_path / "page.html"
+    request = FIXTURES / "bundle-worked-example" / "request.json"
+    assert main(["evaluate", "--html", str(out), str(request)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    html = out.read_text(encoding="utf-8")
+    assert '<link rel="stylesheet" href="explain.css">' in html
+    assert (tmp_path / "explain.css").read_text(encoding="utf-8").startswith("/*")
+    assert html.count('<article id="card-') == len(printed["cards"]) > 0
+    assert "Probability of IMNM" in html
+
+
+def test_evaluate_explains_one_file_at_a_time(tmp_path, capsys):
+    request = str(FIXTURES / "bundle-worked-example" / "request.json")
+    assert main(["evaluate", "--html", str(tmp_path / "page.html"), request, request]) == 2
+    assert "one file" in capsys.readouterr().err
+    assert not (tmp_path / "page.html").exists()
