@@ -63,3 +63,44 @@ def test_evaluate_explains_one_file_at_a_time(tmp_path, capsys):
     assert main(["evaluate", "--html", str(tmp_path / "page.html"), request, request]) == 2
     assert "one file" in capsys.readouterr().err
     assert not (tmp_path / "page.html").exists()
+
+
+def observation(id_: str, loinc: str, when: str, value: float, unit: str) -> dict:
+    return {
+        "resource": {
+            "resourceType": "Observation",
+            "id": id_,
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+            "subject": {"reference": "Patient/p"},
+            "effectiveDateTime": when,
+            "valueQuantity": {
+                "value": value,
+                "unit": unit,
+                "system": "http://unitsofmeasure.org",
+                "code": unit,
+            },
+        }
+    }
+
+
+def test_values_no_record_should_hold_are_drawn_at_the_edge_and_written_as_they_are(client):
+    statin = {
+        "resourceType": "MedicationStatement",
+        "id": "s",
+        "status": "completed",
+        "subject": {"reference": "Patient/p"},
+        "medicationCodeableConcept": {"text": "atorvastatin 40 mg tablet"},
+        "effectivePeriod": {"start": "2023-01-01", "end": "2023-12-30"},
+    }
+    entries = [
+        {"resource": {"resourceType": "Patient", "id": "p"}},
+        {"resource": statin},
+        *(observation(f"ck{d}", "2157-6", f"2024-01-0{d}", 1e308, "U/L") for d in (1, 2, 3)),
+        observation("fvc", "19872-1", "2024-01-02", 1e308, "%"),
+    ]
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    page = client.post("/evaluate?asOf=2024-06-01T00:00:00Z", json=bundle, headers={"Accept": "text/html"})
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert "3 CK results" in html and "FVC % predicted: 1e+308%" in html

@@ -33,6 +33,8 @@ STYLE = {
     "font.size": 9,
 }
 MARGINS = {"left": 0.16, "right": 0.98}  # fixed: a constrained layout doubles the drawing time
+DRAWN_CEILING = 1e7  # U/L; a larger value is an error in the record, drawn at the top of the axis
+FVC_CEILING = 250.0  # % predicted; a larger value is an error in the record, drawn at this height
 LISTED = 20  # past this many CK results, the alt text names the first, the peak and the latest
 INDICATOR_MARK = {"critical": "‼ Critical", "warning": "! Warning", "info": "i Info"}
 
@@ -119,7 +121,7 @@ def course_chart(k, facts) -> Chart | None:
     if timeline.fvc:
         fvc_axes = axes[1]
         times = [r.time for r in timeline.fvc]
-        values = [r.value for r in timeline.fvc]
+        values = [min(r.value, FVC_CEILING) for r in timeline.fvc]
         fvc_axes.plot(times, values, marker="D", color="black", linestyle="-")
         for time, value in zip(times, values, strict=True):
             fvc_axes.annotate(f"{value:g}%", (time, value), textcoords="offset points", xytext=(0, 6))
@@ -139,19 +141,17 @@ def course_chart(k, facts) -> Chart | None:
 def _draw_ck(k, axes, timeline, facts) -> list[str]:
     """Plot the observed CK, the normal range, the last statin dose and the expected toxic decay."""
     results = timeline.ck
-    uln = max(r.uln for r in results)
+    uln = drawn(max(r.uln for r in results))
     times = [r.time for r in results]
     framed = list(times)  # what the x axis frames, so a long exposure does not squeeze the curve
-    values = [max(r.value, 1.0) for r in results]
+    values = [drawn(r.value) for r in results]
     axes.set_yscale("log")
     axes.axhspan(1, uln, facecolor="0.9", label=f"normal range (≤ ULN {uln:g} U/L)")
     axes.axhline(uln, color="0.4", linewidth=0.8)
     axes.plot(times, values, marker="o", color="black", label="CK measured (U/L)")
     labelled = results if len(results) <= 12 else [results[0], highest(results), results[-1]]
     for r in labelled:
-        axes.annotate(
-            f"{r.value:,.0f}", (r.time, max(r.value, 1.0)), textcoords="offset points", xytext=(4, 6)
-        )
+        axes.annotate(f"{r.value:,.0f}", (r.time, drawn(r.value)), textcoords="offset points", xytext=(4, 6))
     listed = results if len(results) <= LISTED else [results[0], highest(results), results[-1]]
     described = "; ".join(f"{r.value:,.0f} U/L ({r.x_uln:.1f}× ULN) on {day(r.time)}" for r in listed)
     alt = [
@@ -174,7 +174,7 @@ def _draw_ck(k, axes, timeline, facts) -> list[str]:
             end = peak.time + timedelta(days=half_life * math.log2(max(peak.x_uln, 1.0)))
             span = max((end - peak.time).total_seconds(), 1.0)
             curve = [peak.time + timedelta(seconds=span * i / 60) for i in range(61)]
-            expected = [max(expected_value(peak, t, half_life), 1.0) for t in curve]
+            expected = [drawn(expected_value(peak, t, half_life)) for t in curve]
             axes.plot(
                 curve,
                 expected,
@@ -195,6 +195,11 @@ def _draw_ck(k, axes, timeline, facts) -> list[str]:
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(loc="lower left", bbox_to_anchor=(0, 1.12), ncols=2, fontsize=8, frameon=False)
     return alt
+
+
+def drawn(value: float) -> float:
+    """Keep a CK on the log axis: from 1 U/L to a ceiling no real CK reaches (labels keep the value)."""
+    return min(max(value, 1.0), DRAWN_CEILING)
 
 
 def _lanes(k, timeline) -> list[tuple[str, list]]:
