@@ -12,13 +12,11 @@ import pytest
 import requests
 from playwright.sync_api import sync_playwright
 
-from conftest import FIXTURES, load
+from conftest import FIXTURES, fixture_bundle
 from rules import knowledge
 from service.evaluate.cards import PRETEST, PROBABILITY, percent
 from service.fhir import parse_time
 from service.population import screen
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # playwright's event loop on 3.12
 
 
 def chromium() -> str:
@@ -50,17 +48,7 @@ def screenshots(tmp_path_factory) -> Path:
 
 
 def bundle_of(name: str) -> tuple[dict, str]:
-    """Return a fixture as a Bundle, and the moment it is evaluated at."""
-    request = load(FIXTURES / name / "request.json")
-    if request.get("resourceType") == "Bundle":
-        return request, request.get("timestamp", "2024-06-01T12:00:00Z")
-    entries = []
-    for value in request["prefetch"].values():
-        if value is not None:
-            inner = value.get("entry", []) if value["resourceType"] == "Bundle" else [{"resource": value}]
-            entries += [{"resource": e["resource"]} for e in inner]
-    bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
-    return bundle, request["extension"]["imnm-cds.asOf"]
+    return fixture_bundle(FIXTURES / name)
 
 
 class Opened:

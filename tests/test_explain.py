@@ -7,27 +7,13 @@ import re
 
 import pytest
 
-from conftest import FIXTURES, load, scenarios
+from conftest import FIXTURES, fixture_bundle, scenarios
 from service.cli import main
-
-
-def bundle_and_time(path) -> tuple[dict, str]:
-    """Return a fixture as a Bundle and the moment its expected answer was made for."""
-    request = load(path / "request.json")
-    if request.get("resourceType") == "Bundle":
-        return request, request.get("timestamp", "2024-06-01T12:00:00Z")
-    entries = []
-    for value in (request.get("prefetch") or {}).values():
-        if value is not None:
-            inner = value.get("entry", []) if value["resourceType"] == "Bundle" else [{"resource": value}]
-            entries += [{"resource": e["resource"]} for e in inner]
-    as_of = (request.get("extension") or {}).get("imnm-cds.asOf", "2024-06-01T12:00:00Z")
-    return {"resourceType": "Bundle", "type": "collection", "entry": entries}, as_of
 
 
 @pytest.mark.parametrize("path", scenarios(), ids=lambda p: p.name)
 def test_every_fixture_has_a_page_with_each_of_its_cards(client, path):
-    bundle, as_of = bundle_and_time(path)
+    bundle, as_of = fixture_bundle(path)
     cards = client.post(f"/evaluate?asOf={as_of}", json=bundle)
     page = client.post(f"/evaluate?asOf={as_of}", json=bundle, headers={"Accept": "text/html"})
     assert page.status_code == cards.status_code
