@@ -45,12 +45,12 @@ class Chart:
     alt: str
 
 
-def render(k, evaluation: Evaluation, stylesheet: str = STYLESHEET_NAME) -> str:
+def render(k, evaluation: Evaluation) -> str:
     """Render the explanation page of one evaluation, from its facts and rule outcome."""
     facts, outcome = evaluation.facts, evaluation.outcome
     if facts is None or outcome is None:  # the deadline passed before the rules ran
         return PAGES.get_template("explain.html").render(
-            evaluation=evaluation, stylesheet=stylesheet, incomplete=True
+            evaluation=evaluation, stylesheet=STYLESHEET_NAME, incomplete=True
         )
     by_uuid = {
         str(cards.card_uuid(c, facts, evaluation.patient_id)): c
@@ -62,7 +62,7 @@ def render(k, evaluation: Evaluation, stylesheet: str = STYLESHEET_NAME) -> str:
     screening = next((c for c in outcome.conclusions if c.key == "cancer-screening"), None)
     return PAGES.get_template("explain.html").render(
         evaluation=evaluation,
-        stylesheet=stylesheet,
+        stylesheet=STYLESHEET_NAME,
         incomplete=False,
         when=day(evaluation.now),
         course=course_chart(k, facts),
