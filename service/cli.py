@@ -16,6 +16,7 @@ from gunicorn.app.base import BaseApplication
 
 from service import hooks, logs, metrics
 from service.config import ConfigError, Settings
+from service.evaluate import explain
 from service.evaluate.pipeline import Evaluator
 from service.fhir import parse_datetime
 from service.gather import backend, bulk
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate", help="evaluate CDS Hooks requests or Bundles offline; print cards"
     )
     evaluate.add_argument("files", nargs="+", type=Path)
+    evaluate.add_argument(
+        "--html", type=Path, metavar="OUT.html", help="also write the explanation page (one file only)"
+    )
 
     replay = commands.add_parser(
         "replay", help="post every fixture to a server and diff against expected.json"
@@ -165,6 +169,9 @@ def frozen(app):
 
 def run_evaluate(args) -> int:
     """Print each file's response: the document itself for one file, an object keyed by path for several."""
+    if args.html and len(args.files) > 1:
+        print("imnm-cds: --html explains one file at a time", file=sys.stderr)
+        return 2
     evaluator = Evaluator(Settings.from_env())
     results, failed = {}, False
     for path in args.files:
@@ -177,6 +184,8 @@ def run_evaluate(args) -> int:
                 hook = body.get("hook") if isinstance(body, dict) else None
                 evaluation = evaluator.hook(hooks.service_for(hook), body, now)
             results[str(path)] = evaluation.response()
+            if args.html:
+                explain.write(evaluator.knowledge, evaluation, args.html)
         except (OSError, ValueError) as exc:
             failed = True
             results[str(path)] = {"error": f"cannot read {path}: {type(exc).__name__}"}

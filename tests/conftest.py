@@ -47,6 +47,20 @@ def scenarios() -> list[Path]:
     return sorted(p.parent for p in FIXTURES.glob("*/request.json"))
 
 
+def fixture_bundle(path: Path) -> tuple[dict, str]:
+    """Return a fixture as a Bundle (a hook request's prefetched resources) and the moment it is for."""
+    request = load(path / "request.json")
+    if request.get("resourceType") == "Bundle":
+        return request, request.get("timestamp", "2024-06-01T12:00:00Z")
+    entries = []
+    for value in (request.get("prefetch") or {}).values():
+        if value is not None:
+            inner = value.get("entry", []) if value["resourceType"] == "Bundle" else [{"resource": value}]
+            entries += [{"resource": e["resource"]} for e in inner]
+    as_of = (request.get("extension") or {}).get("imnm-cds.asOf", "2024-06-01T12:00:00Z")
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}, as_of
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -107,13 +107,18 @@ def test_the_same_input_gives_the_same_resources(client):
         ("*/*", 200, "cards"),
         ("application/fhir+json", 200, "Bundle"),
         ("application/fhir+json, application/json;q=0.5", 200, "Bundle"),
-        ("text/html", 406, "OperationOutcome"),
+        ("text/html", 200, "page"),
+        ("text/html,application/xhtml+xml,*/*;q=0.8", 200, "page"),  # what a browser sends
+        ("image/png", 406, "OperationOutcome"),
     ],
 )
 def test_content_negotiation_on_evaluate(client, accept, status, kind):
     headers = {"Accept": accept} if accept else {}
     response = client.post("/evaluate", json=load(WORKED / "request.json"), headers=headers)
     assert response.status_code == status
+    if response.mimetype == "text/html":
+        assert kind == "page" and b"Why these cards" in response.data
+        return
     body = response.get_json()
     assert (body.get("resourceType") or "cards") == kind
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SANDBOX, hook_request
+from conftest import FIXTURES, SANDBOX, hook_request, load
 from service.web.app import create_app
 from service.web.headers import SECURITY_HEADERS
 
@@ -105,3 +105,15 @@ def test_a_wildcard_allows_any_origin_but_never_credentials():
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert_secured(response)
     assert json.loads(response.data)["cards"] == []
+
+
+def test_the_explanation_page_allows_only_data_images_and_its_own_stylesheet(client):
+    bundle = load(FIXTURES / "bundle-worked-example" / "request.json")
+    page = client.post("/evaluate", json=bundle, headers={"Accept": "text/html"})
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    policy = page.headers["Content-Security-Policy"]
+    assert policy.startswith("default-src 'none'; img-src data:; style-src 'self';")
+    assert "script-src" not in policy and page.headers["X-Content-Type-Options"] == "nosniff"
+    stylesheet = client.get("/explain.css")
+    assert stylesheet.status_code == 200 and stylesheet.mimetype == "text/css"
+    assert_secured(stylesheet)

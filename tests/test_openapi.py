@@ -74,12 +74,13 @@ def test_with_jwt_every_operation_but_health_needs_a_token_and_may_answer_401(au
     metrics = document["paths"].pop("/metrics")["get"]
     for path, item in document["paths"].items():
         for operation in item.values():
-            protected = path not in ("/health", "/health/ready")
+            protected = path not in ("/health", "/health/ready", "/explain.css")
             assert ("security" in operation) == protected == ("401" in operation["responses"]), path
     assert auth_app.test_client().get("/openapi.json").status_code == 401
     # /metrics wants no JWT: an allowed address, or the secret as a bearer token; else 403.
     assert metrics["security"] == [{}, {"metricsSecret": []}]
     assert "403" in metrics["responses"] and "401" not in metrics["responses"]
+    assert auth_app.test_client().get("/explain.css").status_code == 200  # a browser sends no JWT for it
 
 
 def test_without_auth_nothing_asks_for_a_token():

@@ -46,8 +46,8 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
     text = k.cards[conclusion.key]
     params = conclusion.params
     values = template_values(params)
-    references = sorted({ref for id_ in conclusion.basis for ref in facts.basis[id_].references})
-    identity = uuid.uuid5(NAMESPACE, json.dumps([patient_id, conclusion.key, conclusion.rules, references]))
+    references = evidence(conclusion, facts)
+    identity = card_uuid(conclusion, facts, patient_id)
     opening = text.detail.format_map(values).replace(" \n", "\n").rstrip()  # an empty optional sentence
     detail = [
         opening[:1].upper() + opening[1:],
@@ -90,6 +90,18 @@ def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
     if text.links:
         result["links"] = [{"label": s.label, "url": s.url, "type": "absolute"} for s in text.links]
     return result
+
+
+def evidence(conclusion: Conclusion, facts: FactSet) -> list[str]:
+    """Return the references of the resources a conclusion rests on, sorted."""
+    return sorted({ref for id_ in conclusion.basis for ref in facts.basis[id_].references})
+
+
+def card_uuid(conclusion: Conclusion, facts: FactSet, patient_id: str) -> uuid.UUID:
+    """Identify a conclusion's card: the same patient, rules and evidence give the same uuid."""
+    return uuid.uuid5(
+        NAMESPACE, json.dumps([patient_id, conclusion.key, conclusion.rules, evidence(conclusion, facts)])
+    )
 
 
 def suggestion(order, identity: uuid.UUID, facts: FactSet, patient_id: str, sex: str | None) -> dict | None:
@@ -202,6 +214,16 @@ def list_section(title: str, lines, bullets: bool = True) -> str:
 
 def certainty_section(k, source, cited) -> str:
     """Say how sure the card's sources are, naming each value that is not verified or set locally."""
+    lines = []
+    for src, names in cited_sources(k, source, cited):
+        if src.verification != "verified":
+            values = f" — {', '.join(names)}" if names else ""
+            lines.append(f"{CAUTION[src.verification]}: {src.label}{values}. {src.note}".rstrip())
+    return list_section("How sure", lines)
+
+
+def cited_sources(k, source, cited) -> list[tuple[object, list[str]]]:
+    """Return the card's source and each source of a value it cites, with the values it gives."""
     used: dict[str, list[str]] = {source.id: []}
     sources = {source.id: source}
     for key in cited:
@@ -210,13 +232,7 @@ def certainty_section(k, source, cited) -> str:
         if parameter_name(k, key) not in names:
             names.append(parameter_name(k, key))
         sources[param.source.id] = param.source
-    lines = []
-    for id_, names in used.items():
-        src = sources[id_]
-        if src.verification != "verified":
-            values = f" — {', '.join(names)}" if names else ""
-            lines.append(f"{CAUTION[src.verification]}: {src.label}{values}. {src.note}".rstrip())
-    return list_section("How sure", lines)
+    return [(sources[id_], names) for id_, names in used.items()]
 
 
 def parameter_name(k, key: str) -> str:

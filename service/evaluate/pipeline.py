@@ -15,7 +15,8 @@ from rules import knowledge
 from service import facts, hooks
 from service.config import ConfigError, Settings
 from service.evaluate import cards
-from service.evaluate.engine import Engine, EngineBusy, EngineError
+from service.evaluate.engine import Engine, EngineBusy, EngineError, Outcome
+from service.facts import FactSet
 from service.fhir import Resource, naming_once, parse_datetime, validate
 from service.gather import prefetch
 from service.gather.fhirclient import FhirClient
@@ -37,6 +38,10 @@ class Evaluation:
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
     ran_out: str | None = None  # the stage during which the deadline passed
     ignored: tuple[str, ...] = ()  # elements we do not read that are malformed or missing: where, and why
+    # What the cards were made from, for the explanation page; None when the deadline passed first.
+    facts: FactSet | None = None
+    outcome: Outcome | None = None
+    topics: frozenset[str] = frozenset()  # the card topics of the service that evaluated
 
     def response(self) -> dict:
         return {"cards": self.cards}
@@ -167,6 +172,9 @@ class Evaluator:
             timings=timings,
             ran_out=ran_out,
             ignored=(*gathered.ignored, *selected.ignored),
+            facts=fact_set,
+            outcome=outcome,
+            topics=service.topics,
         )
 
     def readiness_problem(self) -> str | None:

@@ -10,7 +10,7 @@ engine's order-dependent negation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
@@ -49,10 +49,33 @@ class Basis:
 
 
 @dataclass(frozen=True)
+class Marker:
+    """A dated report to show on the timeline: what it is and what it reads."""
+
+    time: datetime | None
+    kind: str  # "biopsy" or "screening"
+    reading: str
+    reference: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The dated values behind the facts, as read for them, for the explanation page to draw."""
+
+    ck: tuple[labs.CkResult, ...] = ()
+    statins: tuple[medications.Exposure, ...] = ()
+    last_statin: medications.Exposure | None = None  # the record with the last dose, once stopped
+    treatments: tuple[tuple[str, medications.Exposure], ...] = ()  # (class, course)
+    fvc: tuple[respiratory.FvcResult, ...] = ()
+    markers: tuple[Marker, ...] = ()
+
+
+@dataclass(frozen=True)
 class FactSet:
     facts: tuple[dict, ...]
     basis: Mapping[str, Basis]
     notes: tuple[str, ...]  # data that was sent but could not be used, in words
+    timeline: Timeline = field(default_factory=Timeline)
 
 
 class InvalidData(ValueError):
@@ -227,12 +250,26 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     entries.append(allergies.allergy_fact(k, selected.allergies, "AllergyIntolerance" in available))
     entries.append(kinetics.kinetics_fact(k, history, ck_results, now))
     entries.append(draft_fact(selected.draft_statins, selected.draft_unidentified))
-    entries.append(respiratory.fvc_fact(k, selected.spirometry, now, notes))
-    entries.append(treatments.immunosuppression_fact(k, drugs, selected.therapy, now))
+    fvc = respiratory.fvc_results(selected.spirometry, notes)
+    entries.append(respiratory.fvc_fact(k, fvc, now))
+    courses = treatments.courses(k, drugs, selected.therapy, now)
+    entries.append(treatments.immunosuppression_fact(k, courses, now))
+    timeline = Timeline(
+        ck=tuple(ck_results),
+        statins=history.records,
+        last_statin=history.last,
+        treatments=tuple(courses),
+        fvc=tuple(fvc),
+        markers=tuple(
+            [Marker(*biopsy.reading(k, r), r.reference) for r in selected.reports]
+            + [Marker(*screening.reading(k, r), r.reference) for r in selected.studies]
+        ),
+    )
     return FactSet(
         facts=tuple(fact for fact, _, _ in entries),
         basis=MappingProxyType({fact["id"]: Basis(text, refs) for fact, text, refs in entries}),
         notes=tuple(dict.fromkeys(notes)),
+        timeline=timeline,
     )
 
 

@@ -68,21 +68,35 @@ def biopsy_fact(
         key=lambda r: (effective_time(r.data) or datetime.min.replace(tzinfo=now.tzinfo), r.reference),
     )
     time = effective_time(latest.data)
-    fact.update(context.read(k, "pathology", context.report_text(latest.data)))
-    if any(matches(k, "diagnosis-imnm", c) for c in as_list(latest.data.get("conclusionCode"))):
-        fact["necrosis"] = fact["consistent_with_imnm"] = "present"
-    fact["level"] = level(fact)
+    fact.update(features(k, latest.data))
     fact["reported"] = True
     if time:
         fact["days_ago"] = days_before(time, now)
+    return fact, f"muscle biopsy {day(time)}: {described(k, fact)}", (latest.reference,)
+
+
+def features(k, data: dict) -> dict[str, str]:
+    """Read a biopsy report's features and its level; a coded IMNM conclusion is compatible with IMNM."""
+    found = context.read(k, "pathology", context.report_text(data))
+    if any(matches(k, "diagnosis-imnm", c) for c in as_list(data.get("conclusionCode"))):
+        found["necrosis"] = found["consistent_with_imnm"] = "present"
+    found["level"] = level(found)
+    return found
+
+
+def reading(k, report: Resource) -> tuple[datetime | None, str, str]:
+    """Return a biopsy report's date, kind and reading, for the explanation page."""
+    return effective_time(report.data), "biopsy", described(k, features(k, report.data))
+
+
+def described(k, found: dict) -> str:
+    """Say what a biopsy shows: its level, then the features present."""
     shown = [
         k.text(f"reports.pathology.{name.replace('_', '-')}.label")
-        for name in names
-        if fact[name] == "present"
+        for name in (f.name for f in context.reader(k).features["pathology"])
+        if found[name] == "present"
     ]
-    described = k.text(f"reports.levels.{fact['level']}")
-    text = f"muscle biopsy {day(time)}: {described}" + (f" ({', '.join(shown)})" if shown else "")
-    return fact, text, (latest.reference,)
+    return k.text(f"reports.levels.{found['level']}") + (f" ({', '.join(shown)})" if shown else "")
 
 
 def relevant(k, resource: Resource) -> bool:

@@ -17,6 +17,12 @@ def expected_value(peak: CkResult, at: datetime, half_life: float) -> float:
     return peak.value * 0.5 ** (days_before(peak.time, at) / half_life)
 
 
+def episode_of(k, stop: datetime, results: list[CkResult]) -> list[CkResult]:
+    """Return the CK results of the episode around a last statin dose (from shortly before it)."""
+    lead = timedelta(days=k.value("statin.episode-lead"))
+    return [r for r in results if r.time >= stop - lead]
+
+
 def kinetics_fact(
     k, history: History, results: list[CkResult], now: datetime
 ) -> tuple[dict, str, tuple[str, ...]]:
@@ -26,8 +32,7 @@ def kinetics_fact(
     if last is None:
         return fact, "CK after stopping a statin: no stopped statin", ()
     stop = last.last
-    lead = timedelta(days=k.value("statin.episode-lead"))
-    episode = [r for r in results if r.time >= stop - lead]
+    episode = episode_of(k, stop, results)
     if not episode:
         return fact, "CK after stopping a statin: no CK result around the last dose", ()
     half_life = k.value("statin.ck-half-life")

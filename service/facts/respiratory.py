@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from service.fhir import (
@@ -24,10 +25,15 @@ def is_fvc(k, data: dict) -> bool:
     return is_final(data) and matches(k, "fvc-percent-predicted", data.get("code"))
 
 
-def fvc_fact(
-    k, observations: list[Resource], now: datetime, notes: list[str]
-) -> tuple[dict, str, tuple[str, ...]]:
-    """Return the latest FVC % predicted and the largest fall to it from a result within the window."""
+@dataclass(frozen=True)
+class FvcResult:
+    time: datetime
+    value: float  # % predicted
+    resource: Resource
+
+
+def fvc_results(observations: list[Resource], notes: list[str]) -> list[FvcResult]:
+    """Read every dated FVC in % predicted, oldest first; say in the notes why any other was not used."""
     rows = []
     for resource in observations:
         quantity = as_dict(resource.data.get("valueQuantity"))
@@ -51,19 +57,23 @@ def fvc_fact(
         if value < 0:  # impossible; and between values of 0 or more, a fall stays within the float range
             notes.append(f"FVC result {resource.reference} is not a possible value and was not used.")
             continue
-        rows.append((time, value, resource))
+        rows.append(FvcResult(time, value, resource))
+    return sorted(rows, key=lambda row: (row.time, row.resource.reference))
+
+
+def fvc_fact(k, rows: list[FvcResult], now: datetime) -> tuple[dict, str, tuple[str, ...]]:
+    """Return the latest FVC % predicted and the largest fall to it from a result within the window."""
     fact: dict = {"id": "fvc", "t": "fvc", "tested": False}
     if not rows:
         return fact, "FVC % predicted: not measured", ()
-    rows.sort(key=lambda row: (row[0], row[2].reference))
-    time, latest, resource = rows[-1]
+    time, latest, resource = rows[-1].time, rows[-1].value, rows[-1].resource
     window = timedelta(days=k.value("severity.fvc.decline-window"))
-    earlier = [row for row in rows[:-1] if row[0] >= time - window]
-    best = max(earlier, key=lambda row: row[1], default=None)
+    earlier = [row for row in rows[:-1] if row.time >= time - window]
+    best = max(earlier, key=lambda row: row.value, default=None)
     fact.update(tested=True, latest_pct=latest, latest_days_ago=days_before(time, now))
-    fact["decline"] = max(0.0, best[1] - latest) if best else 0.0
+    fact["decline"] = max(0.0, best.value - latest) if best else 0.0
     text = f"FVC {latest:g}% predicted on {day(time)}"
-    if best and best[1] > latest:
-        text += f", down from {best[1]:g}% on {day(best[0])}"
-    references = (resource.reference, *((best[2].reference,) if best and best[1] > latest else ()))
+    if best and best.value > latest:
+        text += f", down from {best.value:g}% on {day(best.time)}"
+    references = (resource.reference, *((best.resource.reference,) if best and best.value > latest else ()))
     return fact, text, references

@@ -89,3 +89,9 @@ def screening_fact(
     shown = [name.removesuffix("_done") for name in PANELS if fact[name]]
     text = "cancer screening done: " + (", ".join(shown) + " panel" if shown else "none recorded")
     return fact, text, tuple(dict.fromkeys(r.reference for r in done))
+
+
+def reading(k, report: Resource) -> tuple[datetime | None, str, str]:
+    """Return a screening report's date, kind and which panel it belongs to."""
+    shown = [name.removesuffix("_done") for name in panels(k, report.data)]
+    return effective_time(report.data), "screening", ", ".join(shown) + " screening panel"

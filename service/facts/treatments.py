@@ -14,17 +14,24 @@ def treatment_classes(k, drugs: Medications, data: dict) -> list[str]:
     return found if found and drugs.systemic(data) else []
 
 
+def courses(k, drugs: Medications, records: list[Resource], now: datetime) -> list[tuple[str, Exposure]]:
+    """Read each treatment record taken as a course of each class it belongs to."""
+    found = []
+    for resource in records:
+        course = exposure(drugs, resource, now)
+        if course is not None:
+            found += [(name, course) for name in treatment_classes(k, drugs, resource.data)]
+    return found
+
+
 def immunosuppression_fact(
-    k, drugs: Medications, records: list[Resource], now: datetime
+    k, courses: list[tuple[str, Exposure]], now: datetime
 ) -> tuple[dict, str, tuple[str, ...]]:
     """Summarise treatment: classes tried, those current (active or given lately), days on the course."""
     recent = now - timedelta(days=k.value("severity.treatment.current-within"))
     tried: dict[str, list[Exposure]] = {}
-    for resource in records:
-        course = exposure(drugs, resource, now)
-        if course is not None:
-            for name in treatment_classes(k, drugs, resource.data):
-                tried.setdefault(name, []).append(course)
+    for name, course in courses:
+        tried.setdefault(name, []).append(course)
     current = {
         name: courses
         for name, courses in tried.items()

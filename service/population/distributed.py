@@ -11,6 +11,7 @@ from pathlib import Path
 from service.config import Settings
 from service.evaluate.pipeline import Evaluator
 from service.fhir import parse_time
+from service.population import report
 from service.population.screen import Summary, attribute, evaluate_patient, input_files, summarise
 
 _evaluator: list[Evaluator] = []  # one per worker process, built on its first patient
@@ -55,6 +56,7 @@ def screen_on_dask(source: Path, out: Path, as_of: datetime, scheduler: str | No
         shutil.rmtree(partial, ignore_errors=True)
     summary = summarise(sorted(out.glob("results-*.ndjson")), as_of_text)
     summary.save(out)
+    report.write(sorted(out.glob("results-*.ndjson")), summary, out)
     return summary
 
 

@@ -28,6 +28,7 @@ from service.facts.medications import MEDICATION_TYPES
 from service.fhir import as_dict, as_str, half_surrogate, parse_time
 from service.gather import prefetch
 from service.outcome import ApiError, Issue, operation_outcome
+from service.population import report
 
 STAGE = "stage.sqlite"
 RESULTS = "results.ndjson"
@@ -281,7 +282,10 @@ def evaluate_patient(evaluator: Evaluator, patient: str, resources: list[dict], 
     """Evaluate one patient's resources exactly as POST /evaluate would; a refusal becomes its result."""
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
     try:
-        return {"patient": patient, "cards": evaluator.bundle(bundle, as_of).cards}
+        evaluation = evaluator.bundle(bundle, as_of)
+        ck = next((f for f in evaluation.facts.facts if f["id"] == "ck"), {}) if evaluation.facts else {}
+        peak = round(ck["peak_x_uln"], 2) if ck.get("tested") else None  # for the report's distribution
+        return {"patient": patient, "cards": evaluation.cards, "peakCkXUln": peak}
     except ApiError as exc:
         return {"patient": patient, "status": exc.status, "error": operation_outcome(exc.issues)}
     except Exception as exc:  # one patient's fault must not stop a population
@@ -371,6 +375,7 @@ def screen(source: Path, out: Path, as_of: datetime | None, workers: int, progre
         "workers": workers,
     }
     summary.save(out)
+    report.write([out / RESULTS], summary, out)
     return summary
 
 

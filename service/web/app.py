@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service import hooks, logs, metrics
 from service.config import ConfigError, Settings
-from service.evaluate import guidance
+from service.evaluate import explain, guidance
 from service.evaluate.pipeline import Evaluation, Evaluator
 from service.fhir import half_surrogate
 from service.logs import ms_since
@@ -90,17 +90,16 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
 
     @app.post("/evaluate")
     def evaluate_bundle():
-        fhir = _wants_fhir()
+        answer = _answer_type()
         hook = request.args.get("hook", "patient-view")
         evaluation = evaluator.bundle(_body(settings), datetime.now(UTC), request.args.get("asOf"), hook)
         _report("evaluate", evaluation, evaluator.knowledge_version)
         store.record_cards("evaluate", evaluation.cards, datetime.now(UTC), evaluator.knowledge_version)
-        if fhir:
-            service_id = hooks.service_for(hook).id
-            results = guidance.bundle(evaluation.cards, evaluation.patient_id, service_id, evaluation.now)
-            return _json(results, mimetype="application/fhir+json")
-        return _json(evaluation.response())
+        return _answer(answer, evaluation, hook, evaluator.knowledge)
 
+    app.add_url_rule(
+        f"/{explain.STYLESHEET_NAME}", "stylesheet", lambda: Response(explain.STYLESHEET, mimetype="text/css")
+    )
     app.add_url_rule("/openapi.json", "openapi", functools.partial(_json, openapi.document(settings)))
 
     @app.get("/health")
@@ -175,15 +174,26 @@ def _not_json(constant: str):
     raise ValueError(constant)
 
 
-def _wants_fhir() -> bool:
-    """Tell whether the client asked for FHIR resources rather than cards; refuse what neither satisfies."""
+def _answer_type() -> str:
+    """Choose cards, FHIR resources or the explanation page by Accept; refuse what none satisfies."""
     if not request.accept_mimetypes:
-        return False
-    best = request.accept_mimetypes.best_match(["application/json", "application/fhir+json"])
+        return "application/json"
+    best = request.accept_mimetypes.best_match(["application/json", "application/fhir+json", "text/html"])
     if best is None:
-        answers = "answers are application/json (cards) or application/fhir+json"
+        answers = "answers are application/json (cards), application/fhir+json or text/html (explanation)"
         raise error(406, "not-supported", answers, reason="accept")
-    return best == "application/fhir+json"
+    return best
+
+
+def _answer(answer: str, evaluation: Evaluation, hook: str, knowledge) -> Response:
+    """Answer an evaluation as cards, as FHIR resources, or as the page explaining it."""
+    if answer == "text/html":
+        return headers.page(explain.render(knowledge, evaluation))
+    if answer == "application/fhir+json":
+        service_id = hooks.service_for(hook).id
+        results = guidance.bundle(evaluation.cards, evaluation.patient_id, service_id, evaluation.now)
+        return _json(results, mimetype="application/fhir+json")
+    return _json(evaluation.response())
 
 
 def _depth_exceeds(value, limit: int) -> bool:

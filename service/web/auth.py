@@ -32,7 +32,7 @@ from service.web import scrape
 log = logging.getLogger(__name__)
 
 # Health checks are for the platform, not CDS clients; CORS preflights carry no credentials by design.
-OPEN_PATHS = frozenset({"/health", "/health/ready"})
+OPEN_PATHS = frozenset({"/health", "/health/ready", "/explain.css"})  # the page's stylesheet: no data
 NO_JWT_PATHS = OPEN_PATHS | {scrape.PATH}  # /metrics checks its own callers
 DEFAULT_ALGORITHMS = ("RS384", "ES384")  # the spec's RECOMMENDED pair
 # Each algorithm is bound to the key type it may verify with, so a token never picks the family.

@@ -13,6 +13,10 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+# The explanation page: charts are data: images, its stylesheet comes from this origin, nothing runs.
+PAGE_POLICY = (
+    "default-src 'none'; img-src data:; style-src 'self'; frame-ancestors 'none'; form-action 'none'"
+)
 # Clients send the JWT in the Authorization header, never as a cookie, so CORS never allows
 # credentials; that is also why "*" is safe to configure.
 CORS_PREFLIGHT = {
@@ -22,12 +26,20 @@ CORS_PREFLIGHT = {
 }
 
 
+def page(html: str) -> Response:
+    """Answer an HTML page under its own policy: data: images and same-origin styles only."""
+    return Response(html, mimetype="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+
 def install(app: Flask, cors_origins: tuple[str, ...]) -> None:
     """Add the security headers, and CORS headers for allowed origins, to every response."""
 
     @app.after_request
     def add_headers(response: Response) -> Response:
+        page = response.headers.get("Content-Security-Policy") == PAGE_POLICY
         response.headers.update(SECURITY_HEADERS)
+        if page:
+            response.headers["Content-Security-Policy"] = PAGE_POLICY
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750 §3, with no error detail
         if isinstance(request.routing_exception, MethodNotAllowed):

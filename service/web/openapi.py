@@ -306,6 +306,7 @@ def document(settings: Settings) -> dict:
     paths |= {
         "/feedback/summary": {"get": _summary()},
         "/evaluate": {"post": _evaluate()},
+        "/explain.css": {"get": _stylesheet()},
         "/health": {"get": _health("Liveness: the process answers.")},
         "/health/ready": {"get": _health("Readiness: the rule engine evaluates.", ready=True)},
         "/openapi.json": {"get": _openapi()},
@@ -468,7 +469,9 @@ def _evaluate() -> dict:
     return {
         "operationId": "evaluate",
         "summary": "Evaluate one patient's FHIR Bundle as the service for the hook would",
-        "description": "Accept: application/fhir+json answers the cards as a FHIR transaction Bundle.",
+        "description": "Accept: application/fhir+json answers the cards as a FHIR transaction Bundle; "
+        "Accept: text/html answers the explanation page (charts as data: SVG images, its stylesheet from "
+        "GET /explain.css, no script).",
         "parameters": [
             {
                 "name": "hook",
@@ -487,13 +490,25 @@ def _evaluate() -> dict:
         "requestBody": _body(_ref("EvaluateBundle")),
         "responses": {
             "200": {
-                "description": "Cards, or with Accept: application/fhir+json the same as FHIR resources.",
+                "description": "Cards, or with Accept: application/fhir+json the same as FHIR resources, "
+                "or with Accept: text/html the page explaining them.",
                 "content": {
                     JSON: {"schema": _ref("Cards")},
                     FHIR_JSON: {"schema": _ref("GuidanceBundle")},
+                    "text/html": {"schema": {"type": "string"}},
                 },
             },
             **_errors(400, 406, 412, 413, 415, 500, 503),
+        },
+    }
+
+
+def _stylesheet() -> dict:
+    return {
+        "operationId": "explanationStylesheet",
+        "summary": "The explanation page's stylesheet (no patient data; no JWT needed)",
+        "responses": {
+            "200": {"description": "CSS.", "content": {"text/css": {"schema": {"type": "string"}}}}
         },
     }
 
