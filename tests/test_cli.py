@@ -99,7 +99,8 @@ def test_served_with_jwt_verification(jwks_server, client_keys, tmp_path):
 def test_serve_refuses_development_mode_in_production():
     result = run("serve", env={**os.environ, "IMNM_CDS_PRODUCTION": "true"})
     assert result.returncode == 2
-    assert "IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off" in result.stderr
+    assert "IMNM_CDS_PRODUCTION=true refuses to start until these are set:" in result.stderr
+    assert "IMNM_CDS_AUTH=jwt (IMNM_CDS_AUTH=off is development mode)" in result.stderr
 
 
 def test_feedback_report_shows_per_rule_counts_and_reasons(tmp_path):
