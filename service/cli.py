@@ -97,6 +97,7 @@ def run_serve(args) -> int:
     """Serve the app factory under gunicorn with threaded workers; bad settings stop it before any worker."""
     settings = Settings.from_env()
     auth.load_issuers(settings)  # a bad trusted-issuer file stops the start before any worker
+    FeedbackStore(settings.database_url).close()  # so does a database that cannot be opened
 
     class Server(BaseApplication):
         def load_config(self):
@@ -227,7 +228,8 @@ def run_replay(args) -> int:
 
 def run_feedback_report(args) -> int:
     """Print what clinicians did with our cards, from the database IMNM_CDS_DATABASE_URL names."""
-    store = FeedbackStore(Settings.from_env().database_url)
+    store = FeedbackStore(Settings.from_env().database_url, create=False)
+    print(f"feedback from {store.name}", file=sys.stderr)
     try:
         summary = store.summary()
     finally:

@@ -118,6 +118,34 @@ def test_feedback_report_shows_per_rule_counts_and_reasons(tmp_path):
     env = {**os.environ, "IMNM_CDS_DATABASE_URL": url}
     table = run("feedback-report", env=env)
     assert table.returncode == 0, table.stderr[-2000:]
+    assert table.stderr == f"feedback from {url}\n"
     lines = [line.split() for line in table.stdout.splitlines()]
     assert ["imnm.ck_raised", "imnm-suspected", "3", "1", "0", "1", "not-relevant", "(1)"] in lines
     assert json.loads(run("feedback-report", "--json", env=env).stdout) == summary
+
+
+def test_serve_names_a_database_it_cannot_open_in_one_line(tmp_path):
+    missing = tmp_path / "gone" / "feedback.sqlite"
+    result = run("serve", env={**os.environ, "IMNM_CDS_DATABASE_URL": f"sqlite:///{missing}"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"imnm-cds: cannot open the feedback database sqlite:///{missing}: No such file or directory"
+    )
+
+
+def test_feedback_report_names_its_database_and_never_creates_one(tmp_path):
+    result = subprocess.run(
+        [*CLI, "feedback-report"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "IMNM_CDS_DATABASE_URL"},
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        f"imnm-cds: no feedback database at sqlite:///{tmp_path / 'imnm-cds.sqlite'} "
+        "(set IMNM_CDS_DATABASE_URL to the service's)"
+    )
+    assert list(tmp_path.iterdir()) == []
