@@ -159,6 +159,13 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
     """Check a CDS Hooks request against the spec and this service; a 400 ApiError names the field."""
     if not isinstance(body, dict):
         raise error(400, "structure", "the request body must be a JSON object")
+    if body.get("resourceType") == "Bundle":
+        raise error(
+            400,
+            "structure",
+            "this is a CDS Hooks service and takes a CDS Hooks request; post a FHIR Bundle to /evaluate",
+            "resourceType",
+        )
     if body.get("hook") != service.hook:
         raise error(400, "value", f"service {service.id} answers the {service.hook} hook", "hook")
     instance = body.get("hookInstance")

@@ -363,3 +363,37 @@ def test_antibody_only_by_text_counts(client):
     )
     card = client.post(SERVICE, json=request).get_json()["cards"][0]
     assert card["extension"]["imnm-cds.rules"][-1] == "imnm.seropositive_hmgcr"
+
+
+def test_a_bundle_posted_to_a_hook_service_is_sent_to_evaluate(client):
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    body = assert_outcome(client.post(SERVICE, json=bundle), 400, "resourceType")
+    assert body["issue"][0]["diagnostics"] == (
+        "this is a CDS Hooks service and takes a CDS Hooks request; post a FHIR Bundle to /evaluate"
+    )
+
+
+def test_a_hook_request_posted_to_evaluate_is_sent_to_its_service(client):
+    body = assert_outcome(client.post("/evaluate", json=hook_request()), 400, "resourceType")
+    assert body["issue"][0]["diagnostics"] == (
+        "/evaluate takes a FHIR Bundle; post a CDS Hooks request to /cds-services/imnm-patient-view "
+        "(GET /cds-services lists the services)"
+    )
+    unknown = {**hook_request(), "hook": "encounter-start"}
+    body = assert_outcome(client.post("/evaluate", json=unknown), 400, "resourceType")
+    assert "post a CDS Hooks request to /cds-services/{id}" in body["issue"][0]["diagnostics"]
+
+
+def test_the_root_is_a_short_index_of_the_endpoints(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    index = response.get_json()
+    assert index["service"] == "imnm-cds"
+    assert index["summary"] == "CDS Hooks 2.0 service for immune-mediated necrotizing myopathy"
+    assert (
+        index["endpoints"]["GET /cds-services"]
+        == "CDS Hooks discovery: the services and their prefetch templates"
+    )
+    assert index["endpoints"]["POST /evaluate"].startswith("Evaluate one patient's FHIR Bundle")
+    documented = client.get("/openapi.json").get_json()["paths"]
+    assert len(index["endpoints"]) == sum(len(operations) for operations in documented.values())

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 from service.fhir import Resource, as_dict, as_list, as_str, is_resource
 from service.gather.fhirclient import Answer, FhirClient, Query, reports_failure
-from service.hooks import HookRequest, PrefetchKey
+from service.hooks import SERVICES, HookRequest, PrefetchKey
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
 
@@ -205,6 +205,15 @@ def _entries(bundle: dict, where: str) -> list[dict]:
 
 def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
     """Collect one patient's resources from a Bundle; with_drafts, its draft MedicationRequests are orders."""
+    if isinstance(bundle, dict) and "hook" in bundle and "resourceType" not in bundle:
+        ids = [s.id for s in SERVICES.values() if s.hook == bundle["hook"]] or ["{id}"]
+        raise error(
+            400,
+            "structure",
+            f"/evaluate takes a FHIR Bundle; post a CDS Hooks request to /cds-services/{ids[0]} "
+            "(GET /cds-services lists the services)",
+            "resourceType",
+        )
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise error(400, "structure", "the body must be a FHIR Bundle", "resourceType")
     if as_str(bundle.get("type")) not in BUNDLE_TYPES:

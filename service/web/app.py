@@ -92,7 +92,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
             return _json(results, mimetype="application/fhir+json")
         return _json(evaluation.response())
 
-    app.add_url_rule("/openapi.json", "openapi", functools.partial(_json, openapi.document(settings)))
+    _serve_documents(app, settings)
 
     @app.get("/health")
     def health():
@@ -130,6 +130,13 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         return _outcome(500, [Issue("exception", "internal error; no advice was produced")])
 
     return app
+
+
+def _serve_documents(app: Flask, settings: Settings) -> None:
+    """Serve the OpenAPI document, and at / a short index of it."""
+    document = openapi.document(settings)
+    app.add_url_rule("/openapi.json", "openapi", functools.partial(_json, document))
+    app.add_url_rule("/", "index", functools.partial(_json, openapi.index(document)))
 
 
 def _body(settings: Settings):

@@ -296,6 +296,7 @@ def document(settings: Settings) -> dict:
         "/health": {"get": _health("Liveness: the process answers.")},
         "/health/ready": {"get": _health("Readiness: the rule engine evaluates.", ready=True)},
         "/openapi.json": {"get": _openapi()},
+        "/": {"get": _index()},
     }
     if settings.auth == "jwt":
         for path, operations in paths.items():
@@ -490,4 +491,37 @@ def _openapi() -> dict:
         "operationId": "openapi",
         "summary": "This document",
         "responses": _ok("The OpenAPI 3.1 document.", {"type": "object", "required": ["openapi", "paths"]}),
+    }
+
+
+def _index() -> dict:
+    return {
+        "operationId": "index",
+        "summary": "What this service is and its endpoints",
+        "responses": _ok(
+            "The index.",
+            {
+                "type": "object",
+                "required": ["service", "summary", "endpoints"],
+                "properties": {
+                    "service": {"const": "imnm-cds"},
+                    "summary": {"type": "string"},
+                    "endpoints": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        ),
+    }
+
+
+def index(document: dict) -> dict:
+    """Return a short index of the endpoints in a document: "METHOD path" to its summary."""
+    endpoints = {
+        f"{method.upper()} {path}": operation["summary"]
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+    }
+    return {
+        "service": document["info"]["title"],
+        "summary": document["info"]["summary"],
+        "endpoints": endpoints,
     }
