@@ -397,3 +397,71 @@ def test_the_root_is_a_short_index_of_the_endpoints(client):
     assert index["endpoints"]["POST /evaluate"].startswith("Evaluate one patient's FHIR Bundle")
     documented = client.get("/openapi.json").get_json()["paths"]
     assert len(index["endpoints"]) == sum(len(operations) for operations in documented.values())
+
+
+def searchset(*entries) -> dict:
+    return {"resourceType": "Bundle", "type": "searchset", "entry": list(entries)}
+
+
+@pytest.mark.parametrize(
+    ("prefetch", "expression", "diagnostics"),
+    [
+        (
+            {"patient": {"resourceType": "Nonsense"}},
+            "prefetch.patient.resourceType",
+            "'Nonsense' is not a FHIR R4 resource type",
+        ),
+        (
+            {
+                "patient": {
+                    "resourceType": "Observation",
+                    "id": "o1",
+                    "status": "final",
+                    "code": {"text": "x"},
+                }
+            },
+            "prefetch.patient.resourceType",
+            "prefetch key 'patient' asks for Patient resources, not Observation",
+        ),
+        (
+            {"labs": searchset({"resource": {"resourceType": "Condition", "id": "c1"}})},
+            "prefetch.labs.entry[0].resource.resourceType",
+            "prefetch key 'labs' asks for Observation resources, not Condition",
+        ),
+        (
+            {
+                "labs": searchset(
+                    {"resource": ck("ck1", 3000), "search": {"mode": "match"}},
+                    {"resource": {"resourceType": "HumanName"}},
+                )
+            },
+            "prefetch.labs.entry[1].resource.resourceType",
+            "'HumanName' is not a FHIR R4 resource type",
+        ),
+        (
+            {"conditions": searchset({"resource": {"resourceType": "Blob"}, "search": {"mode": "include"}})},
+            "prefetch.conditions.entry[0].resource.resourceType",
+            "'Blob' is not a FHIR R4 resource type",
+        ),
+    ],
+    ids=["unknown-type", "wrong-type", "wrong-entry-type", "datatype-entry", "unknown-include"],
+)
+def test_junk_prefetch_is_refused_naming_the_key(client, prefetch, expression, diagnostics):
+    body = assert_outcome(client.post(SERVICE, json=hook_request(**prefetch)), 400, expression)
+    assert body["issue"][0]["diagnostics"] == diagnostics
+
+
+def test_outcomes_medications_and_unmatched_entries_are_never_refused_for_their_type(client):
+    medication = {"resourceType": "Medication", "id": "m1", "code": {"text": "atorvastatin"}}
+    warning = {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "incomplete"}]}
+    labs = searchset(
+        {"resource": ck("ck1", 3000), "search": {"mode": "match"}},
+        {"resource": {"resourceType": "Patient", "id": "p1"}, "search": {"mode": "include"}},
+        {"resource": warning, "search": {"mode": "outcome"}},
+        {"resource": warning},
+        {"resource": medication},
+    )
+    request = hook_request(resources=[condition("w1", WEAKNESS)], labs=labs, medicationRequests=medication)
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200, response.get_json()
+    assert len(response.get_json()["cards"]) == 1

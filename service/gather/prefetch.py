@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
 import time
 from dataclasses import dataclass
 from urllib.parse import quote
+
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource as FhirResource
 
 from service.fhir import Resource, as_dict, as_list, as_str, is_resource
 from service.gather.fhirclient import Answer, FhirClient, Query, reports_failure
@@ -19,6 +23,10 @@ log = logging.getLogger(__name__)
 
 BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction", "batch"})
 _MISSING = object()
+# Any key may hold these whatever it asks for: the spec's report of a failed or partial prefetch, and
+# the Medications that medication resources point to.
+ALWAYS_ACCEPTED = frozenset({"OperationOutcome", "Medication"})
+UNMATCHED_MODES = frozenset({"include", "outcome"})  # Bundle.entry.search.mode of what did not match
 TOKEN = re.compile(r"\{\{context\.(\w+)\}\}")
 # Where each resource type names its patient.
 SUBJECT = {
@@ -86,7 +94,7 @@ def _sent(
         if value is _MISSING or (failed and failed_prefetch == "fetch"):
             wanted.append(key)
         elif not failed:
-            found[key] = [] if value is None else _unpack(value, f"prefetch.{key.key}")
+            found[key] = [] if value is None else _unpack(_of_its_types(key, value), f"prefetch.{key.key}")
         elif failed_prefetch == "fail" or key.required:
             raise error(
                 412,
@@ -95,6 +103,41 @@ def _sent(
                 f"prefetch.{key.key}",
             )
     return found, wanted
+
+
+def _of_its_types(key: PrefetchKey, value: dict) -> dict:
+    """Refuse what the key's query cannot return: no R4 type, or a matched resource of another type."""
+    where = f"prefetch.{key.key}"
+    if value.get("resourceType") != "Bundle":
+        _check_type(key, value, where, matched=True)
+        return value
+    for index, entry in enumerate(_entries(value, where)):
+        if is_resource(entry.get("resource")):  # anything else _unpack refuses
+            matched = as_dict(entry.get("search")).get("mode") not in UNMATCHED_MODES
+            _check_type(key, entry["resource"], f"{where}.entry[{index}].resource", matched)
+    return value
+
+
+def _check_type(key: PrefetchKey, resource: dict, where: str, matched: bool) -> None:
+    kind = resource["resourceType"]
+    if not _is_resource_type(kind):
+        raise error(400, "value", f"{kind!r} is not a FHIR R4 resource type", f"{where}.resourceType")
+    if matched and kind not in {key.resource_type, *ALWAYS_ACCEPTED}:
+        raise error(
+            400,
+            "value",
+            f"prefetch key {key.key!r} asks for {key.resource_type} resources, not {kind}",
+            f"{where}.resourceType",
+        )
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: the names come from clients
+def _is_resource_type(name: str) -> bool:
+    try:
+        model = get_fhir_model_class(name)
+    except ValueError:
+        return False
+    return issubclass(model, FhirResource) and name not in ("Resource", "DomainResource")
 
 
 def _fetched(key: PrefetchKey, answer: Answer) -> list[Resource]:
