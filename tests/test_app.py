@@ -465,3 +465,25 @@ def test_outcomes_medications_and_unmatched_entries_are_never_refused_for_their_
     response = client.post(SERVICE, json=request)
     assert response.status_code == 200, response.get_json()
     assert len(response.get_json()["cards"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "accepted"),
+    [(300, True), (300.0, True), (0, True), (-1, False), (1.5, False), (True, False)],
+)
+def test_fhir_authorization_expires_in_is_whole_seconds(client, expires_in, accepted):
+    request = hook_request()
+    del request["prefetch"]["labs"]
+    request["fhirServer"] = "https://ehr.example.org/fhir"
+    request["fhirAuthorization"] = {
+        "access_token": "t",
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "scope": "patient/*.read",
+        "subject": "cds",
+    }
+    # Accepted, the request goes on to need the missing key from a server it may not contact (403).
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == (403 if accepted else 400), response.get_json()
+    if not accepted:
+        assert response.get_json()["issue"][0]["expression"] == ["fhirAuthorization.expires_in"]

@@ -60,6 +60,7 @@ def from_prefetch(
     failed_prefetch: str = "fetch",
 ) -> Gathered:
     """Take each key as sent (null means no data), else fetch it; a required key not had is a 412."""
+    drafts = _drafts(request)  # a malformed draft order is refused before anything is fetched
     found, wanted = _sent(request, failed_prefetch)
     answers = _fetch(request, wanted, fhir, until) if wanted and request.fhir_server else {}
     found |= {key: _fetched(key, answer) for key, answer in answers.items() if answer.failure is None}
@@ -76,7 +77,6 @@ def from_prefetch(
     if unobtainable:
         raise ApiError(412, *unobtainable)
     resources = [r for listed in found.values() for r in listed]
-    drafts = _drafts(request)
     _check_subjects([*resources, *drafts], request.patient_id)
     available = frozenset(key.resource_type for key in found)
     return Gathered(request.patient_id, tuple(resources), available, tuple(drafts), out_of_time=bool(late))
@@ -243,6 +243,13 @@ def _entries(bundle: dict, where: str) -> list[dict]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise error(400, "structure", "a Bundle entry must be a JSON object", f"{where}.entry[{index}]")
+        if not isinstance(entry.get("fullUrl", ""), str):
+            raise error(
+                400,
+                "structure",
+                "a Bundle entry's fullUrl must be a string",
+                f"{where}.entry[{index}].fullUrl",
+            )
     return entries
 
 
