@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -24,12 +25,14 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def test_evaluate_prints_the_expected_cards_for_a_fixture():
     scenario = FIXTURES / "worked-example-hmgcr-positive"
-    result = run("evaluate", str(scenario / "request.json"))
+    path = str(scenario / "request.json")
+    result = run("evaluate", path)
     assert result.returncode == 0, result.stderr[-1000:]
-    assert json.loads(result.stdout) == load(scenario / "expected.json")
+    assert json.loads(result.stdout) == {path: load(scenario / "expected.json")}
+    assert result.stderr == ""
 
 
-def test_evaluate_several_files_keys_them_by_path_and_fails_on_a_refused_one(tmp_path):
+def test_evaluate_several_files_keys_them_by_path_and_names_the_refused_one(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     good = FIXTURES / "bundle-worked-example" / "request.json"
@@ -37,7 +40,83 @@ def test_evaluate_several_files_keys_them_by_path_and_fails_on_a_refused_one(tmp
     assert result.returncode == 1
     output = json.loads(result.stdout)
     assert output[str(good)] == load(FIXTURES / "bundle-worked-example" / "expected.json")
-    assert output[str(bad)]["resourceType"] == "OperationOutcome"
+    # The refusal is the OperationOutcome /cds-services would answer, with nothing added to it.
+    assert output[str(bad)] == {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "not-supported",
+                "diagnostics": "no service here answers this hook",
+                "expression": ["hook"],
+            }
+        ],
+    }
+    assert result.stderr == f"imnm-cds: {bad}: refused (400): no service here answers this hook\n"
+
+
+def test_evaluate_says_where_a_file_is_not_json_or_cannot_be_read(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"resourceType": "Bundle",\n  "type": }')
+    missing = tmp_path / "missing.json"
+    result = run("evaluate", str(broken), str(missing))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"imnm-cds: {broken}: not JSON: Expecting value at line 2, column 11",
+        f"imnm-cds: {missing}: cannot read it: No such file or directory",
+    ]
+    output = json.loads(result.stdout)
+    assert output[str(broken)]["issue"][0]["diagnostics"] == "not JSON: Expecting value at line 2, column 11"
+
+
+def test_evaluate_reads_standard_input_as_of_a_time_for_a_hook_and_answers_fhir():
+    scenario = FIXTURES / "bundle-worked-example"
+    bundle = (scenario / "request.json").read_text()
+    result = run("evaluate", "-", "--as-of", "2024-06-01T12:00:00Z", input=bundle)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert json.loads(result.stdout) == {"-": load(scenario / "expected.json")}
+    later = run("evaluate", "-", "--as-of", "2035-06-01T12:00:00Z", input=bundle)
+    assert json.loads(later.stdout)["-"] != load(scenario / "expected.json")  # the time is used
+    ordering = run("evaluate", "-", "--hook", "order-sign", input=bundle)
+    assert ordering.returncode == 0 and json.loads(ordering.stdout)["-"] == {"cards": []}
+    fhir = json.loads(run("evaluate", "-", "--fhir", "--as-of", "2024-06-01T12:00:00Z", input=bundle).stdout)[
+        "-"
+    ]
+    assert fhir["resourceType"] == "Bundle" and fhir["type"] == "transaction"
+    kinds = {entry["resource"]["resourceType"] for entry in fhir["entry"]}
+    assert "GuidanceResponse" in kinds
+    refused = run("evaluate", "-", "--as-of", "yesterday", input=bundle)
+    assert refused.returncode == 2 and "must be a FHIR dateTime" in refused.stderr
+
+
+def test_every_flag_has_help_that_shows_its_default():
+    wide = {**os.environ, "COLUMNS": "1000"}  # one line per flag
+    helps = {}
+    for command in ("serve", "evaluate", "replay", "feedback-report", "screen"):
+        result = run(command, "--help", env=wide)
+        assert result.returncode == 0
+        flags = [line.strip() for line in result.stdout.splitlines() if line.startswith("  --")]
+        assert flags, command
+        for line in flags:
+            assert len(re.split(r"\s{2,}", line)) == 2, (command, line)  # the flag, then its help
+        helps[command] = "\n".join(flags)
+    for default in ("127.0.0.1", "8080", "2", "8", "30"):
+        assert f"(default: {default})" in helps["serve"]
+    assert "(default: 10.0)" in helps["replay"] and "(default: patient-view)" in helps["evaluate"]
+    assert "(default: one per CPU)" in helps["screen"]
+    assert "(default: None)" not in "".join(helps.values())
+
+
+def test_replay_explains_a_url_without_scheme_and_a_refused_connection(tmp_path):
+    result = run("replay", str(FIXTURES), "--url", "127.0.0.1:8080")
+    assert result.returncode == 2
+    assert result.stderr == "imnm-cds: --url 127.0.0.1:8080 needs a scheme, e.g. http://127.0.0.1:8080\n"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = run("replay", str(FIXTURES), "--url", nowhere)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"imnm-cds: nothing answers at {nowhere}: is the service running there (imnm-cds serve)?\n"
+    )
 
 
 def test_served_discovery_and_replay_of_every_fixture(server):
