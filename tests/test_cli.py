@@ -10,6 +10,7 @@ import subprocess
 from datetime import UTC, datetime
 
 import requests
+from cryptography.hazmat.primitives import serialization
 
 import signing
 from conftest import CLI, FIXTURES, ROOT, free_port, load, serve
@@ -166,11 +167,25 @@ def test_served_with_jwt_verification(jwks_server, client_keys, tmp_path):
             timeout=5,
         )
         refused = requests.post(target, json=load(scenario / "request.json"), timeout=5)
+        key = client_keys["rsa"]
+        pem = tmp_path / "client.pem"
+        pem.write_bytes(
+            key.private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        one = tmp_path / "fixtures"
+        shutil.copytree(scenario, one / scenario.name)
+        signed = ["--jwt-key", str(pem), "--issuer", signing.ISSUER, "--kid", key.kid]
+        replayed = run("replay", str(one), "--url", url, *signed)
+        unsigned = run("replay", str(one), "--url", url)
     finally:
         process.terminate()
         process.wait(30)
     assert answer.status_code == 200 and answer.json() == load(scenario / "expected.json")
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert replayed.returncode == 0 and "1 same, 0 different" in replayed.stderr, replayed.stderr[-2000:]
+    assert unsigned.returncode == 1 and "(HTTP 401)" in unsigned.stdout
     log = (tmp_path / "stderr.log").read_text()
     assert '"authentication on"' in log and token not in log
 
