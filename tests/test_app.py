@@ -269,6 +269,9 @@ def test_evaluate_refuses_a_bundle_timestamp_that_is_no_fhir_datetime(client, ti
         "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}}, {"resource": ck("ck1", 3000)}],
     }
     assert_outcome(client.post("/evaluate", json=bundle), 400, "Bundle.timestamp")
+    # Checked even when asOf overrides it: the document allows no other timestamp.
+    assert_outcome(client.post(f"/evaluate?asOf={AS_OF}", json=bundle), 400, "Bundle.timestamp")
+    del bundle["timestamp"]
     assert client.post(f"/evaluate?asOf={AS_OF}", json=bundle).status_code == 200
 
 
