@@ -225,14 +225,20 @@ def screen(export: Path, out: Path, dask: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--sizes", default="1000,10000", help="patients in each population, comma-separated")
     parser.add_argument(
         "--dask", action="store_true", help="also screen each population on a local Dask cluster"
+    )
+    parser.add_argument(
+        "--generate-only", action="store_true", help="write the populations (NDJSON) and print where; no run"
     )
     args = parser.parse_args()
     results = {"environment": environment(), "populations": {}}
     for size in map(int, args.sizes.split(",")):
         export = population(size)
+        if args.generate_only:
+            print(export)
+            continue
         lines = sum(1 for f in export.glob("*.ndjson") for _ in f.open())
         megabytes = sum(f.stat().st_size for f in export.glob("*.ndjson")) / 2**20
         print(f"\n{size} patients: {lines} resources, {megabytes:.0f} MB of NDJSON")
@@ -250,7 +256,8 @@ def main() -> None:
                 f"{result['peakMiB']['largest']} MiB in one process, {result['peakMiB']['total']} MiB in all"
             )
         results["populations"][str(size)] = row
-    print(f"saved {save('screen', results)}")
+    if not args.generate_only:
+        print(f"saved {save('screen', results)}")
 
 
 if __name__ == "__main__":

@@ -8,19 +8,25 @@ import gc
 import json
 import os
 import sys
+import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import jwt
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from gunicorn.app.base import BaseApplication
 
 from service import hooks, logs, metrics
 from service.config import ConfigError, Settings
-from service.evaluate import explain
-from service.evaluate.pipeline import Evaluator
+from service.evaluate import explain, guidance
+from service.evaluate.pipeline import Evaluation, Evaluator
 from service.fhir import parse_datetime
 from service.gather import backend, bulk
-from service.outcome import ApiError, operation_outcome
+from service.outcome import ApiError, Issue, operation_outcome
 from service.population import distributed, ehr, screen
 from service.population.screen import ScreenError
 from service.store.feedback import FeedbackStore, StoreError
@@ -28,6 +34,7 @@ from service.web import auth
 from service.web.app import create_app
 
 KEEPALIVE_FACTOR = 2  # connections a worker holds, per thread
+OFFLINE_DEADLINE_MS = 60_000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,44 +42,72 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imnm-cds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the service under gunicorn (gthread workers)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, help="default: IMNM_CDS_PORT, else 8080")
-    serve.add_argument("--workers", type=int, help="default: IMNM_CDS_WORKERS, else 2")
-    serve.add_argument("--threads", type=int, help="default: IMNM_CDS_THREADS, else 8")
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        # Every flag's help shows its default.
+        return commands.add_parser(name, help=about, description=about, formatter_class=DefaultsShown)
+
+    serve = command("serve", "run the service under gunicorn (gthread workers)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, help="port to listen on (default: IMNM_CDS_PORT, else 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: IMNM_CDS_WORKERS, else 2)")
+    serve.add_argument("--threads", type=int, help="threads per worker (default: IMNM_CDS_THREADS, else 8)")
     serve.add_argument(
         "--timeout", type=int, default=30, help="seconds before gunicorn restarts a stuck worker"
     )
     serve.add_argument(
-        "--keepalive", type=int, default=5, help="seconds an idle connection is kept open for the next call"
+        "--keepalive",
+        type=int,
+        default=5,
+        metavar="SECONDS",
+        help="seconds an idle connection is kept open for the next call",
     )
 
-    evaluate = commands.add_parser(
-        "evaluate", help="evaluate CDS Hooks requests or Bundles offline; print cards"
+    evaluate = command(
+        "evaluate", "evaluate CDS Hooks requests or Bundles offline; print the answers by file"
     )
-    evaluate.add_argument("files", nargs="+", type=Path)
+    evaluate.add_argument(
+        "files", nargs="+", help="JSON files: CDS Hooks requests or FHIR Bundles; - reads standard input"
+    )
+    evaluate.add_argument(
+        "--as-of", type=_as_of, help="evaluation time (FHIR dateTime), as /evaluate?asOf=; default now"
+    )
+    evaluate.add_argument(
+        "--hook",
+        default="patient-view",
+        choices=[s.hook for s in hooks.SERVICES.values()],
+        metavar="HOOK",
+        help="the hook a Bundle is evaluated for: patient-view, order-select or order-sign (/evaluate?hook=)",
+    )
+    evaluate.add_argument(
+        "--fhir",
+        action="store_true",
+        help="answer FHIR resources (a transaction Bundle), not cards, as Accept: application/fhir+json",
+    )
     evaluate.add_argument(
         "--html", type=Path, metavar="OUT.html", help="also write the explanation page (one file only)"
     )
 
-    replay = commands.add_parser(
-        "replay", help="post every fixture to a server and diff against expected.json"
-    )
-    replay.add_argument("directory", type=Path)
+    replay = command("replay", "post every fixture to a server and diff against expected.json")
+    replay.add_argument("directory", type=Path, help="a folder of <scenario>/request.json and expected.json")
     replay.add_argument(
         "--url", required=True, help="base URL of a running service, e.g. http://127.0.0.1:8080"
     )
-    replay.add_argument("--timeout", type=float, default=10.0)
+    replay.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    replay.add_argument(
+        "--jwt-key",
+        type=Path,
+        help="PEM private key (RSA or EC) to sign each call with, for IMNM_CDS_AUTH=jwt",
+    )
+    replay.add_argument("--issuer", help="the iss of the signed calls: a trusted issuer of the service")
+    replay.add_argument("--kid", help="the key id its JWK Set publishes the key under")
 
-    report = commands.add_parser(
-        "feedback-report",
-        help="per rule and topic: cards issued, accepted, overridden, top override reasons",
+    report = command(
+        "feedback-report", "per rule and topic: cards issued, accepted, overridden, top override reasons"
     )
     report.add_argument("--json", action="store_true", help="print JSON, as GET /feedback/summary answers")
 
-    population = commands.add_parser(
-        "screen",
-        help="evaluate every patient of a Bulk Data export (NDJSON files, or a FHIR server); resumable",
+    population = command(
+        "screen", "evaluate every patient of a Bulk Data export (NDJSON files, or a FHIR server); resumable"
     )
     population.add_argument(
         "directory", type=Path, nargs="?", help="a folder of *.ndjson files, one resource per line"
@@ -96,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     population.add_argument("--out", type=Path, help="folder for results.ndjson and summary.json")
     population.add_argument("--as-of", type=_as_of, help="evaluation time (FHIR dateTime); default now")
-    population.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    population.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)"
+    )
     population.add_argument("--no-progress", action="store_true", help="no progress bar")
     population.add_argument(
         "--dask",
@@ -121,6 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Show a flag's default after its help, unless it has none or the help already says it."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=40)  # the longest flag with its value still fits
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def run_serve(args) -> int:
     """Serve the app factory under gunicorn with threaded workers; bad settings stop it before any worker."""
     settings = Settings.from_env()
@@ -130,6 +180,7 @@ def run_serve(args) -> int:
         getattr(settings, name) if getattr(args, name) is None else getattr(args, name)
         for name in ("port", "workers", "threads")
     )
+    FeedbackStore(settings.database_url).close()  # so does a database that cannot be opened
     metrics.share_between_processes()  # before any worker forks and makes its metrics
 
     class Server(BaseApplication):
@@ -168,33 +219,58 @@ def frozen(app):
 
 
 def run_evaluate(args) -> int:
-    """Print each file's response: the document itself for one file, an object keyed by path for several."""
+    """Print an object of each file's answer by path; name each file that failed, and why, on stderr."""
     if args.html and len(args.files) > 1:
         print("imnm-cds: --html explains one file at a time", file=sys.stderr)
         return 2
-    evaluator = Evaluator(Settings.from_env())
+    # Offline, nobody waits on the answer: the deadline of a hook call would only make it depend on load.
+    evaluator = Evaluator(Settings.from_env(deadline_ms=OFFLINE_DEADLINE_MS))
     results, failed = {}, False
-    for path in args.files:
+    for name in args.files:
         try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-            now = datetime.now(UTC)
-            if isinstance(body, dict) and body.get("resourceType") == "Bundle":
-                evaluation = evaluator.bundle(body, now)
-            else:
-                hook = body.get("hook") if isinstance(body, dict) else None
-                evaluation = evaluator.hook(hooks.service_for(hook), body, now)
-            results[str(path)] = evaluation.response()
+            evaluation, results[name] = _evaluate_file(evaluator, name, args)
             if args.html:
                 explain.write(evaluator.knowledge, evaluation, args.html)
-        except (OSError, ValueError) as exc:
+        except CliInputError as exc:
             failed = True
-            results[str(path)] = {"error": f"cannot read {path}: {type(exc).__name__}"}
+            print(f"imnm-cds: {name}: {exc}", file=sys.stderr)
+            results[name] = operation_outcome([Issue("structure", str(exc))])
         except ApiError as exc:
             failed = True
-            results[str(path)] = {"status": exc.status, **operation_outcome(exc.issues)}
-    output = next(iter(results.values())) if len(results) == 1 else results
-    print(json.dumps(output, indent=2, ensure_ascii=False))
+            reasons = "; ".join(issue.diagnostics for issue in exc.issues)
+            print(f"imnm-cds: {name}: refused ({exc.status}): {reasons}", file=sys.stderr)
+            results[name] = operation_outcome(exc.issues)
+    print(json.dumps(results, indent=2, ensure_ascii=False))
     return 1 if failed else 0
+
+
+class CliInputError(ValueError):
+    """A file given to evaluate cannot be read as JSON."""
+
+
+def _evaluate_file(evaluator: Evaluator, name: str, args) -> tuple[Evaluation, dict]:
+    """Evaluate one file (or standard input) as /evaluate or the hook's service would answer it."""
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        body = json.loads(text)
+    except OSError as exc:
+        raise CliInputError(f"cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliInputError("it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise CliInputError(f"not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    now = datetime.now(UTC)
+    if isinstance(body, dict) and body.get("resourceType") == "Bundle":
+        as_of = args.as_of.isoformat() if args.as_of else None
+        evaluation = evaluator.bundle(body, now, as_of, args.hook)
+        service = hooks.service_for(args.hook)
+    else:
+        service = hooks.service_for(body.get("hook") if isinstance(body, dict) else None)
+        evaluation = evaluator.hook(service, body, args.as_of or now)
+    if args.fhir:
+        results = guidance.bundle(evaluation.cards, evaluation.patient_id, service.id, evaluation.now)
+        return evaluation, results
+    return evaluation, evaluation.response()
 
 
 def run_screen(args) -> int:
@@ -306,6 +382,10 @@ def scenario_target(request: dict, base_url: str) -> str:
 def run_replay(args) -> int:
     """Post each <scenario>/request.json and compare the answer with <scenario>/expected.json."""
     base = args.url.rstrip("/")
+    if urlsplit(base).scheme not in ("http", "https"):
+        print(f"imnm-cds: --url {args.url} needs a scheme, e.g. http://{args.url}", file=sys.stderr)
+        return 2
+    sign = _signer(args)
     scenarios = sorted(p.parent for p in args.directory.glob("*/request.json"))
     if not scenarios:
         print(f"no scenarios (*/request.json) under {args.directory}", file=sys.stderr)
@@ -315,7 +395,15 @@ def run_replay(args) -> int:
         for scenario in scenarios:
             request = json.loads((scenario / "request.json").read_text(encoding="utf-8"))
             expected = json.loads((scenario / "expected.json").read_text(encoding="utf-8"))
-            response = http.post(scenario_target(request, base), json=request, timeout=args.timeout)
+            target = scenario_target(request, base)
+            try:
+                response = http.post(target, json=request, timeout=args.timeout, headers=sign(target))
+            except requests.ConnectionError:
+                print(
+                    f"imnm-cds: nothing answers at {base}: is the service running there (imnm-cds serve)?",
+                    file=sys.stderr,
+                )
+                return 2
             try:
                 actual = response.json()
             except ValueError:
@@ -337,9 +425,32 @@ def run_replay(args) -> int:
     return 1 if different else 0
 
 
+def _signer(args):
+    """Return a function giving each call's headers: a JWT signed for its URL with --jwt-key, or none."""
+    if args.jwt_key is None:
+        return lambda _url: {}
+    if not args.issuer:
+        raise ConfigError("--jwt-key needs --issuer, the iss the service trusts")
+    try:
+        key = serialization.load_pem_private_key(args.jwt_key.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"--jwt-key {args.jwt_key}: not a PEM private key without a password") from None
+    # The pair CDS Hooks 2.0 recommends, one for each key type.
+    algorithm = "ES384" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS384"
+    header = {"typ": "JWT", **({"kid": args.kid} if args.kid else {})}
+
+    def headers(url: str) -> dict:
+        now = int(time.time())
+        claims = {"iss": args.issuer, "aud": url, "iat": now, "exp": now + 300, "jti": str(uuid.uuid4())}
+        return {"Authorization": f"Bearer {jwt.encode(claims, key, algorithm=algorithm, headers=header)}"}
+
+    return headers
+
+
 def run_feedback_report(args) -> int:
     """Print what clinicians did with our cards, from the database IMNM_CDS_DATABASE_URL names."""
-    store = FeedbackStore(Settings.from_env().database_url)
+    store = FeedbackStore(Settings.from_env().database_url, create=False)
+    print(f"feedback from {store.name}", file=sys.stderr)
     try:
         summary = store.summary()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 PREFIX = "IMNM_CDS_"
+TEST_PREFIX = PREFIX + "TEST_"  # read by the test suite only, never by the service
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -22,10 +24,15 @@ class ConfigError(ValueError):
 
 
 def _number(kind: type, low: float, high: float) -> Callable[[str], float]:
+    form = f"{'a whole number' if kind is int else 'a number'} from {low} to {high}"
+
     def parse(text: str):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number; give {form}") from None
         if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
+            raise ValueError(f"{text!r} is out of range; give {form}")
         return value
 
     return parse
@@ -316,20 +323,37 @@ class Settings:
 
     def __post_init__(self):
         """Check the settings that only make sense together."""
+        if self.production:
+            problems = self.production_problems()
+            if problems:
+                raise ConfigError(
+                    "IMNM_CDS_PRODUCTION=true refuses to start until these are set:\n"
+                    + "\n".join(f"  {problem}" for problem in problems)
+                )
         if self.auth == "jwt" and not (self.trusted_issuers and self.public_url):
             raise ConfigError("IMNM_CDS_AUTH=jwt needs IMNM_CDS_TRUSTED_ISSUERS and IMNM_CDS_PUBLIC_URL")
         if self.fetch_budget_ms >= self.deadline_ms:
             raise ConfigError("IMNM_CDS_FETCH_BUDGET_MS must be less than IMNM_CDS_DEADLINE_MS")
-        if self.production:
-            if self.auth != "jwt":
-                raise ConfigError("IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off (development mode)")
-            if self.fhir_allow_http:
-                raise ConfigError("IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_FHIR_ALLOW_HTTP")
-            self.require_https(self.public_url, *self.fhir_servers)
+
+    def production_problems(self) -> list[str]:
+        """List, at once, every setting production mode still needs and how to set it."""
+        problems = []
+        if self.auth != "jwt":
+            problems.append("IMNM_CDS_AUTH=jwt (IMNM_CDS_AUTH=off is development mode)")
+        if not self.trusted_issuers:
+            problems.append("IMNM_CDS_TRUSTED_ISSUERS=<JSON file of the trusted CDS clients>")
+        if not self.public_url:
+            problems.append("IMNM_CDS_PUBLIC_URL=<https URL clients call this service at>")
+        if self.fhir_allow_http:
+            problems.append("IMNM_CDS_FHIR_ALLOW_HTTP=false (plain-http FHIR servers are for development)")
+        plain = _plain_http(self.public_url, *self.fhir_servers)
+        if plain:
+            problems.append(f"https URLs, not {', '.join(plain)}")
+        return problems
 
     def require_https(self, *urls: str | None) -> None:
         """Refuse plain-http URLs in production mode."""
-        plain = [url for url in urls if url and not url.startswith("https://")]
+        plain = _plain_http(*urls)
         if self.production and plain:
             raise ConfigError(f"IMNM_CDS_PRODUCTION=true needs https URLs, not {', '.join(plain)}")
 
@@ -338,6 +362,7 @@ class Settings:
         """Read every setting from the environment (IMNM_CDS_<NAME>), then apply explicit overrides."""
         environ = os.environ if environ is None else environ
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        _refuse_misspelt(environ, [PREFIX + name.upper() for name in fields])
         unknown = set(overrides) - set(fields)
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -357,3 +382,18 @@ class Settings:
         return [
             (PREFIX + f.name.upper(), repr(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)
         ]
+
+
+def _refuse_misspelt(environ: Mapping[str, str], variables: list[str]) -> None:
+    """Refuse an IMNM_CDS_* variable that is no setting: a typo would silently leave the default."""
+    for name in sorted(environ):
+        if name.startswith(PREFIX) and name not in variables and not name.startswith(TEST_PREFIX):
+            # Compared without the prefix, which every name shares and would make any two look alike.
+            names = [variable.removeprefix(PREFIX) for variable in variables]
+            closest = difflib.get_close_matches(name.removeprefix(PREFIX), names, n=1, cutoff=0.6)
+            hint = f"; did you mean {PREFIX}{closest[0]}?" if closest else "; see the README's settings"
+            raise ConfigError(f"{name} is not a setting{hint}")
+
+
+def _plain_http(*urls: str | None) -> list[str]:
+    return [url for url in urls if url and not url.startswith("https://")]

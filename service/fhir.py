@@ -35,7 +35,8 @@ DATETIME = re.compile(
 )
 # Moments outside these years are read as undated: no clinical record has them, and date arithmetic
 # (a window before now, a supply after a start) would overflow near years 1 and 9999.
-EARLIEST, LATEST = datetime(1000, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+# A day either side, so that years 1000-8999 stay inside with any offset.
+EARLIEST, LATEST = datetime(999, 12, 31, tzinfo=UTC), datetime(9000, 1, 2, tzinfo=UTC)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -160,6 +161,13 @@ def parse(service: Service, body, now: datetime) -> HookRequest:
     """Check a CDS Hooks request against the spec and this service; a 400 ApiError names the field."""
     if not isinstance(body, dict):
         raise error(400, "structure", "the request body must be a JSON object")
+    if body.get("resourceType") == "Bundle":
+        raise error(
+            400,
+            "structure",
+            "this is a CDS Hooks service and takes a CDS Hooks request; post a FHIR Bundle to /evaluate",
+            "resourceType",
+        )
     if body.get("hook") != service.hook:
         raise error(400, "value", f"service {service.id} answers the {service.hook} hook", "hook")
     instance = body.get("hookInstance")
@@ -224,20 +232,27 @@ def _check_authorization(authorization, server) -> None:
         raise error(400, "structure", "fhirAuthorization must be a JSON object", "fhirAuthorization")
     if server is None:
         raise error(400, "required", "fhirServer is required when fhirAuthorization is given", "fhirServer")
-    for name, kind in (
-        ("access_token", str),
-        ("token_type", str),
-        ("expires_in", int),
-        ("scope", str),
-        ("subject", str),
-    ):
-        value = authorization.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
+    for name in ("access_token", "token_type", "scope", "subject"):
+        if not isinstance(authorization.get(name), str):
             raise error(400, "required", f"fhirAuthorization.{name} is required", f"fhirAuthorization.{name}")
+    if not _seconds(authorization.get("expires_in")):
+        raise error(
+            400,
+            "required",
+            "fhirAuthorization.expires_in is required (whole seconds, 0 or more)",
+            "fhirAuthorization.expires_in",
+        )
     if authorization["token_type"] != "Bearer":  # noqa: S105 (the token type, not a secret)
         raise error(
             400, "value", "fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type"
         )
+
+
+def _seconds(value) -> bool:
+    """Tell whether a JSON value is a whole number of seconds, 0 or more (JSON has no integer type)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _as_of(extension, now: datetime) -> datetime:

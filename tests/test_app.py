@@ -269,6 +269,9 @@ def test_evaluate_refuses_a_bundle_timestamp_that_is_no_fhir_datetime(client, ti
         "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}}, {"resource": ck("ck1", 3000)}],
     }
     assert_outcome(client.post("/evaluate", json=bundle), 400, "Bundle.timestamp")
+    # Checked even when asOf overrides it: the document allows no other timestamp.
+    assert_outcome(client.post(f"/evaluate?asOf={AS_OF}", json=bundle), 400, "Bundle.timestamp")
+    del bundle["timestamp"]
     assert client.post(f"/evaluate?asOf={AS_OF}", json=bundle).status_code == 200
 
 
@@ -363,3 +366,127 @@ def test_antibody_only_by_text_counts(client):
     )
     card = client.post(SERVICE, json=request).get_json()["cards"][0]
     assert card["extension"]["imnm-cds.rules"][-1] == "imnm.seropositive_hmgcr"
+
+
+def test_a_bundle_posted_to_a_hook_service_is_sent_to_evaluate(client):
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    body = assert_outcome(client.post(SERVICE, json=bundle), 400, "resourceType")
+    assert body["issue"][0]["diagnostics"] == (
+        "this is a CDS Hooks service and takes a CDS Hooks request; post a FHIR Bundle to /evaluate"
+    )
+
+
+def test_a_hook_request_posted_to_evaluate_is_sent_to_its_service(client):
+    body = assert_outcome(client.post("/evaluate", json=hook_request()), 400, "resourceType")
+    assert body["issue"][0]["diagnostics"] == (
+        "/evaluate takes a FHIR Bundle; post a CDS Hooks request to /cds-services/imnm-patient-view "
+        "(GET /cds-services lists the services)"
+    )
+    unknown = {**hook_request(), "hook": "encounter-start"}
+    body = assert_outcome(client.post("/evaluate", json=unknown), 400, "resourceType")
+    assert "post a CDS Hooks request to /cds-services/{id}" in body["issue"][0]["diagnostics"]
+
+
+def test_the_root_is_a_short_index_of_the_endpoints(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    index = response.get_json()
+    assert index["service"] == "imnm-cds"
+    assert index["summary"] == "CDS Hooks 2.0 service for immune-mediated necrotizing myopathy"
+    assert (
+        index["endpoints"]["GET /cds-services"]
+        == "CDS Hooks discovery: the services and their prefetch templates"
+    )
+    assert index["endpoints"]["POST /evaluate"].startswith("Evaluate one patient's FHIR Bundle")
+    documented = client.get("/openapi.json").get_json()["paths"]
+    assert len(index["endpoints"]) == sum(len(operations) for operations in documented.values())
+
+
+def searchset(*entries) -> dict:
+    return {"resourceType": "Bundle", "type": "searchset", "entry": list(entries)}
+
+
+@pytest.mark.parametrize(
+    ("prefetch", "expression", "diagnostics"),
+    [
+        (
+            {"patient": {"resourceType": "Nonsense"}},
+            "prefetch.patient.resourceType",
+            "'Nonsense' is not a FHIR R4 resource type",
+        ),
+        (
+            {
+                "patient": {
+                    "resourceType": "Observation",
+                    "id": "o1",
+                    "status": "final",
+                    "code": {"text": "x"},
+                }
+            },
+            "prefetch.patient.resourceType",
+            "prefetch key 'patient' asks for Patient resources, not Observation",
+        ),
+        (
+            {"labs": searchset({"resource": {"resourceType": "Condition", "id": "c1"}})},
+            "prefetch.labs.entry[0].resource.resourceType",
+            "prefetch key 'labs' asks for Observation resources, not Condition",
+        ),
+        (
+            {
+                "labs": searchset(
+                    {"resource": ck("ck1", 3000), "search": {"mode": "match"}},
+                    {"resource": {"resourceType": "HumanName"}},
+                )
+            },
+            "prefetch.labs.entry[1].resource.resourceType",
+            "'HumanName' is not a FHIR R4 resource type",
+        ),
+        (
+            {"conditions": searchset({"resource": {"resourceType": "Blob"}, "search": {"mode": "include"}})},
+            "prefetch.conditions.entry[0].resource.resourceType",
+            "'Blob' is not a FHIR R4 resource type",
+        ),
+    ],
+    ids=["unknown-type", "wrong-type", "wrong-entry-type", "datatype-entry", "unknown-include"],
+)
+def test_junk_prefetch_is_refused_naming_the_key(client, prefetch, expression, diagnostics):
+    body = assert_outcome(client.post(SERVICE, json=hook_request(**prefetch)), 400, expression)
+    assert body["issue"][0]["diagnostics"] == diagnostics
+
+
+def test_outcomes_medications_and_unmatched_entries_are_never_refused_for_their_type(client):
+    medication = {"resourceType": "Medication", "id": "m1", "code": {"text": "atorvastatin"}}
+    warning = {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "incomplete"}]}
+    labs = searchset(
+        {"resource": ck("ck1", 3000), "search": {"mode": "match"}},
+        {"resource": {"resourceType": "Patient", "id": "p1"}, "search": {"mode": "include"}},
+        {"resource": warning, "search": {"mode": "outcome"}},
+        {"resource": warning},
+        {"resource": medication},
+    )
+    request = hook_request(resources=[condition("w1", WEAKNESS)], labs=labs, medicationRequests=medication)
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200, response.get_json()
+    assert len(response.get_json()["cards"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "accepted"),
+    [(300, True), (300.0, True), (0, True), (-1, False), (1.5, False), (True, False)],
+)
+def test_fhir_authorization_expires_in_is_whole_seconds(client, expires_in, accepted):
+    request = hook_request()
+    del request["prefetch"]["labs"]
+    request["fhirServer"] = "https://ehr.example.org/fhir"
+    request["fhirAuthorization"] = {
+        "access_token": "t",
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "scope": "patient/*.read",
+        "subject": "cds",
+    }
+    # Accepted, the request goes on to need the missing key from a server it may not contact (403).
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == (403 if accepted else 400), response.get_json()
+    if not accepted:
+        assert response.get_json()["issue"][0]["expression"] == ["fhirAuthorization.expires_in"]

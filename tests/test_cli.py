@@ -6,6 +6,7 @@ import functools
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+from cryptography.hazmat.primitives import serialization
 
 import signing
 from conftest import CLI, FIXTURES, ROOT, free_port, gunicorn_url, load, ready, serve
@@ -28,12 +30,14 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def test_evaluate_prints_the_expected_cards_for_a_fixture():
     scenario = FIXTURES / "worked-example-hmgcr-positive"
-    result = run("evaluate", str(scenario / "request.json"))
+    path = str(scenario / "request.json")
+    result = run("evaluate", path)
     assert result.returncode == 0, result.stderr[-1000:]
-    assert json.loads(result.stdout) == load(scenario / "expected.json")
+    assert json.loads(result.stdout) == {path: load(scenario / "expected.json")}
+    assert result.stderr == ""
 
 
-def test_evaluate_several_files_keys_them_by_path_and_fails_on_a_refused_one(tmp_path):
+def test_evaluate_several_files_keys_them_by_path_and_names_the_refused_one(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     good = FIXTURES / "bundle-worked-example" / "request.json"
@@ -41,7 +45,85 @@ def test_evaluate_several_files_keys_them_by_path_and_fails_on_a_refused_one(tmp
     assert result.returncode == 1
     output = json.loads(result.stdout)
     assert output[str(good)] == load(FIXTURES / "bundle-worked-example" / "expected.json")
-    assert output[str(bad)]["resourceType"] == "OperationOutcome"
+    # The refusal is the OperationOutcome /cds-services would answer, with nothing added to it.
+    assert output[str(bad)] == {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "not-supported",
+                "diagnostics": "no service here answers this hook",
+                "expression": ["hook"],
+            }
+        ],
+    }
+    assert result.stderr == f"imnm-cds: {bad}: refused (400): no service here answers this hook\n"
+
+
+def test_evaluate_says_where_a_file_is_not_json_or_cannot_be_read(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"resourceType": "Bundle",\n  "type": }')
+    missing = tmp_path / "missing.json"
+    result = run("evaluate", str(broken), str(missing))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"imnm-cds: {broken}: not JSON: Expecting value at line 2, column 11",
+        f"imnm-cds: {missing}: cannot read it: No such file or directory",
+    ]
+    output = json.loads(result.stdout)
+    assert output[str(broken)]["issue"][0]["diagnostics"] == "not JSON: Expecting value at line 2, column 11"
+
+
+def test_evaluate_reads_standard_input_as_of_a_time_for_a_hook_and_answers_fhir():
+    scenario = FIXTURES / "bundle-worked-example"
+    bundle = (scenario / "request.json").read_text()
+    result = run("evaluate", "-", "--as-of", "2024-06-01T12:00:00Z", input=bundle)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert json.loads(result.stdout) == {"-": load(scenario / "expected.json")}
+    later = run("evaluate", "-", "--as-of", "2035-06-01T12:00:00Z", input=bundle)
+    assert json.loads(later.stdout)["-"] != load(scenario / "expected.json")  # the time is used
+    ordering = run("evaluate", "-", "--hook", "order-sign", input=bundle)
+    assert ordering.returncode == 0 and json.loads(ordering.stdout)["-"] == {"cards": []}
+    fhir = json.loads(run("evaluate", "-", "--fhir", "--as-of", "2024-06-01T12:00:00Z", input=bundle).stdout)[
+        "-"
+    ]
+    assert fhir["resourceType"] == "Bundle" and fhir["type"] == "transaction"
+    kinds = {entry["resource"]["resourceType"] for entry in fhir["entry"]}
+    assert "GuidanceResponse" in kinds
+    refused = run("evaluate", "-", "--as-of", "yesterday", input=bundle)
+    assert refused.returncode == 2 and "must be a FHIR dateTime" in refused.stderr
+
+
+def test_every_flag_has_help_that_shows_its_default():
+    wide = {**os.environ, "COLUMNS": "1000"}  # one line per flag
+    helps = {}
+    for command in ("serve", "evaluate", "replay", "feedback-report", "screen"):
+        result = run(command, "--help", env=wide)
+        assert result.returncode == 0
+        flags = [line.strip() for line in result.stdout.splitlines() if line.startswith("  --")]
+        assert flags, command
+        for line in flags:
+            assert len(re.split(r"\s{2,}", line)) == 2, (command, line)  # the flag, then its help
+        helps[command] = "\n".join(flags)
+    for default in ("127.0.0.1", "30", "5"):
+        assert f"(default: {default})" in helps["serve"]
+    for setting, default in (("PORT", "8080"), ("WORKERS", "2"), ("THREADS", "8")):
+        assert f"(default: IMNM_CDS_{setting}, else {default})" in helps["serve"]
+    assert "(default: 10.0)" in helps["replay"] and "(default: patient-view)" in helps["evaluate"]
+    assert "(default: one per CPU)" in helps["screen"]
+    assert "(default: None)" not in "".join(helps.values())
+
+
+def test_replay_explains_a_url_without_scheme_and_a_refused_connection(tmp_path):
+    result = run("replay", str(FIXTURES), "--url", "127.0.0.1:8080")
+    assert result.returncode == 2
+    assert result.stderr == "imnm-cds: --url 127.0.0.1:8080 needs a scheme, e.g. http://127.0.0.1:8080\n"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = run("replay", str(FIXTURES), "--url", nowhere)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"imnm-cds: nothing answers at {nowhere}: is the service running there (imnm-cds serve)?\n"
+    )
 
 
 def test_served_discovery_and_replay_of_every_fixture(server):
@@ -111,11 +193,25 @@ def test_served_with_jwt_verification(jwks_server, client_keys, tmp_path):
             timeout=5,
         )
         refused = requests.post(target, json=load(scenario / "request.json"), timeout=5)
+        key = client_keys["rsa"]
+        pem = tmp_path / "client.pem"
+        pem.write_bytes(
+            key.private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        one = tmp_path / "fixtures"
+        shutil.copytree(scenario, one / scenario.name)
+        signed = ["--jwt-key", str(pem), "--issuer", signing.ISSUER, "--kid", key.kid]
+        replayed = run("replay", str(one), "--url", url, *signed)
+        unsigned = run("replay", str(one), "--url", url)
     finally:
         process.terminate()
         process.wait(30)
     assert answer.status_code == 200 and answer.json() == load(scenario / "expected.json")
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert replayed.returncode == 0 and "1 same, 0 different" in replayed.stderr, replayed.stderr[-2000:]
+    assert unsigned.returncode == 1 and "(HTTP 401)" in unsigned.stdout
     log = (tmp_path / "stderr.log").read_text()
     assert '"authentication on"' in log and token not in log
 
@@ -144,7 +240,8 @@ def test_serve_takes_port_workers_and_threads_from_settings(tmp_path):
 def test_serve_refuses_development_mode_in_production():
     result = run("serve", env={**os.environ, "IMNM_CDS_PRODUCTION": "true"})
     assert result.returncode == 2
-    assert "IMNM_CDS_PRODUCTION=true refuses IMNM_CDS_AUTH=off" in result.stderr
+    assert "IMNM_CDS_PRODUCTION=true refuses to start until these are set:" in result.stderr
+    assert "IMNM_CDS_AUTH=jwt (IMNM_CDS_AUTH=off is development mode)" in result.stderr
 
 
 def test_feedback_report_shows_per_rule_counts_and_reasons_per_knowledge_version(tmp_path):
@@ -166,8 +263,36 @@ def test_feedback_report_shows_per_rule_counts_and_reasons_per_knowledge_version
     env = {**os.environ, "IMNM_CDS_DATABASE_URL": url}
     table = run("feedback-report", env=env)
     assert table.returncode == 0, table.stderr[-2000:]
+    assert table.stderr == f"feedback from {url}\n"
     lines = [line.split() for line in table.stdout.splitlines()]
     # The override rate before the knowledge changed is not pooled with the one after.
     assert [before, "imnm.ck_raised", "imnm-suspected", "3", "1", "0", "1", "not-relevant", "(1)"] in lines
     assert [after, "imnm.ck_raised", "imnm-suspected", "2", "1", "1", "0"] in lines
     assert json.loads(run("feedback-report", "--json", env=env).stdout) == summary
+
+
+def test_serve_names_a_database_it_cannot_open_in_one_line(tmp_path):
+    missing = tmp_path / "gone" / "feedback.sqlite"
+    result = run("serve", env={**os.environ, "IMNM_CDS_DATABASE_URL": f"sqlite:///{missing}"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"imnm-cds: cannot open the feedback database sqlite:///{missing}: No such file or directory"
+    )
+
+
+def test_feedback_report_names_its_database_and_never_creates_one(tmp_path):
+    result = subprocess.run(
+        [*CLI, "feedback-report"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "IMNM_CDS_DATABASE_URL"},
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        f"imnm-cds: no feedback database at sqlite:///{tmp_path / 'imnm-cds.sqlite'} "
+        "(set IMNM_CDS_DATABASE_URL to the service's)"
+    )
+    assert list(tmp_path.iterdir()) == []

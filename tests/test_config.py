@@ -51,6 +51,49 @@ def test_bad_settings_refuse_to_start(environ):
         Settings.from_env(environ)
 
 
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        (
+            "IMNM_CDS_DEADLINE_MS",
+            "IMNM_CDS_DEADLINE_MS: 'abc' is not a number; give a whole number from 50 to 60000",
+        ),
+        (
+            "IMNM_CDS_ENGINE_WAIT_SECONDS",
+            "IMNM_CDS_ENGINE_WAIT_SECONDS: 'abc' is not a number; give a number from 0.0 to 60.0",
+        ),
+    ],
+)
+def test_a_bad_number_names_the_variable_and_the_expected_form(variable, message):
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({variable: "abc"})
+    assert str(refused.value) == message
+    with pytest.raises(ConfigError, match=re.escape(f"{variable}: '99999999' is out of range; give a")):
+        Settings.from_env({variable: "99999999"})
+
+
+def test_a_misspelt_variable_names_the_closest_setting():
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"IMNM_CDS_DEADLINE_MSS": "300"})
+    assert str(refused.value) == "IMNM_CDS_DEADLINE_MSS is not a setting; did you mean IMNM_CDS_DEADLINE_MS?"
+    with pytest.raises(ConfigError, match="IMNM_CDS_COLOUR is not a setting; see the README's settings"):
+        Settings.from_env({"IMNM_CDS_COLOUR": "blue"})
+    # The test suite's own variables are not settings of the service.
+    assert Settings.from_env({"IMNM_CDS_TEST_POSTGRES_URL": "postgresql://x@y/z"}).deadline_ms == 400
+
+
+def test_production_lists_every_missing_setting_at_once():
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"IMNM_CDS_PRODUCTION": "true", "IMNM_CDS_FHIR_ALLOW_HTTP": "true"})
+    assert str(refused.value).splitlines() == [
+        "IMNM_CDS_PRODUCTION=true refuses to start until these are set:",
+        "  IMNM_CDS_AUTH=jwt (IMNM_CDS_AUTH=off is development mode)",
+        "  IMNM_CDS_TRUSTED_ISSUERS=<JSON file of the trusted CDS clients>",
+        "  IMNM_CDS_PUBLIC_URL=<https URL clients call this service at>",
+        "  IMNM_CDS_FHIR_ALLOW_HTTP=false (plain-http FHIR servers are for development)",
+    ]
+
+
 def test_a_postgresql_url_is_used_through_psycopg_3():
     settings = Settings.from_env({"IMNM_CDS_DATABASE_URL": "postgresql://cds:secret@db:5432/feedback"})
     assert settings.database_url == "postgresql+psycopg://cds:secret@db:5432/feedback"

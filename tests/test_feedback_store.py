@@ -14,7 +14,7 @@ import pytest
 import requests
 from sqlalchemy import inspect, select, text
 
-from conftest import serve
+from conftest import free_port, serve
 from service.store import feedback as feedback_store
 from service.store.feedback import FeedbackStore, IssuedCard, StoreError, StoreUnavailable
 from service.store.feedback_request import Coding, Feedback
@@ -291,3 +291,31 @@ def test_nothing_acknowledged_is_lost_when_the_server_is_killed(database_url, tm
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_a_database_that_cannot_be_opened_is_named_with_the_os_error(tmp_path):
+    missing = tmp_path / "no-such-folder" / "feedback.sqlite"
+    with pytest.raises(StoreError) as refused:
+        FeedbackStore(f"sqlite:///{missing}")
+    assert (
+        str(refused.value)
+        == f"cannot open the feedback database sqlite:///{missing}: No such file or directory"
+    )
+
+
+def test_a_postgresql_database_that_refuses_is_named_without_its_password():
+    with pytest.raises(StoreError) as refused:
+        FeedbackStore(f"postgresql+psycopg://cds:secret@127.0.0.1:{free_port()}/feedback")
+    message = str(refused.value)
+    assert message.startswith("cannot open the feedback database postgresql+psycopg://cds:***@127.0.0.1:")
+    assert "Connection refused" in message and "secret" not in message and "\n" not in message
+
+
+def test_a_report_never_creates_an_empty_database(tmp_path):
+    missing = tmp_path / "feedback.sqlite"
+    with pytest.raises(StoreError, match=f"no feedback database at sqlite:///{missing}"):
+        FeedbackStore(f"sqlite:///{missing}", create=False)
+    assert not missing.exists()
+    sqlite3.connect(missing).close()  # a file, but not ours
+    with pytest.raises(StoreError, match=f"sqlite:///{missing} holds no feedback database"):
+        FeedbackStore(f"sqlite:///{missing}", create=False)

@@ -114,10 +114,10 @@ class Evaluator:
         started = time.perf_counter()
         service = hooks.service_for(hook)
         gathered = prefetch.from_bundle(body, with_drafts="draftOrders" in service.context)
+        if body.get("timestamp") is not None:  # checked even when asOf overrides it
+            now = _chosen_time(body["timestamp"], "Bundle.timestamp")
         if as_of is not None:
             now = _chosen_time(as_of, "asOf")
-        elif body.get("timestamp") is not None:
-            now = _chosen_time(body["timestamp"], "Bundle.timestamp")
         evaluation = self._evaluate(service, gathered, now, {"gather": ms_since(started)})
         _report_ignored(service, evaluation)
         return evaluation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -9,9 +10,12 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource as FhirResource
+
 from service.fhir import Resource, as_dict, as_list, as_str, is_resource
 from service.gather.fhirclient import Answer, FhirClient, Query, reports_failure
-from service.hooks import HookRequest, PrefetchKey
+from service.hooks import SERVICES, HookRequest, PrefetchKey
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
 
@@ -21,6 +25,10 @@ BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction", "batch"})  #
 # http://hl7.org/fhir/R4/valueset-bundle-type.html
 R4_BUNDLE_TYPES = BUNDLE_TYPES | {"document", "message", "transaction-response", "batch-response", "history"}
 _MISSING = object()
+# Any key may hold these whatever it asks for: the spec's report of a failed or partial prefetch, and
+# the Medications that medication resources point to.
+ALWAYS_ACCEPTED = frozenset({"OperationOutcome", "Medication"})
+UNMATCHED_MODES = frozenset({"include", "outcome"})  # Bundle.entry.search.mode of what did not match
 TOKEN = re.compile(r"\{\{context\.(\w+)\}\}")
 # Where each resource type names its patient.
 SUBJECT = {
@@ -55,6 +63,7 @@ def from_prefetch(
     failed_prefetch: str = "fetch",
 ) -> Gathered:
     """Take each key as sent (null means no data), else fetch it; a required key not had is a 412."""
+    drafts = _drafts(request)  # a malformed draft order is refused before anything is fetched
     found, wanted = _sent(request, failed_prefetch)
     answers = _fetch(request, wanted, fhir, until) if wanted and request.fhir_server else {}
     found |= {key: _fetched(key, answer) for key, answer in answers.items() if answer.failure is None}
@@ -71,7 +80,6 @@ def from_prefetch(
     if unobtainable:
         raise ApiError(412, *unobtainable)
     resources = [r for listed in found.values() for r in listed]
-    drafts = _drafts(request)
     _check_subjects([*resources, *drafts], request.patient_id)
     available = frozenset(key.resource_type for key in found)
     return Gathered(
@@ -108,7 +116,7 @@ def _sent(
         if value is _MISSING or (failed and failed_prefetch == "fetch"):
             wanted.append(key)
         elif not failed:
-            found[key] = [] if value is None else _unpack(value, f"prefetch.{key.key}")
+            found[key] = [] if value is None else _unpack(_of_its_types(key, value), f"prefetch.{key.key}")
         elif failed_prefetch == "fail" or key.required:
             raise error(
                 412,
@@ -117,6 +125,41 @@ def _sent(
                 f"prefetch.{key.key}",
             )
     return found, wanted
+
+
+def _of_its_types(key: PrefetchKey, value: dict) -> dict:
+    """Refuse what the key's query cannot return: no R4 type, or a matched resource of another type."""
+    where = f"prefetch.{key.key}"
+    if value.get("resourceType") != "Bundle":
+        _check_type(key, value, where, matched=True)
+        return value
+    for index, entry in enumerate(_entries(value, where)):
+        if is_resource(entry.get("resource")):  # anything else _unpack refuses
+            matched = as_dict(entry.get("search")).get("mode") not in UNMATCHED_MODES
+            _check_type(key, entry["resource"], f"{where}.entry[{index}].resource", matched)
+    return value
+
+
+def _check_type(key: PrefetchKey, resource: dict, where: str, matched: bool) -> None:
+    kind = resource["resourceType"]
+    if not _is_resource_type(kind):
+        raise error(400, "value", f"{kind!r} is not a FHIR R4 resource type", f"{where}.resourceType")
+    if matched and kind not in {key.resource_type, *ALWAYS_ACCEPTED}:
+        raise error(
+            400,
+            "value",
+            f"prefetch key {key.key!r} asks for {key.resource_type} resources, not {kind}",
+            f"{where}.resourceType",
+        )
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: the names come from clients
+def _is_resource_type(name: str) -> bool:
+    try:
+        model = get_fhir_model_class(name)
+    except ValueError:
+        return False
+    return issubclass(model, FhirResource) and name not in ("Resource", "DomainResource")
 
 
 def _fetched(key: PrefetchKey, answer: Answer) -> list[Resource]:
@@ -222,11 +265,27 @@ def _entries(bundle: dict, where: str) -> list[dict]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise error(400, "structure", "a Bundle entry must be a JSON object", f"{where}.entry[{index}]")
+        if not isinstance(entry.get("fullUrl", ""), str):
+            raise error(
+                400,
+                "structure",
+                "a Bundle entry's fullUrl must be a string",
+                f"{where}.entry[{index}].fullUrl",
+            )
     return entries
 
 
 def from_bundle(bundle, with_drafts: bool = False) -> Gathered:
     """Collect one patient's resources from a Bundle; with_drafts, its draft MedicationRequests are orders."""
+    if isinstance(bundle, dict) and "hook" in bundle and "resourceType" not in bundle:
+        ids = [s.id for s in SERVICES.values() if s.hook == bundle["hook"]] or ["{id}"]
+        raise error(
+            400,
+            "structure",
+            f"/evaluate takes a FHIR Bundle; post a CDS Hooks request to /cds-services/{ids[0]} "
+            "(GET /cds-services lists the services)",
+            "resourceType",
+        )
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise error(400, "structure", "the body must be a FHIR Bundle", "resourceType")
     if as_str(bundle.get("type")) not in BUNDLE_TYPES:

@@ -169,12 +169,17 @@ class IssuedCard:
 class FeedbackStore:
     """Feedback and issued cards in SQLite (a file, by default) or PostgreSQL, one per process."""
 
-    def __init__(self, url: str, queue_capacity: int = CARD_QUEUE):
+    def __init__(self, url: str, queue_capacity: int = CARD_QUEUE, create: bool = True):
+        self.name = display_url(url)
+        _check_reachable(url, self.name, create)
         self.engine = connect(url)
         try:
-            migrate(self.engine)
+            migrate(self.engine, create)
         except DBAPIError as exc:
-            raise StoreError(f"cannot open the feedback database: {type(exc.orig).__name__}") from None
+            reason = (
+                str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            )
+            raise StoreError(f"cannot open the feedback database {self.name}: {reason}") from None
         finally:
             # No pooled connection may cross a fork (gunicorn --preload): each worker opens its own.
             self.engine.dispose()
@@ -389,6 +394,28 @@ class FeedbackStore:
             log.error("card records lost", exc_info=exc, extra={"fields": {"cards": len(batch)}})
 
 
+def display_url(url: str) -> str:
+    """Render a database URL for messages: a SQLite file as an absolute path, a password as ***."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        parsed = parsed.set(database=os.path.abspath(parsed.database))
+    return parsed.render_as_string(hide_password=True)
+
+
+def _check_reachable(url: str, name: str, create: bool) -> None:
+    """Refuse a SQLite file that cannot be opened with the OS's reason; without create, a missing one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return
+    if not create and not os.path.isfile(parsed.database):
+        raise StoreError(f"no feedback database at {name} (set IMNM_CDS_DATABASE_URL to the service's)")
+    try:
+        with open(parsed.database, "ab" if create else "rb"):  # the driver says only "unable to open"
+            pass
+    except OSError as exc:
+        raise StoreError(f"cannot open the feedback database {name}: {exc.strerror}") from None
+
+
 def connect(url: str, timeout: float | None = None, wait_for_disk: bool = True) -> Engine:
     """Create the engine: SQLite in WAL mode with durable commits, or PostgreSQL through psycopg 3.
 
@@ -444,13 +471,15 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def migrate(engine: Engine) -> None:
-    """Create the schema in an empty database, or bring an older one to SCHEMA_VERSION, once."""
+def migrate(engine: Engine, create: bool = True) -> None:
+    """Create the schema in an empty database (if create), or bring an older one to SCHEMA_VERSION, once."""
     now = _naive(datetime.now(UTC))
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         if not inspect(connection).has_table(schema_version.name):
+            if not create:
+                raise StoreError(f"{display_url(str(engine.url))} holds no feedback database")
             metadata.create_all(connection)
             connection.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=now))
             return

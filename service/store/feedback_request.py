@@ -11,7 +11,8 @@ from service.outcome import ApiError, Issue
 
 OUTCOMES = ("accepted", "overridden")
 # RFC 3339 section 5.6 date-time: the offset is required (the spec asks for UTC; others are converted).
-RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+# Years 1000-8999 and no leap second: what a calendar date can be converted to UTC from.
+RFC3339 = re.compile(r"^[1-8]\d{3}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:[0-5]\d(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 MAX_ISSUES = 50
 
 
@@ -89,7 +90,7 @@ def _timestamp(value, where: str, issues: list[Issue]) -> datetime | None:
         issues.append(Issue("required", "outcomeTimestamp is required (RFC 3339, UTC)", where))
         return None
     try:
-        if not isinstance(value, str) or not RFC3339.match(value.upper()):
+        if not isinstance(value, str) or not RFC3339.match(value):
             raise ValueError
         return datetime.fromisoformat(value.upper()).astimezone(UTC)
     except (ValueError, OverflowError):  # an offset can carry year 1 or 9999 past the calendar

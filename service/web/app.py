@@ -100,7 +100,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     app.add_url_rule(
         f"/{explain.STYLESHEET_NAME}", "stylesheet", lambda: Response(explain.STYLESHEET, mimetype="text/css")
     )
-    app.add_url_rule("/openapi.json", "openapi", functools.partial(_json, openapi.document(settings)))
+    _serve_documents(app, settings)
 
     @app.get("/health")
     def health():
@@ -139,6 +139,13 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         return _refuse(500, [INTERNAL_ERROR], "exception", exc_info=exc)
 
     return app
+
+
+def _serve_documents(app: Flask, settings: Settings) -> None:
+    """Serve the OpenAPI document, and at / a short index of it."""
+    document = openapi.document(settings)
+    app.add_url_rule("/openapi.json", "openapi", functools.partial(_json, document))
+    app.add_url_rule("/", "index", functools.partial(_json, openapi.index(document)))
 
 
 def _body(settings: Settings):

@@ -11,7 +11,7 @@ from rules.knowledge import TOPICS
 from service import hooks
 from service.config import Settings
 from service.evaluate.cards import CONTEXT, EVIDENCE, OUTCOME, PRETEST, PROBABILITY, RISK_TIER, RULES
-from service.fhir import DATETIME, RESOURCE_TYPE
+from service.fhir import RESOURCE_TYPE
 from service.gather import prefetch
 from service.store import feedback_request
 from service.web import auth, scrape
@@ -46,6 +46,11 @@ FHIR_JSON = "application/fhir+json"
 GUIDANCE = ["GuidanceResponse", "DetectedIssue"]
 
 
+def _given(member: str) -> dict:
+    """Match an object that has this member, not null."""
+    return {"required": [member], "properties": {member: {"not": {"type": "null"}}}}
+
+
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -58,6 +63,31 @@ def _cds_hooks_schemas() -> dict:
 
 
 NON_BLANK = {"type": "string", "pattern": r"\S"}
+# A FHIR dateTime (service.fhir.DATETIME) the service evaluates at: a real calendar date (format), years
+# 1000-8999 (service.fhir.EARLIEST, LATEST), no leap second.
+YEAR = "[1-8][0-9]{3}"
+OFFSET = "(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
+MOMENT = {
+    "type": "string",
+    "anyOf": [
+        {"pattern": f"^{YEAR}(-(0[1-9]|1[0-2]))?$"},
+        {"format": "date", "pattern": f"^{YEAR}-[0-9]{{2}}-[0-9]{{2}}$"},
+        {
+            "format": "date-time",
+            "pattern": f"^{YEAR}-[0-9]{{2}}-[0-9]{{2}}T[0-9]{{2}}:[0-9]{{2}}:[0-5][0-9](\\.[0-9]+)?{OFFSET}$",
+        },
+    ],
+}
+# An absolute http(s) URL naming a host (service.fhir.is_http_url), in the plainest form.
+HTTP_URL = {
+    "type": "string",
+    "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~-]+(:[0-9]{1,4})?([/?#]\S*)?$",
+}
+PATIENT = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {"resourceType": {"const": "Patient"}},
+}
 UUID = {"type": "string", "pattern": CDS_HOOKS["$defs"]["uuid"]["pattern"]}
 RESOURCE = {
     "type": "object",
@@ -95,8 +125,6 @@ SCHEMAS = {
         "required": ["resourceType"],
         "properties": {
             "resourceType": {"const": "Bundle"},
-            "type": {"type": "string"},
-            "timestamp": {"type": "string"},
             "entry": {
                 "type": "array",
                 "items": {
@@ -114,7 +142,23 @@ SCHEMAS = {
         "required": ["type", "entry"],
         "properties": {
             "type": {"enum": sorted(prefetch.BUNDLE_TYPES)},
-            "timestamp": {"type": "string", "pattern": f"^{DATETIME.pattern}$"},
+            "timestamp": {"anyOf": [MOMENT, {"type": "null"}]},
+            "entry": {
+                "contains": {"required": ["resource"], "properties": {"resource": PATIENT}},
+                "items": {
+                    # A Patient is known by its id, else by its entry's fullUrl.
+                    "if": {"required": ["resource"], "properties": {"resource": PATIENT}},
+                    "then": {
+                        "anyOf": [
+                            {"properties": {"resource": {"required": ["id"]}}},
+                            {"required": ["fullUrl"]},
+                        ],
+                        "properties": {
+                            "resource": {"properties": {"id": {"type": "string", "minLength": 1}}}
+                        },
+                    },
+                },
+            },
         },
         "description": "One patient's record: exactly one Patient, and resources about that patient only.",
     },
@@ -151,6 +195,7 @@ SCHEMAS = {
         "required": ["type", "timestamp", "entry"],
         "properties": {
             "type": {"const": "transaction"},
+            "timestamp": {"type": "string"},
             "entry": {
                 "items": {
                     "required": ["fullUrl", "resource", "request"],
@@ -188,18 +233,22 @@ SCHEMAS = {
                     "properties": {
                         "card": UUID,
                         "outcome": {"enum": list(feedback_request.OUTCOMES)},
-                        "outcomeTimestamp": {"type": "string", "pattern": feedback_request.RFC3339.pattern},
+                        "outcomeTimestamp": {
+                            "type": "string",
+                            "format": "date-time",
+                            "pattern": feedback_request.RFC3339.pattern,
+                        },
+                        # null, like every optional member, is as if it were absent.
                         "acceptedSuggestions": {
-                            "type": "array",
+                            "type": ["array", "null"],
                             "minItems": 1,
                             "items": {"type": "object", "required": ["id"], "properties": {"id": UUID}},
                         },
                         "overrideReason": {
-                            "type": "object",
-                            "minProperties": 1,
+                            "type": ["object", "null"],
                             "properties": {
                                 "reason": {
-                                    "type": "object",
+                                    "type": ["object", "null"],
                                     "required": ["system", "code"],
                                     "properties": {
                                         "system": NON_BLANK,
@@ -207,8 +256,16 @@ SCHEMAS = {
                                         "display": NON_BLANK,
                                     },
                                 },
-                                "userComment": NON_BLANK,
+                                "userComment": {"anyOf": [NON_BLANK, {"type": "null"}]},
                             },
+                            "anyOf": [
+                                {"type": "null"},
+                                {"required": ["reason"], "properties": {"reason": {"type": "object"}}},
+                                {
+                                    "required": ["userComment"],
+                                    "properties": {"userComment": {"type": "string"}},
+                                },
+                            ],
                         },
                     },
                     "allOf": [
@@ -216,12 +273,13 @@ SCHEMAS = {
                             "if": {"properties": {"outcome": {"const": "accepted"}}},
                             "then": {
                                 "required": ["acceptedSuggestions"],
-                                "not": {"required": ["overrideReason"]},
+                                "properties": {"acceptedSuggestions": {"type": "array"}},
+                                "not": _given("overrideReason"),
                             },
                         },
                         {
                             "if": {"properties": {"outcome": {"const": "overridden"}}},
-                            "then": {"not": {"required": ["acceptedSuggestions"]}},
+                            "then": {"not": _given("acceptedSuggestions")},
                         },
                     ],
                 },
@@ -311,6 +369,7 @@ def document(settings: Settings) -> dict:
         "/health/ready": {"get": _health("Readiness: the rule engine evaluates.", ready=True)},
         "/openapi.json": {"get": _openapi()},
         scrape.PATH: {"get": _metrics(settings)},
+        "/": {"get": _index()},
     }
     if settings.auth == "jwt":
         for path, operations in paths.items():
@@ -394,7 +453,7 @@ def _hook_request(service: hooks.Service) -> dict:
             "hook": {"const": service.hook},
             "hookInstance": UUID,
             "fhirServer": {
-                "anyOf": [_ref("CdsHooks.url"), {"type": "null"}],
+                "anyOf": [HTTP_URL, {"type": "null"}],
                 "description": "The FHIR server's base URL, to fetch what prefetch lacks.",
             },
             "fhirAuthorization": {
@@ -411,7 +470,7 @@ def _hook_request(service: hooks.Service) -> dict:
                 "type": ["object", "null"],
                 "properties": {
                     key.key: {
-                        "anyOf": [_ref("Resource"), {"type": "null"}],
+                        **_prefetched(key),
                         "description": f"{key.query} ({'required' if key.required else 'optional'}; "
                         "null: no data)",
                     }
@@ -422,15 +481,39 @@ def _hook_request(service: hooks.Service) -> dict:
             "extension": {
                 "type": ["object", "null"],
                 "properties": {
-                    hooks.AS_OF: {
-                        "type": "string",
-                        "pattern": f"^{DATETIME.pattern}$",
-                        "description": "Evaluate as of this moment (replays and tests).",
-                    }
+                    hooks.AS_OF: {**MOMENT, "description": "Evaluate as of this moment (replays and tests)."}
                 },
             },
         },
-        "dependentRequired": {"fhirAuthorization": ["fhirServer"]},
+        "if": _given("fhirAuthorization"),
+        "then": _given("fhirServer"),
+    }
+
+
+def _prefetched(key: hooks.PrefetchKey) -> dict:
+    """Return what one prefetch key may hold: null, a resource its query returns, or a Bundle of them."""
+    kinds = {"properties": {"resourceType": {"enum": [key.resource_type, *sorted(prefetch.ALWAYS_ACCEPTED)]}}}
+    unmatched = {
+        "required": ["search"],
+        "properties": {
+            "search": {
+                "required": ["mode"],
+                "properties": {"mode": {"enum": sorted(prefetch.UNMATCHED_MODES)}},
+            }
+        },
+    }
+    matched = {"properties": {"resource": {"anyOf": [kinds, {"type": "null"}]}}}
+    return {
+        "anyOf": [
+            {"type": "null"},
+            {"allOf": [_ref("Resource"), kinds]},
+            {
+                "allOf": [
+                    _ref("Bundle"),
+                    {"properties": {"entry": {"items": {"anyOf": [unmatched, matched]}}}},
+                ]
+            },
+        ]
     }
 
 
@@ -483,7 +566,7 @@ def _evaluate() -> dict:
             {
                 "name": "asOf",
                 "in": "query",
-                "schema": {"type": "string", "pattern": f"^{DATETIME.pattern}$"},
+                "schema": MOMENT,
                 "description": "Evaluate as of this moment; otherwise Bundle.timestamp, otherwise now.",
             },
         ],
@@ -546,4 +629,37 @@ def _openapi() -> dict:
         "operationId": "openapi",
         "summary": "This document",
         "responses": _ok("The OpenAPI 3.1 document.", {"type": "object", "required": ["openapi", "paths"]}),
+    }
+
+
+def _index() -> dict:
+    return {
+        "operationId": "index",
+        "summary": "What this service is and its endpoints",
+        "responses": _ok(
+            "The index.",
+            {
+                "type": "object",
+                "required": ["service", "summary", "endpoints"],
+                "properties": {
+                    "service": {"const": "imnm-cds"},
+                    "summary": {"type": "string"},
+                    "endpoints": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        ),
+    }
+
+
+def index(document: dict) -> dict:
+    """Return a short index of the endpoints in a document: "METHOD path" to its summary."""
+    endpoints = {
+        f"{method.upper()} {path}": operation["summary"]
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+    }
+    return {
+        "service": document["info"]["title"],
+        "summary": document["info"]["summary"],
+        "endpoints": endpoints,
     }
