@@ -13,7 +13,6 @@ import json
 import statistics
 
 from common import ROOT, environment, save
-
 from service.cli import scenario_target
 from service.web.app import create_app
 

@@ -2,12 +2,25 @@
 
 from durable.lang import c, m, pri, when_all
 
-from rules.match import antibody, clinical, muscle_involved, of_type
+from rules.match import antibody, any_code, clinical, finding, muscle_involved, of_type
+
+SEVERE_ORDERS = [
+    "referral-neuromuscular",
+    "methylprednisolone-iv",
+    "ivig",
+    "swallow-assessment",
+    "blood-gases",
+    "spirometry",
+    "niv-assessment",
+]
+CARDIAC_ORDERS = ["ecg", "troponin-i"]
+SEVERE_FEATURES = ["severe-dysphagia", "severe-respiratory-failure", "severe-fvc", "severe-ck-rising"]
 
 
 def define(k, emit):
     """Register the severity and escalation rules in the active ruleset."""
     low_fvc = k.value("severity.fvc.low")
+    critical_fvc = k.value("severity.fvc.critical")
     fvc_decline = k.value("severity.fvc.decline")
     decline_window = k.quote("severity.fvc.decline-window")
     rapid = k.value("severity.srp-rising-within")
@@ -18,10 +31,12 @@ def define(k, emit):
 
     @when_all(pri(2), c.d << (clinical("dysphagia") & (m.state == "present")), muscle_involved())
     def dysphagia(c):
+        emit.finding(c, "severe-dysphagia", c.d, severe="dysphagia")
         emit.card(c, "dysphagia-red-flag", c.d, c.mu)
 
     @when_all(pri(2), c.rf << (clinical("respiratory-failure") & (m.state == "present")), muscle_involved())
     def respiratory_failure(c):
+        emit.finding(c, "severe-respiratory-failure", c.rf, severe="respiratory failure")
         emit.card(c, "respiratory-failure-red-flag", c.rf, c.mu)
 
     @when_all(
@@ -35,6 +50,58 @@ def define(k, emit):
         emit.finding(c, "fvc-falling", c.fvc)
         reason = f"FVC fell {c.fvc.decline:g} points within {decline_window}"
         emit.card(c, "fvc-red-flag", c.fvc, c.mu, reasons=[reason])
+
+    @when_all(pri(2), c.fvc << (of_type("fvc") & (m.tested == True) & (m.latest_pct < critical_fvc)))
+    def critical_fvc_level(c):
+        emit.finding(
+            c,
+            "severe-fvc",
+            c.fvc,
+            severe=f"FVC {c.fvc.latest_pct:g}% predicted",
+            cite="severity.fvc.critical",
+        )
+
+    @when_all(
+        pri(2),
+        c.ck << (of_type("ck") & (m.trend == "rising") & (m.trend_days <= rapid) & (m.latest_x_uln > raised)),
+        c.w << (clinical("proximal-weakness") & (m.state == "present")),
+    )
+    def ck_rising_fast_with_weakness(c):
+        severe = (
+            f"CK rising fast (to {c.ck.latest_x_uln:.0f}× ULN within {c.ck.trend_days:g} days) with weakness"
+        )
+        emit.finding(c, "severe-ck-rising", c.ck, c.w, severe=severe, cite="severity.srp-rising-within")
+
+    # Severe, rapidly progressive IMNM: one critical card, which takes the red flags' place (cards.toml).
+    @when_all(
+        pri(4),
+        c.active << finding("imnm-active"),
+        c.sev << ((m.t == "finding") & any_code(SEVERE_FEATURES)),
+        c.srp << antibody("anti-srp"),
+        c.hmgcr << antibody("anti-hmgcr"),
+    )
+    def severe_imnm(c):
+        srp = c.srp.state == "positive"
+        subtype = next(
+            (
+                k.text(f"labels.concepts.{n}")
+                for n, f in (("anti-srp", c.srp), ("anti-hmgcr", c.hmgcr))
+                if f.state == "positive"
+            ),
+            "antibody-negative",
+        )
+        emit.card(
+            c,
+            "imnm-severe",
+            c.active,
+            c.sev,
+            features=[c.sev.severe],
+            subtype=subtype,
+            rituximab=k.text("severity.texts.rituximab-srp" if srp else "severity.texts.rituximab"),
+            cardiac=k.text("severity.texts.cardiac") if srp else "",
+            orders=[*SEVERE_ORDERS, *(CARDIAC_ORDERS if srp else [])],
+            cited=[c.sev.cite] if c.sev.cite else [],
+        )
 
     @when_all(
         pri(2),

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from rules import knowledge
@@ -86,7 +87,8 @@ def test_value_set_text_fallback(knowledge, valueset, text, expected):
 def test_orders_are_valid_service_requests_and_code_only_verified_codes(knowledge):
     for order in knowledge.orders.values():
         for single in order.items or ([order] if order.text else []):
-            ServiceRequest.model_validate(service_request(single, "Patient/p1"))
+            model = MedicationRequest if single.medication else ServiceRequest
+            model.model_validate(service_request(single, "Patient/p1"))
         if order.coding is not None:
             levels = [
                 vs.codes.get((order.coding["system"], order.coding["code"]))

@@ -81,6 +81,68 @@ PREDNISONE = statement("pred", "prednisone 40 mg daily", "2024-01-10")
 ON_TREATMENT = [condition("w", WEAKNESS, onsetDateTime="2023-12-01"), PREDNISONE]
 
 
+# -- severe, rapidly progressive IMNM ------------------------------------------------------------------
+
+
+def imnm_cards(cards):
+    return by_topic(cards, "imnm-suspected")
+
+
+def orders(card):
+    return {
+        a["resource"]["resourceType"] + ":" + a["description"]: a["resource"]
+        for s in card.get("suggestions", [])
+        for a in s["actions"]
+    }
+
+
+def test_anti_srp_with_dysphagia_and_rising_ck_is_one_critical_card_with_induction_orders(client):
+    rising = [ck("a", 4000, "2024-05-05T08:00:00Z"), ck("b", 9500, "2024-05-28T08:00:00Z")]
+    weak = condition("w", WEAKNESS, onsetDateTime="2024-04-01")
+    cards = evaluate(client, *rising, weak, SRP, condition("d", DYSPHAGIA))
+    [card] = imnm_cards(cards)
+    assert card["indicator"] == "critical"
+    assert not by_topic(cards, "severity-red-flag")  # the red flags are bullets of the one card
+    assert {"severity.dysphagia", "severity.ck_rising_fast_with_weakness", "severity.severe_imnm"} <= set(
+        card["extension"]["imnm-cds.rules"]
+    )
+    assert "Condition/d" in card["extension"]["imnm-cds.evidence"]
+    assert card["summary"].startswith("Today: same-day")
+    made = orders(card)
+    methylprednisolone = next(r for r in made.values() if "Methylprednisolone" in str(r))
+    assert methylprednisolone["resourceType"] == "MedicationRequest"
+    assert (methylprednisolone["intent"], methylprednisolone["status"]) == ("proposal", "draft")
+    assert methylprednisolone["medicationCodeableConcept"]["coding"][0]["code"] == "6902"
+    assert "doseAndRate" not in str(methylprednisolone)  # no dose is cited
+    codes = {c["code"] for r in made.values() for c in r.get("code", {}).get("coding", [])}
+    assert {"24336-0", "29303009", "10839-9", "306275005"} <= codes  # blood gases, ECG, troponin I, NIV
+
+
+@pytest.mark.parametrize(("pct", "critical"), [(44, True), (49.5, True), (50, False), (58, False)])
+def test_fvc_below_the_critical_level_makes_active_imnm_critical(client, pct, critical):
+    cards = evaluate(client, *IMNM, HMGCR, spirometry=[fvc("f", pct, "2024-05-20T10:00:00Z")])
+    [card] = imnm_cards(cards)
+    assert (card["indicator"] == "critical") == critical
+    assert bool(by_topic(cards, "severity-red-flag")) != critical  # otherwise the low-FVC warning stays
+    if critical:
+        assert f"FVC {pct:g}% predicted" in card["detail"]
+        assert "below 50% predicted" in card["detail"]  # the unverified threshold is quoted
+        assert "ECG" not in str(card["suggestions"])  # the cardiac work-up is for anti-SRP
+
+
+def test_red_flags_without_active_imnm_keep_their_own_cards(client):
+    cards = evaluate(client, *IMNM, condition("d", DYSPHAGIA))  # no IMNM antibody, no biopsy
+    assert red_flags(cards)["dysphagia"]["indicator"] == "warning"
+    assert all(c["indicator"] != "critical" for c in imnm_cards(cards))
+
+
+def test_respiratory_failure_makes_seropositive_imnm_critical(client):
+    cards = evaluate(client, *IMNM, HMGCR, condition("rf", RESPIRATORY_FAILURE))
+    [card] = imnm_cards(cards)
+    assert card["indicator"] == "critical" and "respiratory failure" in card["detail"]
+    assert "Condition/rf" in card["extension"]["imnm-cds.evidence"]
+
+
 # -- red flags ------------------------------------------------------------------------------------------
 
 

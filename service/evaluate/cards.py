@@ -6,6 +6,7 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 
 from rules.knowledge import SUMMARY_LIMIT, TOPICS, service_request
 from service.evaluate.engine import Conclusion, Outcome
@@ -27,10 +28,10 @@ def build(k, outcome: Outcome, facts: FactSet, patient_id: str, topics: frozense
     """Return one card per conclusion on the service's topics, most severe first, in a stable order."""
     cards = [
         card(k, conclusion, facts, patient_id)
-        for conclusion in outcome.conclusions
+        for conclusion in folded(k, outcome.conclusions)
         if k.cards[conclusion.key].topic in topics
     ]
-    return sorted(
+    ordered = sorted(
         cards,
         key=lambda c: (
             SEVERITY[c["indicator"]],
@@ -38,6 +39,50 @@ def build(k, outcome: Outcome, facts: FactSet, patient_id: str, topics: frozense
             c["summary"],
         ),
     )
+    offer_once(ordered)
+    return ordered
+
+
+def offer_once(cards: list[dict]) -> None:
+    """Keep each suggestion on the most severe card offering it: accepting both would order it twice."""
+    offered: set[str] = set()
+    for card in cards:
+        kept = []
+        for suggestion in card.get("suggestions", []):
+            what = json.dumps([action_identity(a) for a in suggestion["actions"]], sort_keys=True)
+            if what not in offered:
+                offered.add(what)
+                kept.append(suggestion)
+        if kept:
+            card["suggestions"] = kept
+        else:
+            card.pop("suggestions", None)
+            card.pop("selectionBehavior", None)
+
+
+def action_identity(action: dict) -> dict:
+    """What an action does, without the reason it gives."""
+    resource = {k: v for k, v in action.get("resource", {}).items() if k != "reasonCode"}
+    return {"type": action["type"], "resource": resource, "resourceId": action.get("resourceId")}
+
+
+def folded(k, conclusions) -> list[Conclusion]:
+    """Let a card stand for the cards it replaces: it takes their rules and evidence, and they go."""
+    present = {c.key: c for c in conclusions}
+    replaced = {key for c in conclusions for key in k.cards[c.key].replaces if key in present}
+    result = []
+    for conclusion in conclusions:
+        if conclusion.key in replaced:
+            continue
+        group = [conclusion, *(present[key] for key in k.cards[conclusion.key].replaces if key in present)]
+        result.append(
+            replace(
+                conclusion,
+                rules=tuple(sorted({r for c in group for r in c.rules})),
+                basis=tuple(dict.fromkeys(b for c in group for b in c.basis)),
+            )
+        )
+    return result
 
 
 def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
