@@ -127,6 +127,10 @@ def define(k, emit):
             ),
         )
 
+    @when_all(pri(5), due(), c.f << finding("refractory"))
+    def refractory_factor(c):
+        emit.card(c, "cancer-screening", c.f, factors=["refractory"])
+
     @when_all(pri(5), due(), *near_onset("weight-loss"))
     def weight_loss_factor(c):
         emit.card(c, "cancer-screening", c.x, factors=["weight-loss"])
