@@ -91,6 +91,7 @@ class Source:
     verification: str
     url: str | None = None
     note: str = ""
+    for_review: bool = False  # an engineering default: listed for the clinical owner, not shown on cards
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,10 @@ class Knowledge:
         except KeyError:
             raise KnowledgeError(f"no value set {id_!r} in rules/valuesets") from None
 
+    def for_review(self) -> list[Parameter]:
+        """List the parameters set as engineering defaults, for the clinical owner to review."""
+        return [p for p in self.parameters.values() if p.source.for_review]
+
     def children(self, prefix: str) -> list[str]:
         """List the immediate sub-keys under a dotted prefix, in file order."""
         seen: dict[str, None] = {}
@@ -303,6 +308,7 @@ def _load_sources(table: dict) -> dict[str, Source]:
             verification=entry["verification"],
             url=entry.get("url"),
             note=entry.get("note", ""),
+            for_review=entry.get("for-review", False),
         )
     return sources
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 from gunicorn.app.base import BaseApplication
 
+from rules import knowledge
 from service import hooks
 from service.config import ConfigError, Settings
 from service.evaluate.pipeline import Evaluator
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.add_argument("--json", action="store_true", help="print JSON, as GET /feedback/summary answers")
 
+    commands.add_parser(
+        "knowledge-report", help="list the engineering defaults in rules/ for the clinical owner to review"
+    )
+
     population = commands.add_parser(
         "screen", help="evaluate every patient of a Bulk Data export (NDJSON); resumable"
     )
@@ -85,12 +90,22 @@ def main(argv: list[str] | None = None) -> int:
         "replay": run_replay,
         "screen": run_screen,
         "feedback-report": run_feedback_report,
+        "knowledge-report": run_knowledge_report,
     }
     try:
         return commands_by_name[args.command](args)
     except (ConfigError, ScreenError, StoreError, ApiError, requests.RequestException, OSError) as exc:
         print(f"imnm-cds: {exc}", file=sys.stderr)
         return 2
+
+
+def run_knowledge_report(args) -> int:
+    """Print each parameter set as an engineering default: its key, value, unit and note."""
+    loaded = knowledge.load(Settings.from_env().knowledge_overrides)
+    for param in loaded.for_review():
+        line = f"{param.key} = {param.value!r} {param.unit}".rstrip()
+        print(line + (f"  # {param.note}" if param.note else ""))
+    return 0
 
 
 def run_serve(args) -> int:

@@ -12,6 +12,7 @@ import requests
 
 import signing
 from conftest import CLI, FIXTURES, ROOT, free_port, load, serve
+from service.cli import main
 from service.store.feedback import FeedbackStore, IssuedCard
 from service.store.feedback_request import Coding, Feedback
 
@@ -120,3 +121,10 @@ def test_feedback_report_shows_per_rule_counts_and_reasons(tmp_path):
     lines = [line.split() for line in table.stdout.splitlines()]
     assert ["imnm.ck_raised", "imnm-suspected", "3", "1", "0", "1", "not-relevant", "(1)"] in lines
     assert json.loads(run("feedback-report", "--json", env=env).stdout) == summary
+
+
+def test_knowledge_report_lists_the_engineering_defaults(capsys):
+    assert main(["knowledge-report"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("severity.srp-rising-within = 30 ") for line in listed)
+    assert not any(line.startswith("severity.fvc.critical") for line in listed)  # cited, not a default

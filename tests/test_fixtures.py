@@ -78,3 +78,11 @@ def test_every_suggestion_is_valid_fhir_r4_and_offered_once(client, scenario):
     # Accepting two equal suggestions would place the same order twice.
     orders = [json.dumps({k: v for k, v in r.items() if k != "reasonCode"}, sort_keys=True) for r in created]
     assert len(orders) == len(set(orders))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_cards_keep_engineering_defaults_and_raw_ids_to_the_extension(client, scenario):
+    request = load(scenario / "request.json")
+    for card in client.post(scenario_target(request, ""), json=request).get_json().get("cards", []):
+        assert "Engineering default" not in card["detail"]  # listed by `imnm-cds knowledge-report`
+        assert len(card["summary"]) < 140 and not card["summary"].endswith("…")

@@ -245,6 +245,8 @@ def certainty_section(k, source, cited) -> str:
     sources = {source.id: source}
     for key in cited:
         param = k.param(key)
+        if param.source.for_review:
+            continue  # listed by `imnm-cds knowledge-report` for the clinical owner instead
         names = used.setdefault(param.source.id, [])
         if parameter_name(k, key) not in names:
             names.append(parameter_name(k, key))
