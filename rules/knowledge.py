@@ -557,25 +557,18 @@ def service_request(order: Order, patient: str) -> dict:
     code = {"text": order.text}
     if order.coding:
         code["coding"] = [dict(order.coding)]
-    if order.medication:
-        # No dose: none is cited in rules/, so the prescriber sets it.
-        dosage = [{"text": order.text, "route": {"coding": [dict(order.route)]}}] if order.route else []
-        return {
-            "resourceType": "MedicationRequest",
-            "status": "draft",
-            "intent": "proposal",
-            "medicationCodeableConcept": code,
-            "subject": {"reference": patient},
-            "reasonCode": [{"text": order.reason}],
-            **({"dosageInstruction": dosage} if dosage else {}),
-        }
+    proposal = {"status": "draft", "intent": "proposal"}
+    common = {"subject": {"reference": patient}, "reasonCode": [{"text": order.reason}]}
+    if not order.medication:
+        return {"resourceType": "ServiceRequest", **proposal, "code": code, **common}
+    # No dose: none is cited in rules/, so the prescriber sets it.
+    dosage = [{"text": order.text, "route": {"coding": [dict(order.route)]}}] if order.route else []
     return {
-        "resourceType": "ServiceRequest",
-        "status": "draft",
-        "intent": "proposal",
-        "code": code,
-        "subject": {"reference": patient},
-        "reasonCode": [{"text": order.reason}],
+        "resourceType": "MedicationRequest",
+        **proposal,
+        "medicationCodeableConcept": code,
+        **common,
+        **({"dosageInstruction": dosage} if dosage else {}),
     }
 
 

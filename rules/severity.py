@@ -234,7 +234,11 @@ def define(k, emit):
             tried=", ".join(k.text(f"labels.concepts.{t}") for t in tried),
             first=first,
             options=", ".join(options) or "none left on the list",
-            cited=["severity.refractory.days", f"severity.next.{kind}", "severity.next.late"],
+            cited=[
+                "severity.refractory.days",
+                f"severity.next.{kind}",
+                *(["severity.next.late"] * refractory),
+            ],
         )
 
     emit.finish("treatment-escalation", lambda params: escalation_step(k, params, refractory=True))
