@@ -127,6 +127,10 @@ def define(k, emit):
             ),
         )
 
+    @when_all(pri(5), due(), c.f << finding("refractory"))
+    def refractory_factor(c):
+        emit.card(c, "cancer-screening", c.f, factors=["refractory"])
+
     @when_all(pri(5), due(), *near_onset("weight-loss"))
     def weight_loss_factor(c):
         emit.card(c, "cancer-screening", c.x, factors=["weight-loss"])
@@ -163,15 +167,18 @@ def tier(k, params: dict) -> dict | None:
         for f in factors
     ]
     known_sex = params["sex"] in ("female", "male")
+    known_cancer = "cancer-near-onset" in factors
+    action = k.text("cancer.texts.known-cancer-action" if known_cancer else "cancer.texts.screen-action")
     return {
         **params,
         "tier": chosen,
         "tier_label": k.text(f"cancer.texts.{chosen}"),
+        "action": action.format(tier=k.text(f"cancer.texts.{chosen}")),
         "indicator": "info" if chosen == "standard" else "warning",
         "orders": orders,
         "reasons": reasons or ["no risk factor recorded"],
         "sex_note": "" if known_sex else "Sex is not recorded: sex-specific tests are left out.",
-        "cancer_note": k.text("cancer.texts.cancer-near-onset") if "cancer-near-onset" in factors else "",
+        "cancer_note": k.text("cancer.texts.cancer-near-onset") if known_cancer else "",
         "cited": [
             "cancer.window",
             *(f"cancer.tiers.{n}" for n in needs),

@@ -60,6 +60,7 @@ def define(k, emit):
     def seropositive(c):
         """Ask for the seropositive card; with anti-HMGCR, show statin exposure beside it (not counted)."""
         emit.finding(c, "imnm-classified", c.ck, c.w, c.hmgcr, c.srp)
+        emit.finding(c, "imnm-active", c.ck, c.w, c.hmgcr, c.srp)
         hmgcr = c.hmgcr.state == "positive"
         suspect(
             c,
@@ -86,6 +87,7 @@ def define(k, emit):
         seropositive_weakness_unknown(c, c.srp)
 
     def seropositive_weakness_unknown(c, positive):
+        emit.finding(c, "imnm-active", c.ck, positive)
         emit.card(
             c,
             "imnm-seropositive-weakness-unknown",
@@ -105,7 +107,10 @@ def define(k, emit):
     def seronegative(c):
         emit.finding(c, "imnm-classified", c.ck, c.w, c.nb, c.hmgcr, c.srp)
         emit.finding(c, "imnm-seronegative", c.nb, c.hmgcr, c.srp)
-        suspect(c, "imnm-seronegative", c.nb, classified=True, monitoring=k.text("severity.texts.monitoring"))
+        emit.finding(c, "imnm-active", c.ck, c.w, c.nb)
+        suspect(
+            c, "imnm-seronegative", c.nb, classified=True, monitoring=k.text("severity.texts.monitoring")
+        )
 
     # Work-up prompts only where neither a skin rash nor another syndrome's antibody (dermatomyositis,
     # antisynthetase) already points elsewhere.

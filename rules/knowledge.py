@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 
+from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.valueset import ValueSet as FhirValueSet
 
@@ -91,6 +92,7 @@ class Source:
     verification: str
     url: str | None = None
     note: str = ""
+    for_review: bool = False  # an engineering default: listed for the clinical owner, not shown on cards
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class Order:
     target: str | None = None  # for a delete action: the fact whose resources are removed
     items: tuple[Order, ...] = ()  # for a panel: the orders it creates together
     sex: str | None = None  # only for patients of this recorded sex
+    medication: bool = False  # proposed as a MedicationRequest, not a ServiceRequest
+    route: Mapping[str, str] | None = None  # a medication's route of administration
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class CardText:
     summary: str
     detail: str
     override_reasons: tuple[tuple[str, str], ...]  # (code, display)
+    replaces: tuple[str, ...] = ()  # cards this one stands for when both would show
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,10 @@ class Knowledge:
             return self.valuesets[id_]
         except KeyError:
             raise KnowledgeError(f"no value set {id_!r} in rules/valuesets") from None
+
+    def for_review(self) -> list[Parameter]:
+        """List the parameters set as engineering defaults, for the clinical owner to review."""
+        return [p for p in self.parameters.values() if p.source.for_review]
 
     def children(self, prefix: str) -> list[str]:
         """List the immediate sub-keys under a dotted prefix, in file order."""
@@ -319,6 +328,7 @@ def _load_sources(table: dict) -> dict[str, Source]:
             verification=entry["verification"],
             url=entry.get("url"),
             note=entry.get("note", ""),
+            for_review=entry.get("for-review", False),
         )
     return sources
 
@@ -524,7 +534,9 @@ def _load_orders(table: dict) -> dict[str, Order]:
     # Panels name their items, so single orders are loaded first.
     for key, entry in sorted(table.items(), key=lambda item: "items" in item[1]):
         coding = entry.get("coding")
-        if coding is not None and coding.get("verification") not in ("A", "B"):
+        if any(
+            c is not None and c.get("verification") not in ("A", "B") for c in (coding, entry.get("route"))
+        ):
             raise KnowledgeError(f"order {key}: only codes verified at level A or B may be ordered")
         if any(item not in orders or orders[item].items for item in entry.get("items", [])):
             raise KnowledgeError(f"order {key}: a panel's items must be single orders")
@@ -539,7 +551,13 @@ def _load_orders(table: dict) -> dict[str, Order]:
             target=entry.get("target"),
             items=tuple(orders[item] for item in entry.get("items", [])),
             sex=entry.get("sex"),
+            medication=entry.get("resource") == "MedicationRequest",
+            route=MappingProxyType({k: v for k, v in entry["route"].items() if k != "verification"})
+            if "route" in entry
+            else None,
         )
+        if entry.get("resource", "ServiceRequest") not in ("ServiceRequest", "MedicationRequest"):
+            raise KnowledgeError(f"order {key}: resource must be ServiceRequest or MedicationRequest")
         kinds = [bool(order.text), order.target is not None, bool(order.items)]
         if kinds.count(True) != 1 or (order.target is not None) != (entry.get("action") == "delete"):
             raise KnowledgeError(
@@ -548,23 +566,29 @@ def _load_orders(table: dict) -> dict[str, Order]:
         if order.sex not in (None, "female", "male"):
             raise KnowledgeError(f"order {key}: sex must be female or male")
         if order.text:
-            ServiceRequest.model_validate(service_request(order, "example"))
+            model = MedicationRequest if order.medication else ServiceRequest
+            model.model_validate(service_request(order, "example"))
         orders[key] = order
     return {key: orders[key] for key in table}  # in the order the file gives them
 
 
 def service_request(order: Order, patient: str) -> dict:
-    """Return the FHIR R4 ServiceRequest a suggestion proposes for this order."""
+    """Return the FHIR R4 ServiceRequest (or MedicationRequest) a suggestion proposes for this order."""
     code = {"text": order.text}
     if order.coding:
         code["coding"] = [dict(order.coding)]
+    proposal = {"status": "draft", "intent": "proposal"}
+    common = {"subject": {"reference": patient}, "reasonCode": [{"text": order.reason}]}
+    if not order.medication:
+        return {"resourceType": "ServiceRequest", **proposal, "code": code, **common}
+    # No dose: none is cited in rules/, so the prescriber sets it.
+    dosage = [{"text": order.text, "route": {"coding": [dict(order.route)]}}] if order.route else []
     return {
-        "resourceType": "ServiceRequest",
-        "status": "draft",
-        "intent": "proposal",
-        "code": code,
-        "subject": {"reference": patient},
-        "reasonCode": [{"text": order.reason}],
+        "resourceType": "MedicationRequest",
+        **proposal,
+        "medicationCodeableConcept": code,
+        **common,
+        **({"dosageInstruction": dosage} if dosage else {}),
     }
 
 
@@ -589,6 +613,7 @@ def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[st
             summary=entry["summary"].strip(),
             detail=entry["detail"].strip(),
             override_reasons=tuple((code, reasons[code]) for code in chosen),
+            replaces=tuple(entry.get("replaces", [])),
         )
         if card.topic not in TOPICS or card.indicator not in INDICATORS:
             raise KnowledgeError(f"card {key}: unknown topic or indicator")
@@ -598,6 +623,9 @@ def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[st
                 f"card {key}: summary may reach {len(widest)} characters (limit < {SUMMARY_LIMIT})"
             )
         cards[key] = card
+    for card in cards.values():
+        if set(card.replaces) - set(cards):
+            raise KnowledgeError(f"card {card.key}: replaces must name other cards")
     return cards
 
 

@@ -34,3 +34,11 @@ def any_name(names):
     for name in names[1:]:
         expression = expression | (m.name == name)
     return expression
+
+
+def any_code(codes):
+    """Match a fact whose code is any of these."""
+    expression = m.code == codes[0]
+    for code in codes[1:]:
+        expression = expression | (m.code == code)
+    return expression

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from gunicorn.app.base import BaseApplication
 
+from rules import knowledge
 from service import hooks, logs, metrics
 from service.config import ConfigError, Settings
 from service.evaluate import explain, guidance
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.add_argument("--json", action="store_true", help="print JSON, as GET /feedback/summary answers")
 
+    command("knowledge-report", "list the engineering defaults in rules/ for the clinical owner to review")
+
     population = command(
         "screen", "evaluate every patient of a Bulk Data export (NDJSON files, or a FHIR server); resumable"
     )
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay": run_replay,
         "screen": run_screen,
         "feedback-report": run_feedback_report,
+        "knowledge-report": run_knowledge_report,
     }
     try:
         return commands_by_name[args.command](args)
@@ -169,6 +173,15 @@ class DefaultsShown(argparse.HelpFormatter):
         if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def run_knowledge_report(args) -> int:
+    """Print each parameter set as an engineering default: its key, value, unit and note."""
+    loaded = knowledge.load(Settings.from_env().knowledge_overrides)
+    for param in loaded.for_review():
+        line = f"{param.key} = {param.value!r} {param.unit}".rstrip()
+        print(line + (f"  # {param.note}" if param.note else ""))
+    return 0
 
 
 def run_serve(args) -> int:

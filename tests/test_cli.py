@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 import signing
 from conftest import CLI, FIXTURES, ROOT, free_port, gunicorn_url, load, ready, serve
+from service.cli import main
 from service.store.feedback import FeedbackStore, IssuedCard
 from service.store.feedback_request import Coding, Feedback
 
@@ -296,3 +297,10 @@ def test_feedback_report_names_its_database_and_never_creates_one(tmp_path):
         "(set IMNM_CDS_DATABASE_URL to the service's)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_knowledge_report_lists_the_engineering_defaults(capsys):
+    assert main(["knowledge-report"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("severity.srp-rising-within = 30 ") for line in listed)
+    assert not any(line.startswith("severity.fvc.critical") for line in listed)  # cited, not a default

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from conftest import HOOK_SCENARIOS, load, scenarios
 from service.cli import scenario_target
@@ -54,3 +57,32 @@ def test_evaluate_bundle_answers_as_patient_view(client, scenario):
     assert from_bundle.status_code == from_hook.status_code == 200
     assert from_bundle.get_json() == from_hook.get_json()
     assert from_hook.get_json()["cards"]
+
+
+SUGGESTED = {"ServiceRequest": ServiceRequest, "MedicationRequest": MedicationRequest}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_every_suggestion_is_valid_fhir_r4_and_offered_once(client, scenario):
+    request = load(scenario / "request.json")
+    cards = client.post(scenario_target(request, ""), json=request).get_json().get("cards", [])
+    created = [
+        action["resource"]
+        for card in cards
+        for suggestion in card.get("suggestions", [])
+        for action in suggestion["actions"]
+        if action["type"] == "create"
+    ]
+    for resource in created:
+        SUGGESTED[resource["resourceType"]].model_validate(resource)
+    # Accepting two equal suggestions would place the same order twice.
+    orders = [json.dumps({k: v for k, v in r.items() if k != "reasonCode"}, sort_keys=True) for r in created]
+    assert len(orders) == len(set(orders))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_cards_keep_engineering_defaults_and_raw_ids_to_the_extension(client, scenario):
+    request = load(scenario / "request.json")
+    for card in client.post(scenario_target(request, ""), json=request).get_json().get("cards", []):
+        assert "Engineering default" not in card["detail"]  # listed by `imnm-cds knowledge-report`
+        assert len(card["summary"]) < 140 and not card["summary"].endswith("…")

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from rules import knowledge
@@ -86,7 +87,8 @@ def test_value_set_text_fallback(knowledge, valueset, text, expected):
 def test_orders_are_valid_service_requests_and_code_only_verified_codes(knowledge):
     for order in knowledge.orders.values():
         for single in order.items or ([order] if order.text else []):
-            ServiceRequest.model_validate(service_request(single, "Patient/p1"))
+            model = MedicationRequest if single.medication else ServiceRequest
+            model.model_validate(service_request(single, "Patient/p1"))
         if order.coding is not None:
             levels = [
                 vs.codes.get((order.coding["system"], order.coding["code"]))
@@ -123,7 +125,7 @@ def test_wording_quotes_the_values_in_force(tmp_path):
     assert "within 3 weeks of the last dose" in local.cards["sams-high"].detail
     assert "(under 4×)" in shipped.cards["sams-mild"].summary
     assert "(under 5×)" in local.cards["sams-mild"].summary
-    assert "screen within 1,000 days of onset" in local.cards["cancer-screening"].summary
+    assert "raised in the 1,000 days either side of onset" in local.cards["cancer-screening"].detail
     assert local.param("cancer.factors.cancer-near-onset").attributes["label"] == (
         "cancer diagnosed within 1,000 days of onset"
     )
@@ -186,7 +188,12 @@ def test_bad_overrides_fail_the_start(tmp_path, text, problem):
         ("reports.toml", "rimmed\\s+vacuol", "rimmed(", "regular expression"),
         ("valuesets/anti-srp.json", '"valueCode": "B"', '"valueCode": "X"', "verification level"),
         ("valuesets/anti-srp.json", '"status": "active"', '"status": 7', "not a valid FHIR R4 ValueSet"),
-        ("cards.toml", "within [[cancer.window]]", "within [[cancer.windows]]", "not a parameter"),
+        (
+            "cards.toml",
+            "raised in the [[cancer.window]]",
+            "raised in the [[cancer.windows]]",
+            "not a parameter",
+        ),
         ("orders.toml", "over [[statin.bands.very-high]]x", "over [[statin.bands.very-high]x", "unclosed"),
         ("cancer.toml", "age [[cancer.older-onset]]", "age [[cancer.factors.male]]", "only a number"),
         ("statin.toml", 'display = "weeks"', 'display = "fortnights"', "display takes"),

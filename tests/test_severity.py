@@ -81,6 +81,68 @@ PREDNISONE = statement("pred", "prednisone 40 mg daily", "2024-01-10")
 ON_TREATMENT = [condition("w", WEAKNESS, onsetDateTime="2023-12-01"), PREDNISONE]
 
 
+# -- severe, rapidly progressive IMNM ------------------------------------------------------------------
+
+
+def imnm_cards(cards):
+    return by_topic(cards, "imnm-suspected")
+
+
+def orders(card):
+    return {
+        a["resource"]["resourceType"] + ":" + a["description"]: a["resource"]
+        for s in card.get("suggestions", [])
+        for a in s["actions"]
+    }
+
+
+def test_anti_srp_with_dysphagia_and_rising_ck_is_one_critical_card_with_induction_orders(client):
+    rising = [ck("a", 4000, "2024-05-05T08:00:00Z"), ck("b", 9500, "2024-05-28T08:00:00Z")]
+    weak = condition("w", WEAKNESS, onsetDateTime="2024-04-01")
+    cards = evaluate(client, *rising, weak, SRP, condition("d", DYSPHAGIA))
+    [card] = imnm_cards(cards)
+    assert card["indicator"] == "critical"
+    assert not by_topic(cards, "severity-red-flag")  # the red flags are bullets of the one card
+    assert {"severity.dysphagia", "severity.ck_rising_fast_with_weakness", "severity.severe_imnm"} <= set(
+        card["extension"]["imnm-cds.rules"]
+    )
+    assert "Condition/d" in card["extension"]["imnm-cds.evidence"]
+    assert card["summary"].startswith("Today: same-day")
+    made = orders(card)
+    methylprednisolone = next(r for r in made.values() if "Methylprednisolone" in str(r))
+    assert methylprednisolone["resourceType"] == "MedicationRequest"
+    assert (methylprednisolone["intent"], methylprednisolone["status"]) == ("proposal", "draft")
+    assert methylprednisolone["medicationCodeableConcept"]["coding"][0]["code"] == "6902"
+    assert "doseAndRate" not in str(methylprednisolone)  # no dose is cited
+    codes = {c["code"] for r in made.values() for c in r.get("code", {}).get("coding", [])}
+    assert {"24336-0", "29303009", "10839-9", "306275005"} <= codes  # blood gases, ECG, troponin I, NIV
+
+
+@pytest.mark.parametrize(("pct", "critical"), [(44, True), (49.5, True), (50, False), (58, False)])
+def test_fvc_below_the_critical_level_makes_active_imnm_critical(client, pct, critical):
+    cards = evaluate(client, *IMNM, HMGCR, spirometry=[fvc("f", pct, "2024-05-20T10:00:00Z")])
+    [card] = imnm_cards(cards)
+    assert (card["indicator"] == "critical") == critical
+    assert bool(by_topic(cards, "severity-red-flag")) != critical  # otherwise the low-FVC warning stays
+    if critical:
+        assert f"FVC {pct:g}% predicted" in card["detail"]
+        assert "below 50% predicted" in card["detail"]  # the unverified threshold is quoted
+        assert "ECG" not in str(card["suggestions"])  # the cardiac work-up is for anti-SRP
+
+
+def test_red_flags_without_active_imnm_keep_their_own_cards(client):
+    cards = evaluate(client, *IMNM, condition("d", DYSPHAGIA))  # no IMNM antibody, no biopsy
+    assert red_flags(cards)["dysphagia"]["indicator"] == "warning"
+    assert all(c["indicator"] != "critical" for c in imnm_cards(cards))
+
+
+def test_respiratory_failure_makes_seropositive_imnm_critical(client):
+    cards = evaluate(client, *IMNM, HMGCR, condition("rf", RESPIRATORY_FAILURE))
+    [card] = imnm_cards(cards)
+    assert card["indicator"] == "critical" and "respiratory failure" in card["detail"]
+    assert "Condition/rf" in card["extension"]["imnm-cds.evidence"]
+
+
 # -- red flags ------------------------------------------------------------------------------------------
 
 
@@ -181,21 +243,31 @@ def escalation(cards):
     return found[0] if found else None
 
 
-def test_ck_not_falling_after_three_months_of_steroids_asks_to_escalate(client):
+def test_active_disease_on_glucocorticoids_alone_is_not_refractory(client):
     card = escalation(evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), HMGCR))
-    assert card["summary"] == "Myositis not responding after 143 days of treatment: consider adding IVIG next"
-    assert "Tried: glucocorticoids." in card["detail"]
-    assert "IVIG, rituximab, methotrexate, mycophenolate" in card["detail"]
+    assert card["summary"] == "This week: myositis still active after 143 days of treatment: add IVIG"
+    assert "Not yet refractory" in card["detail"] and "Tried: glucocorticoids." in card["detail"]
+    assert "IVIG, rituximab, methotrexate, mycophenolate." in card["detail"]
+    assert "cyclophosphamide" not in card["detail"]  # a late option only once refractory
     assert "MedicationStatement/pred" in card["extension"]["imnm-cds.evidence"]
 
 
-def test_options_already_tried_are_left_out_and_the_subtype_sets_the_order(client):
+def test_refractory_needs_a_non_glucocorticoid_agent_for_the_refractory_time(client):
     ivig = [infusion("iv1", "IVIG 2 g/kg", "2024-03-01"), infusion("iv2", "IVIG 2 g/kg", "2024-04-29")]
     cards = evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), SRP, administrations=ivig)
     card = escalation(cards)
-    assert card["summary"].endswith("consider adding rituximab next")
+    assert card["summary"].startswith("This week: escalate refractory myositis")
+    assert card["summary"].endswith("add rituximab")
     assert "Tried: glucocorticoids, IVIG." in card["detail"]
-    assert "subtype:** rituximab, methotrexate, mycophenolate" in card["detail"]
+    assert "rituximab, methotrexate, mycophenolate, cyclophosphamide (a late option" in card["detail"]
+    assert "refractory myositis (intermediate)" in by_topic(cards, "cancer-screening")[0]["detail"]
+    late = [infusion("iv1", "IVIG 2 g/kg", "2024-04-01")]  # 61 days: not yet refractory
+    assert (
+        "Not yet refractory"
+        in escalation(
+            evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), SRP, administrations=late)
+        )["detail"]
+    )
 
 
 def test_falling_ck_on_treatment_needs_no_escalation(client):
@@ -229,14 +301,14 @@ def test_an_infusion_within_the_window_counts_as_current_treatment(client):
             administrations=given,
         )
     )
-    assert "Tried: rituximab." in card["detail"] and card["summary"].endswith("consider adding IVIG next")
+    assert "Tried: rituximab." in card["detail"] and card["summary"].endswith("add IVIG")
 
 
 def test_falling_fvc_on_treatment_asks_to_escalate_even_with_ck_falling(client):
     series = [fvc("f1", 90, "2023-12-01T10:00:00Z"), fvc("f2", 78, "2024-05-20T10:00:00Z")]
     cards = evaluate(client, *ON_TREATMENT, *ck_series(9000, 4000, 1500), HMGCR, spirometry=series)
     card = escalation(cards)
-    assert card is not None and "immunosuppression: FVC is falling." in card["detail"]
+    assert card is not None and "treatment: FVC is falling." in card["detail"]
 
 
 def test_the_refractory_time_is_a_local_setting(tmp_path):
@@ -246,10 +318,52 @@ def test_the_refractory_time_is_a_local_setting(tmp_path):
     assert escalation(evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), HMGCR)) is None
 
 
-def test_weakness_still_recorded_well_into_treatment_asks_to_escalate(client):
-    recorded = condition("w2", WEAKNESS, onsetDateTime="2023-12-01", recordedDate="2024-05-20")
-    early = condition("w2", WEAKNESS, onsetDateTime="2023-12-01", recordedDate="2024-02-01")
-    falling = ck_series(9000, 4000, 1500)
-    card = escalation(evaluate(client, PREDNISONE, recorded, *falling, HMGCR))
-    assert "proximal weakness was still recorded on day 131 (strength can lag CK by months)" in card["detail"]
-    assert escalation(evaluate(client, PREDNISONE, early, *falling, HMGCR)) is None
+def muscle_mri(conclusion, when="2024-05-15"):
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": "mri",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "26235-2", "display": "MR Thigh - bilateral"}]},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": when,
+        "conclusion": conclusion,
+    }
+
+
+WEAK_LATE = condition("w2", WEAKNESS, onsetDateTime="2023-12-01", recordedDate="2024-05-20")
+NORMAL_CK = ck_series(9000, 400, 150)
+
+
+def test_weakness_with_normal_ck_and_no_stir_oedema_is_an_info_card_not_a_drug(client):
+    damage = muscle_mri("T1 fatty replacement of both adductor compartments. No STIR oedema.")
+    for resources in (
+        [PREDNISONE, WEAK_LATE, *NORMAL_CK, HMGCR],
+        [PREDNISONE, WEAK_LATE, *NORMAL_CK, HMGCR, damage],
+    ):
+        [card] = by_topic(evaluate(client, *resources), "treatment-escalation")
+        assert card["indicator"] == "info"
+        assert "steroid" in card["summary"] and "add" not in card["summary"].replace("Do not add", "")
+        assert "rehabilitation" in card["detail"]
+    assert "T1 fatty replacement without STIR oedema" in card["detail"]
+    assert "suggestions" not in card  # the MRI that would tell is on record
+
+
+def test_stir_oedema_during_treatment_asks_to_escalate_even_with_a_normal_ck(client):
+    active = muscle_mri(
+        "Symmetric STIR hyperintensity of the vastus lateralis, in keeping with active myositis."
+    )
+    card = escalation(evaluate(client, PREDNISONE, WEAK_LATE, *NORMAL_CK, HMGCR, active))
+    assert card["indicator"] == "warning" and "shows STIR oedema" in card["detail"]
+    before = muscle_mri("Symmetric STIR hyperintensity of the vastus lateralis.", when="2023-12-20")
+    # Oedema seen before treatment began says nothing about the response to it.
+    assert escalation(evaluate(client, PREDNISONE, WEAK_LATE, *NORMAL_CK, HMGCR, before)) is None
+
+
+def test_a_cancer_near_onset_is_named_and_treated_first(client):
+    cancer = condition("ca", text="Non-small cell lung cancer, right upper lobe", onsetDateTime="2024-02-01")
+    cancer["code"]["coding"] = [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C34.11"}]
+    cards = evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), HMGCR, cancer)
+    card = escalation(cards)
+    assert card["summary"].endswith("treat the known cancer first")
+    assert "(Non-small cell lung cancer, right upper lobe) first" in card["detail"]
+    assert "occult" not in card["detail"]

@@ -384,3 +384,20 @@ def test_evaluate_a_bundle_as_order_sign(client):
     as_view = client.post("/evaluate?asOf=2024-06-01", json=bundle).get_json()
     assert [c["source"]["topic"]["code"] for c in as_order["cards"]] == ["statin-rechallenge-risk"]
     assert all(c["source"]["topic"]["code"] != "statin-rechallenge-risk" for c in as_view["cards"])
+
+
+def test_a_seropositive_imnm_card_stands_for_the_autoimmune_pattern_card(client):
+    # CK flat at 10x ULN weeks after stopping, weakness and anti-HMGCR: one IMNM card, with the kinetics.
+    found = cards(
+        client,
+        statement(end="2024-05-01"),
+        ck("a", 2000, "2024-04-30T00:00:00Z"),
+        ck("b", 2000, "2024-05-18T00:00:00Z"),
+        condition("w", WEAKNESS, onsetDateTime="2024-04-01"),
+        HMGCR,
+        as_of="2024-05-20T00:00:00Z",
+    )
+    assert "statin-autoimmune-pattern" not in found
+    card = found["imnm-suspected"]
+    assert any(r.startswith("statin.") for r in card["extension"]["imnm-cds.rules"])
+    assert "Observation/b" in card["extension"]["imnm-cds.evidence"]

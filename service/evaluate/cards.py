@@ -6,6 +6,7 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 
 from rules.knowledge import SUMMARY_LIMIT, TOPICS, service_request
 from service.evaluate.engine import Conclusion, Outcome
@@ -15,6 +16,8 @@ from service.facts import FactSet
 RULES, EVIDENCE, RISK_TIER = "imnm-cds.rules", "imnm-cds.evidence", "imnm-cds.riskTier"
 PROBABILITY, PRETEST = "imnm-cds.probability", "imnm-cds.pretestProbability"
 CONTEXT, OUTCOME = "imnm-cds.probabilityContext", "imnm-cds.antibodyOutcome"
+# The parameters of the IMNM probability (rules/imnm.py); "classified": the card claims none in its text.
+MODEL = ("pretest", "presentation", "probability", "band", "context", "outcome", "steps", "classified")
 log = logging.getLogger(__name__)
 
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:imnm-cds")
@@ -28,10 +31,10 @@ def build(k, outcome: Outcome, facts: FactSet, patient_id: str, topics: frozense
     """Return one card per conclusion on the service's topics, most severe first, in a stable order."""
     cards = [
         card(k, conclusion, facts, patient_id)
-        for conclusion in outcome.conclusions
+        for conclusion in folded(k, outcome.conclusions)
         if k.cards[conclusion.key].topic in topics
     ]
-    return sorted(
+    ordered = sorted(
         cards,
         key=lambda c: (
             SEVERITY[c["indicator"]],
@@ -39,6 +42,53 @@ def build(k, outcome: Outcome, facts: FactSet, patient_id: str, topics: frozense
             c["summary"],
         ),
     )
+    offer_once(ordered)
+    return ordered
+
+
+def offer_once(cards: list[dict]) -> None:
+    """Keep each suggestion on the most severe card offering it: accepting both would order it twice."""
+    offered: set[str] = set()
+    for card in cards:
+        kept = []
+        for suggestion in card.get("suggestions", []):
+            what = json.dumps([action_identity(a) for a in suggestion["actions"]], sort_keys=True)
+            if what not in offered:
+                offered.add(what)
+                kept.append(suggestion)
+        if kept:
+            card["suggestions"] = kept
+        else:
+            card.pop("suggestions", None)
+            card.pop("selectionBehavior", None)
+
+
+def action_identity(action: dict) -> dict:
+    """What an action does, without the reason it gives."""
+    resource = {k: v for k, v in action.get("resource", {}).items() if k != "reasonCode"}
+    return {"type": action["type"], "resource": resource, "resourceId": action.get("resourceId")}
+
+
+def folded(k, conclusions) -> list[Conclusion]:
+    """Let a card stand for the cards it replaces: it takes their rules and evidence, and they go."""
+    present = {c.key: c for c in conclusions}
+    replaced = {key for c in conclusions for key in k.cards[c.key].replaces if key in present}
+    result = []
+    for conclusion in conclusions:
+        if conclusion.key in replaced:
+            continue
+        group = [conclusion, *(present[key] for key in k.cards[conclusion.key].replaces if key in present)]
+        # The IMNM probability of a replaced card stays machine-readable on the card that stands for it.
+        model = next((c.params for c in group[1:] if c.params.get("probability") is not None), {})
+        result.append(
+            replace(
+                conclusion,
+                rules=tuple(sorted({r for c in group for r in c.rules})),
+                basis=tuple(dict.fromkeys(b for c in group for b in c.basis)),
+                params={**{n: v for n, v in model.items() if n in MODEL}, **conclusion.params},
+            )
+        )
+    return result
 
 
 def card(k, conclusion: Conclusion, facts: FactSet, patient_id: str) -> dict:
@@ -228,6 +278,8 @@ def cited_sources(k, source, cited) -> list[tuple[object, list[str]]]:
     sources = {source.id: source}
     for key in cited:
         param = k.param(key)
+        if param.source.for_review:
+            continue  # listed by `imnm-cds knowledge-report` for the clinical owner instead
         names = used.setdefault(param.source.id, [])
         if parameter_name(k, key) not in names:
             names.append(parameter_name(k, key))

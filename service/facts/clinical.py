@@ -50,6 +50,9 @@ COUNTED_VERIFICATION = frozenset({"confirmed", None})
 NAMED = frozenset(CONCEPTS)
 
 
+MAX_NAMED = 80  # characters of a recorded name kept on a fact
+
+
 @dataclass(frozen=True)
 class Mention:
     resource: Resource
@@ -130,9 +133,23 @@ def clinical_fact(k, name: str, found: list[Mention], now: datetime) -> tuple[di
     noted = [f.noted for f in found if f.noted and f.state == "present"]
     if noted:
         fact["noted_days_ago"] = days_before(max(noted), now)
+    named = next(filter(None, (recorded_name(f.resource.data) for f in found)), None)
+    if named:
+        fact["named"] = named[:MAX_NAMED]
     since = f" since {day(min(onsets))}" if onsets else ""
     text = f"{label} recorded ({fact['state']}{since})"
     return fact, text, tuple(dict.fromkeys(f.resource.reference for f in found))
+
+
+def recorded_name(data: dict) -> str | None:
+    """Return what the record calls the concept: its code's text, else its first coding's display."""
+    concept = data.get("code") or {}
+    if isinstance(concept, dict) and isinstance(concept.get("text"), str) and concept["text"].strip():
+        return concept["text"].strip()
+    for coding in concept.get("coding", []) if isinstance(concept, dict) else []:
+        if isinstance(coding, dict) and isinstance(coding.get("display"), str) and coding["display"].strip():
+            return coding["display"].strip()
+    return None
 
 
 def relevant(k, resource: Resource) -> bool:

@@ -48,6 +48,15 @@ def immunosuppression_fact(
     if not tried:
         return fact, "immunosuppression: none recorded", ()
     text = "treatment tried: " + ", ".join(k.text(f"labels.concepts.{n}") for n in sorted(tried))
+    # Refractory is judged on the non-glucocorticoid agents: how long the earliest current one has run.
+    sparing = [
+        c.start or c.last
+        for name, courses in current.items()
+        if name != "glucocorticoids"
+        for c in courses
+        if c.start or c.last
+    ]
+    fact["sparing_days"] = days_before(min(sparing), now) if sparing else 0
     if starts:
         fact["days_on"] = days_before(min(starts), now)
         text += f"; current course since {day(min(starts))}"
