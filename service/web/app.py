@@ -58,7 +58,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         service = hooks.SERVICES.get(service_id)
         if service is None:
             raise error(404, "not-found", "no CDS service with this id; see GET /cds-services")
-        evaluation = evaluator.hook(service, _body(settings), datetime.now(UTC))
+        evaluation = evaluator.hook(service, _body(settings), datetime.now(UTC), auth.caller())
         _log_evaluation(service.id, evaluation)
         store.record_cards(service.id, evaluation.cards, datetime.now(UTC))
         return _json(evaluation.response())
