@@ -88,7 +88,10 @@ def _server(base: str, entry, folder: Path) -> BackendServer:
     client_id, key_path = entry.get("client_id"), entry.get("private_key")
     if not isinstance(client_id, str) or not client_id or not isinstance(key_path, str) or not key_path:
         raise ValueError(f"{where}: client_id and private_key (a PEM file) are required")
-    key = ClientKey.load(folder / key_path)  # relative to the file's own folder
+    key_file = folder / key_path  # relative to the file's own folder
+    if not key_file.is_file():
+        raise ValueError(f"{where}: private_key {key_file} is not a file")
+    key = ClientKey.load(key_file)
     if entry.get("algorithm", key.alg) != key.alg:
         raise ValueError(f"{where}: the key signs {key.alg}, not {entry['algorithm']!r}")
     callers = entry.get("cds_clients")
