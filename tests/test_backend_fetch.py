@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from test_bulk_screen import pem
 from test_gather import full_prefetch_answer, stored
 
 import signing
@@ -24,12 +24,6 @@ PUBLIC = "http://localhost"
 OTHER_ISSUER = "https://other-ehr.example.org"
 SCENARIO = next(s for s in HOOK_SCENARIOS if s.name == "seropositive-hmgcr")
 GENEROUS = {"deadline_ms": 30_000, "fetch_budget_ms": 20_000, "fetch_read_timeout_ms": 10_000}
-
-
-def pem(key) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 @pytest.fixture(scope="module")
