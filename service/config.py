@@ -239,6 +239,15 @@ class Settings:
             "needs a fetch from any other `fhirServer` gets 403 and nothing is contacted.",
         ),
     )
+    backend_clients: Path | None = field(
+        default=None,
+        metadata=about(
+            _file,
+            "A JSON file naming, per FHIR server base, our SMART backend client (`client_id`, "
+            "`private_key`, `algorithm`) and the CDS clients (`iss`, `tenant`) whose calls without "
+            '`fhirAuthorization` may be fetched with it (README, "Fetching with our own credentials").',
+        ),
+    )
     fhir_allow_http: bool = field(
         default=False,
         metadata=about(_flag, "Allow `http://` FHIR servers (development only); otherwise `https` only."),

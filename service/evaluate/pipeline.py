@@ -72,7 +72,9 @@ class Evaluator:
         self.fhir = FhirClient(settings)
         warm_up()
 
-    def hook(self, service: hooks.Service, body, now: datetime) -> Evaluation:
+    def hook(
+        self, service: hooks.Service, body, now: datetime, caller: prefetch.Caller | None = None
+    ) -> Evaluation:
         """Evaluate a CDS Hooks request for one of our services; past its deadline, answer no cards."""
         started, arrived = time.perf_counter(), time.monotonic()
         request = hooks.parse(service, body, now)
@@ -81,6 +83,7 @@ class Evaluator:
             self.fhir,
             until=arrived + self.settings.fetch_budget_ms / 1000,
             failed_prefetch=self.settings.prefetch_failure,
+            caller=caller,
         )
         deadline = arrived + self.settings.deadline_ms / 1000
         evaluation = self._by(deadline, service, gathered, request.now, {"gather": ms_since(started)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import threading
 import time
 import uuid
@@ -102,7 +103,7 @@ class ServerToken(requests.auth.AuthBase):
         self.resource_types = sorted(resource_types)
         self.write = write
         self._configuration: dict | None = None
-        self._token: tuple[str, float] | None = None  # token, monotonic time it must be renewed by
+        self._token: tuple[str, float, float] | None = None  # token, monotonic times it was asked, renew by
         self._lock = threading.Lock()
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
@@ -136,16 +137,17 @@ class ServerToken(requests.auth.AuthBase):
     def token(self) -> str:
         """Return a token good for at least another minute, asking the token endpoint when needed."""
         with self._lock:
-            if self._token is None or time.monotonic() >= self._token[1]:
+            if self._token is None or time.monotonic() >= self._token[2]:
                 self._token = self._request_token()
             return self._token[0]
 
-    def renew(self) -> None:
-        """Forget the token (the server refused it before its time), so the next request gets another."""
+    def renew(self, issued_before: float = math.inf) -> None:
+        """Forget the token (the server refused it before its time), unless asked for since issued_before."""
         with self._lock:
-            self._token = None
+            if self._token is not None and self._token[1] < issued_before:
+                self._token = None
 
-    def _request_token(self) -> tuple[str, float]:
+    def _request_token(self) -> tuple[str, float, float]:
         endpoint = self.configuration()["token_endpoint"]
         form = {
             "grant_type": "client_credentials",
@@ -171,7 +173,7 @@ class ServerToken(requests.auth.AuthBase):
         token, lifetime = answer.get("access_token"), answer.get("expires_in", 300)
         if not isinstance(token, str) or not token or not isinstance(lifetime, int | float):
             raise AccessError("the token endpoint answered without an access_token")
-        return token, asked + max(lifetime - RENEW_BEFORE, lifetime / 2)
+        return token, asked, asked + max(lifetime - RENEW_BEFORE, lifetime / 2)
 
 
 def _json(response: requests.Response):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -17,7 +18,11 @@ from requests.adapters import HTTPAdapter
 
 from service import metrics
 from service.fhir import as_dict, as_list, as_str, url_origin, within
+from service.gather.backend import AccessError, ServerToken
+from service.gather.bindings import Bindings, load
 from service.logs import ms_since
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -31,6 +36,7 @@ REASONS = {
     "timeout": "the FHIR server did not answer within the read timeout",
     "deadline": "the time for fetching ran out",
     "refused": "the FHIR server refused the access token",
+    "no-token": "the FHIR server's token endpoint gave our backend client no access token",
     "not-found": "the FHIR server has no such resource or search",
     "rejected": "the FHIR server rejected the query",
     "server-error": "the FHIR server failed",
@@ -88,6 +94,7 @@ class FhirClient:
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
+        self.bindings: Bindings = load(settings)
 
     def refusal(self, base: str) -> str | None:
         """Say why this service may not contact a FHIR server, or None when it may."""
@@ -99,14 +106,12 @@ class FhirClient:
         return None
 
     def fetch(
-        self, base: str, token: str | None, queries: Mapping[str, Query], until: float
+        self, base: str, auth: requests.auth.AuthBase | None, queries: Mapping[str, Query], until: float
     ) -> dict[str, Answer]:
         """Answer each query, a few at once; what is not answered by `until` (time.monotonic) fails."""
         started = time.perf_counter()
         pool = ThreadPoolExecutor(min(self.settings.fetch_threads, len(queries)), "fetch")
-        futures = {
-            key: pool.submit(self._answer, base, token, query, until) for key, query in queries.items()
-        }
+        futures = {key: pool.submit(self._answer, base, auth, query, until) for key, query in queries.items()}
         done, _ = wait(futures.values(), timeout=max(0.0, until - time.monotonic()))
         late = Answer(failure=FetchFailed("deadline"), ms=ms_since(started))
         answers = {key: future.result() if future in done else late for key, future in futures.items()}
@@ -115,15 +120,17 @@ class FhirClient:
             metrics.fhir_fetches.labels(answer.failure.reason if answer.failure else "ok").inc()
         return answers
 
-    def _answer(self, base: str, token: str | None, query: Query, until: float) -> Answer:
+    def _answer(self, base: str, auth: requests.auth.AuthBase | None, query: Query, until: float) -> Answer:
         started = time.perf_counter()
         try:
-            entries, pages = self._search(base, token, query, until)
+            entries, pages = self._search(base, auth, query, until)
         except FetchFailed as failure:
             return Answer(failure=failure, ms=ms_since(started))
         return Answer(tuple(entries), pages=pages, ms=ms_since(started))
 
-    def _search(self, base: str, token: str | None, query: Query, until: float) -> tuple[list, int]:
+    def _search(
+        self, base: str, auth: requests.auth.AuthBase | None, query: Query, until: float
+    ) -> tuple[list, int]:
         """Follow next links from the first page, within the page, resource and time limits."""
         url: str | None = f"{base.rstrip('/')}/{query.path}"
         found: list[tuple[dict, str | None]] = []
@@ -132,7 +139,7 @@ class FhirClient:
             pages += 1
             if pages > self.settings.fetch_max_pages:
                 raise FetchFailed("too-many")
-            page = self._get(url, token, until)
+            page = self._get(url, auth, until)
             found += _entries(page, query.resource_type)
             if len(found) > self.settings.fetch_max_resources:
                 raise FetchFailed("too-many")
@@ -141,22 +148,17 @@ class FhirClient:
                 raise FetchFailed("elsewhere")
         return found, pages
 
-    def _get(self, url: str, token: str | None, until: float) -> dict:
+    def _get(self, url: str, auth: requests.auth.AuthBase | None, until: float) -> dict:
         """GET one page in the time left: status checked, size capped, decoded as a FHIR resource."""
-        left = until - time.monotonic()
-        if left <= 0:
-            raise FetchFailed("deadline")
-        timeout = (
-            min(self.settings.fetch_connect_timeout_ms / 1000, left),
-            min(self.settings.fetch_read_timeout_ms / 1000, left),
-        )
-        auth = _Bearer(token) if token else None
+        asked = time.monotonic()
         try:
-            with self.session.get(url, auth=auth, timeout=timeout, stream=True) as response:
-                _check_status(response.status_code)
-                body = self._read(response, until)
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise FetchFailed(_cause(exc, until)) from None
+            body = self._body(url, auth, until)
+        except FetchFailed as failure:
+            if failure.status != 401 or not isinstance(auth, ServerToken):
+                raise
+            # Our token refused before its time (revoked, or the server forgot it): once more with a new one.
+            auth.renew(issued_before=asked)
+            body = self._body(url, auth, until)
         try:
             page = json.loads(body)
         except (ValueError, RecursionError):
@@ -164,6 +166,25 @@ class FhirClient:
         if not isinstance(page, dict) or not isinstance(page.get("resourceType"), str):
             raise FetchFailed("invalid")
         return page
+
+    def _body(self, url: str, auth: requests.auth.AuthBase | None, until: float) -> bytes:
+        """Read one page's bytes in the time left, its status checked and its size capped."""
+        left = until - time.monotonic()
+        if left <= 0:
+            raise FetchFailed("deadline")
+        timeout = (
+            min(self.settings.fetch_connect_timeout_ms / 1000, left),
+            min(self.settings.fetch_read_timeout_ms / 1000, left),
+        )
+        try:
+            with self.session.get(url, auth=auth, timeout=timeout, stream=True) as response:
+                _check_status(response.status_code)
+                return self._read(response, until)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise FetchFailed(_cause(exc, until)) from None
+        except AccessError as exc:
+            log.warning("no backend token", extra={"fields": {"error": str(exc)}})
+            raise FetchFailed("no-token") from None
 
     def _read(self, response: requests.Response, until: float) -> bytes:
         """Read the body as it arrives, giving up past the size limit or when the time is up."""
@@ -193,7 +214,7 @@ class _SameOriginSession(requests.Session):
         return target
 
 
-class _Bearer(requests.auth.AuthBase):
+class Bearer(requests.auth.AuthBase):
     """Send the EHR's access token (an auth object also keeps requests from reading ~/.netrc)."""
 
     def __init__(self, token: str):

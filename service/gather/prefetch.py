@@ -14,7 +14,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource as FhirResource
 
 from service.fhir import Resource, as_dict, as_list, as_str, is_resource
-from service.gather.fhirclient import Answer, FhirClient, Query, reports_failure
+from service.gather.bindings import Caller
+from service.gather.fhirclient import Answer, Bearer, FhirClient, Query, reports_failure
 from service.hooks import SERVICES, HookRequest, PrefetchKey
 from service.logs import ms_since
 from service.outcome import ApiError, Issue, error
@@ -61,11 +62,12 @@ def from_prefetch(
     *,
     until: float = math.inf,
     failed_prefetch: str = "fetch",
+    caller: Caller | None = None,
 ) -> Gathered:
     """Take each key as sent (null means no data), else fetch it; a required key not had is a 412."""
     drafts = _drafts(request)  # a malformed draft order is refused before anything is fetched
     found, wanted = _sent(request, failed_prefetch)
-    answers = _fetch(request, wanted, fhir, until) if wanted and request.fhir_server else {}
+    answers = _fetch(request, wanted, fhir, until, caller) if wanted and request.fhir_server else {}
     found |= {key: _fetched(key, answer) for key, answer in answers.items() if answer.failure is None}
     late = {key for key, answer in answers.items() if answer.failure and answer.failure.reason == "deadline"}
     unobtainable = [
@@ -182,26 +184,38 @@ def _drafts(request: HookRequest) -> list[Resource]:
 
 
 def _fetch(
-    request: HookRequest, keys: list[PrefetchKey], fhir: FhirClient, until: float
+    request: HookRequest, keys: list[PrefetchKey], fhir: FhirClient, until: float, caller: Caller | None
 ) -> dict[PrefetchKey, Answer]:
     """Run the keys' own query templates on the client's FHIR server, if it is one we may contact."""
     refusal = fhir.refusal(request.fhir_server)
     if refusal:
         raise error(403, "forbidden", refusal, "fhirServer")
-    token = as_str((request.fhir_authorization or {}).get("access_token"))
+    if request.fhir_authorization is not None:
+        # The EHR's token, even one the server refuses: its refusal is the EHR's decision, never overridden.
+        credentials = "ehr"
+        token = as_str(request.fhir_authorization.get("access_token"))
+        auth = Bearer(token) if token else None
+    else:
+        auth = fhir.bindings.credentials(request.fhir_server, caller)
+        credentials = "backend" if auth is not None else "none"
     started = time.perf_counter()
     queries = {key.key: Query(_fill(key.query, request.context), key.resource_type) for key in keys}
-    answers = fhir.fetch(request.fhir_server, token, queries, until)
+    answers = fhir.fetch(request.fhir_server, auth, queries, until)
+    fields = {"hookInstance": request.hook_instance, "credentials": credentials}
     log.info(
         "fetched",
         extra={
             "fields": {
-                "hookInstance": request.hook_instance,
+                **fields,
                 "ms": ms_since(started),
                 "keys": {key: _summary(answer) for key, answer in answers.items()},
             }
         },
     )
+    failures = {answer.failure for answer in answers.values() if answer.failure}
+    refused = sorted({failure.describe() for failure in failures if failure.reason == "refused"})
+    if refused:
+        log.warning("fhir access refused", extra={"fields": {**fields, "reasons": refused}})
     return {key: answers[key.key] for key in keys}
 
 

@@ -67,7 +67,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         service = hooks.SERVICES.get(service_id)
         if service is None:
             raise error(404, "not-found", NO_SERVICE, reason="unknown-service")
-        evaluation = evaluator.hook(service, _noted(_body(settings)), datetime.now(UTC))
+        evaluation = evaluator.hook(service, _noted(_body(settings)), datetime.now(UTC), auth.caller())
         _report(service.id, evaluation, evaluator.knowledge_version)
         store.record_cards(service.id, evaluation.cards, datetime.now(UTC), evaluator.knowledge_version)
         return _json(evaluation.response())

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import jwt
 import requests
-from flask import Flask, request
+from flask import Flask, g, request
 
 from service import metrics
 from service.config import ConfigError, Settings
 from service.fhir import is_http_url, url_origin
+from service.gather.bindings import Caller
 from service.outcome import error
 from service.store.replay import ReplayStore, ReplayStoreUnavailable
 from service.web import scrape
@@ -431,7 +432,7 @@ def protect(app: Flask, settings: Settings) -> None:
         if request.method == "OPTIONS" or request.path in NO_JWT_PATHS:
             return
         try:
-            verifier.verify(request.headers.get("Authorization"), settings.public_url + request.path)
+            claims = verifier.verify(request.headers.get("Authorization"), settings.public_url + request.path)
         except Rejected as exc:
             log.warning("unauthorized", extra={"fields": {"reason": exc.reason, "issuer": exc.issuer}})
             # The spec: "HTTP 401 Unauthorized ... without any additional information".
@@ -442,3 +443,10 @@ def protect(app: Flask, settings: Settings) -> None:
             raise error(
                 503, "transient", "the token could not be checked for replay; retry", reason="replay-store"
             ) from None
+        tenant = claims.get("tenant")
+        g.imnm_cds_caller = Caller(claims["iss"], tenant if isinstance(tenant, str) else None)
+
+
+def caller() -> Caller | None:
+    """Return the CDS client whose JWT this call carried; None with authentication off (no one verified)."""
+    return g.get("imnm_cds_caller")
