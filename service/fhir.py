@@ -227,11 +227,10 @@ def null_members(value, path: str = "") -> list[str]:
 def _may_hold_null(value) -> bool:
     """Tell cheaply whether any member may be null: serialised in C, one shows as ":null somewhere."""
     try:
-        return b'":null' in msgspec.json.encode(
-            value
-        )  # in a string it would be escaped, \":null: a false alarm
-    except (TypeError, ValueError, OverflowError):
+        serialised = msgspec.json.encode(value)
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
         return True
+    return b'":null' in serialised  # within a string it is escaped (\\":null): a false alarm, walked
 
 
 def is_resource(value) -> bool:
