@@ -8,20 +8,27 @@ prefetch unpacked), validate (what can matter picked out and validated as FHIR R
 cards, serialise, their total, and the same request through the whole Flask app (WSGI). Floors for the
 same payloads: a bare JSON parse and serialise, and a parse with every resource validated by
 fhir.resources. And what metrics (in shared files, as under gunicorn) and the access line add to a call.
-Results go to bench/results/latency-<date>.json as well as the screen.
+Then one caller posts the same requests over HTTP (loopback, keep-alive on) to `imnm-cds serve` in its
+default layout, and the floor ratio is printed: that call's p50 over the p50 of stdlib
+json.dumps(json.loads(body)) of the same requests. Results go to bench/results/latency-<date>.json as well
+as the screen.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
 import tempfile
 import time
 from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Response
+from throughput import DEFAULT_LAYOUT, serving
 
 import workload
 from common import environment, percentiles, save, table
@@ -42,8 +49,8 @@ def measure(size: int, runs: int, app) -> dict:
     for seed in range(-20, runs):  # negative seeds warm up and are not counted
         raw = json.dumps(workload.request(size, seed)).encode()
         started = time.perf_counter()
-        body = json.loads(raw)
-        app_module._depth_exceeds(body, evaluator.settings.max_json_depth)
+        with app.test_request_context(data=raw, content_type="application/json"):
+            body = app_module._body(evaluator.settings)
         parse = (time.perf_counter() - started) * 1000
         evaluation = evaluator.hook(hooks.PATIENT_VIEW, body, datetime.now(UTC))
         assert evaluation.ran_out is None and evaluation.cards, "every generated patient gets cards"
@@ -110,6 +117,26 @@ def floors(size: int, runs: int) -> dict:
     return {"parse+serialise": percentiles(bare), "parse+validate every resource": percentiles(validated)}
 
 
+def over_http(url: str, size: int, runs: int) -> dict:
+    """Time one caller posting distinct requests of this size over one kept-alive connection."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    path = f"/cds-services/{hooks.PATIENT_VIEW.id}"
+    times = []
+    for seed in range(-5, runs):
+        raw = json.dumps(workload.request(size, seed)).encode()
+        started = time.perf_counter()
+        connection.request("POST", path, raw, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        elapsed = (time.perf_counter() - started) * 1000
+        assert response.status == 200 and response.getheader("Connection") != "close", response.status
+        if seed >= 0:
+            times.append(elapsed)
+    connection.close()
+    return percentiles(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000,5000")
@@ -123,6 +150,14 @@ def main() -> None:
         settings = {"log_level": "WARNING", "database_url": f"sqlite:///{directory}/feedback.sqlite"}
         app = frozen(create_app(settings | {"deadline_ms": 60_000}))  # as a served worker runs it
         results = run(app, args)
+        with serving(*DEFAULT_LAYOUT, Path(directory)) as (url, _):
+            for size, stages in results["sizes"].items():
+                http = over_http(url, int(size), stages["runs"])
+                stages["ms"]["http, one caller"] = http
+                ratio = http["p50"] / stages["ms"]["parse+serialise"]["p50"]
+                stages["floorRatio"] = ratio
+                print(f"{size} resources over HTTP, one caller (ms): {table({'http': http})}")
+                print(f"floor ratio at {size} resources: {ratio:.2f} (HTTP p50 / json.dumps(json.loads) p50)")
     print(f"\nsaved {save('latency', results)}")
 
 

@@ -42,7 +42,7 @@ from common import (
     worker_pids,
 )
 
-DEFAULT_LAYOUT = (2, 8)  # what `imnm-cds serve` uses unless told otherwise
+DEFAULT_LAYOUT = (2, 4)  # what `imnm-cds serve` uses unless told otherwise
 CONNECTIONS = {100: 16, 1000: 8}
 RSS_GROWTH_MIB = 5.0  # most a worker may grow over the second half of the memory run
 # Each wrk thread has its own Lua state: count there the answers that close their connection (wrk then

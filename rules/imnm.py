@@ -108,9 +108,7 @@ def define(k, emit):
         emit.finding(c, "imnm-classified", c.ck, c.w, c.nb, c.hmgcr, c.srp)
         emit.finding(c, "imnm-seronegative", c.nb, c.hmgcr, c.srp)
         emit.finding(c, "imnm-active", c.ck, c.w, c.nb)
-        suspect(
-            c, "imnm-seronegative", c.nb, classified=True, monitoring=k.text("severity.texts.monitoring")
-        )
+        suspect(c, "imnm-seronegative", c.nb, classified=True, monitoring=k.text("severity.texts.monitoring"))
 
     # Work-up prompts only where neither a skin rash nor another syndrome's antibody (dermatomyositis,
     # antisynthetase) already points elsewhere.

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, help="port to listen on (default: IMNM_CDS_PORT, else 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default: IMNM_CDS_WORKERS, else 2)")
-    serve.add_argument("--threads", type=int, help="threads per worker (default: IMNM_CDS_THREADS, else 8)")
+    serve.add_argument("--threads", type=int, help="threads per worker (default: IMNM_CDS_THREADS, else 4)")
     serve.add_argument(
         "--timeout", type=int, default=30, help="seconds before gunicorn restarts a stuck worker"
     )

@@ -304,7 +304,7 @@ class Settings:
         default=2, metadata=about(_number(int, 1, 64), "Processes `imnm-cds serve` runs (gunicorn workers).")
     )
     threads: int = field(
-        default=8, metadata=about(_number(int, 1, 64), "Threads each worker answers calls with.")
+        default=4, metadata=about(_number(int, 1, 64), "Threads each worker answers calls with.")
     )
     disabled_rules: tuple[str, ...] = field(
         default=(),

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from urllib.parse import unquote, urlsplit
 
+import msgspec
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
@@ -211,6 +212,8 @@ def _restricted(data: dict, elements: tuple[str, ...]) -> dict:
 
 def null_members(value, path: str = "") -> list[str]:
     """Name the members whose value is null: FHIR JSON allows null only in arrays (to align extensions)."""
+    if not path and not _may_hold_null(value):
+        return []
     found = []
     if isinstance(value, dict):
         for name, child in value.items():
@@ -220,6 +223,15 @@ def null_members(value, path: str = "") -> list[str]:
         for index, child in enumerate(value):
             found += null_members(child, f"{path}.{index}")
     return found
+
+
+def _may_hold_null(value) -> bool:
+    """Tell cheaply whether any member may be null: serialised in C, one shows as ":null somewhere."""
+    try:
+        serialised = msgspec.json.encode(value)
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+        return True
+    return b'":null' in serialised  # within a string it is escaped (\\":null): a false alarm, walked
 
 
 def is_resource(value) -> bool:

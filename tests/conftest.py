@@ -225,7 +225,8 @@ def serve(log: Path, port: int | None = None, **environ: str) -> tuple[subproces
     url = gunicorn_url(log, start, process)
     if url is not None and ready(f"{url}/health/ready", process):
         return process, url
-    os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it may have exited already, e.g. on a bad setting
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait(30)
     pytest.fail(f"imnm-cds serve did not become ready: {log.read_text()[-2000:]}")
 

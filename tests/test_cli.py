@@ -108,7 +108,7 @@ def test_every_flag_has_help_that_shows_its_default():
         helps[command] = "\n".join(flags)
     for default in ("127.0.0.1", "30", "5"):
         assert f"(default: {default})" in helps["serve"]
-    for setting, default in (("PORT", "8080"), ("WORKERS", "2"), ("THREADS", "8")):
+    for setting, default in (("PORT", "8080"), ("WORKERS", "2"), ("THREADS", "4")):
         assert f"(default: IMNM_CDS_{setting}, else {default})" in helps["serve"]
     assert "(default: 10.0)" in helps["replay"] and "(default: patient-view)" in helps["evaluate"]
     assert "(default: one per CPU)" in helps["screen"]

@@ -55,3 +55,38 @@ def test_the_answer_goes_at_the_deadline_while_a_stage_still_runs(hurried_app, m
     while engine.live_sessions and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.live_sessions == 0
+
+
+@pytest.fixture
+def one_thread_app():
+    return create_app({"deadline_ms": 300, "fetch_budget_ms": 100, "engine_sessions": 1})
+
+
+def test_a_call_that_finds_no_free_thread_by_its_deadline_answers_no_cards(
+    one_thread_app, monkeypatch, caplog
+):
+    app = one_thread_app
+    caplog.set_level(logging.INFO)
+    gate, held, let_go = threading.Event(), threading.Event(), threading.Event()
+    evaluator = app.extensions["imnm_cds"]
+    engine = evaluator.engine
+    monkeypatch.setattr(
+        evaluator, "engine", Engine(knowledge_module.load(), [holding_rules(gate, held, let_go)])
+    )
+    first = threading.Thread(target=lambda: app.test_client().post(SERVICE, json=hook_request()))
+    first.start()
+    try:
+        assert held.wait(10)  # the only pool thread is taken
+        response = app.test_client().post(SERVICE, json=hook_request())
+    finally:
+        gate.set()
+        first.join(10)
+    assert response.get_json() == {"cards": []}
+    evaluated = [r.fields for r in caplog.records if r.getMessage() == "evaluated"]
+    assert sorted(e["ranOut"] for e in evaluated) == ["queue", "rules"]
+    assert next(e for e in evaluated if e["ranOut"] == "queue")["ms"].keys() == {"gather"}
+    # The queued call never ran: the one thread is free again and evaluates the next call in full.
+    monkeypatch.setattr(evaluator, "engine", engine)
+    assert app.test_client().post(SERVICE, json=hook_request()).status_code == 200
+    last = [r.fields for r in caplog.records if r.getMessage() == "evaluated"][-1]
+    assert "ranOut" not in last and "cards" in last["ms"]

@@ -70,6 +70,9 @@ class Evaluator:
         if settings.disabled_rules:
             log.warning("rules switched off", extra={"fields": {"rules": list(settings.disabled_rules)}})
         self.fhir = FhirClient(settings)
+        # One pool per process, as many threads as engine sessions: each runs one evaluation at a time.
+        # Its threads start on first use, so a pool made before gunicorn forks its workers is still empty.
+        self.workers = ThreadPoolExecutor(settings.engine_sessions, "evaluate")
         warm_up()
 
     def hook(
@@ -99,17 +102,18 @@ class Evaluator:
         now: datetime,
         timings: dict,
     ) -> Evaluation:
-        """Evaluate on a worker thread, waited for only until the deadline: after it, no cards."""
+        """Evaluate on a pool thread, waited for only until the deadline: after it, no cards."""
         stage = "gather"
         if time.monotonic() < deadline:
-            worker = ThreadPoolExecutor(1, "evaluate")
-            future = worker.submit(self._evaluate, service, gathered, now, timings, deadline)
-            worker.shutdown(wait=False)
+            future = self.workers.submit(self._evaluate, service, gathered, now, timings, deadline)
             try:
                 return future.result(timeout=max(0.0, deadline - time.monotonic()))
             except (TimeoutError, OutOfTime):
-                # The stage under way; the worker stops before it would begin another.
-                stage = next((s for s in STAGES if s not in timings), STAGES[-1])
+                # Still waiting for a free thread: it never starts. Else the stage under way, after which
+                # the thread stops before it would begin another.
+                stage = (
+                    "queue" if future.cancel() else next((s for s in STAGES if s not in timings), STAGES[-1])
+                )
         return Evaluation([], gathered.patient_id, now, timings=dict(timings), ran_out=stage)
 
     def bundle(self, body, now: datetime, as_of: str | None = None, hook: str = "patient-view") -> Evaluation:

@@ -38,6 +38,7 @@ ANTIBODIES = (
     "anti-pmscl",
     "anti-u1rnp",
 )
+ANTIBODY_SETS = frozenset(ANTIBODIES)
 RESULTS = ("positive", "negative", "indeterminate")
 INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 COUNTING_UNITS = frozenset({"u", "units", "unit", "cu"})
@@ -73,6 +74,8 @@ def is_ck(k, data: dict) -> bool:
 
 def antibody_names(k, concept) -> list[str]:
     """Name the antibodies a code names: by code if any matches, else by unambiguous text."""
+    if not names(k, concept) & ANTIBODY_SETS:  # by code or text, once per concept: most name none
+        return []
     coded = k.coded_as(codings(concept))
     by_code = [n for n in ANTIBODIES if n in coded]
     if by_code:

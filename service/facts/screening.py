@@ -62,7 +62,8 @@ def panels(k, data: dict) -> list[str]:
     if not is_final(data):
         return []
     text = "\n".join([*texts(data.get("code")), report_text(data)])
-    return [name for name, valueset in PANELS.items() if valueset in k.texted_as([text])]
+    # Only the panels' own patterns: a report's text is long, and every other value set's is beside the point.
+    return [name for name, valueset in PANELS.items() if k.valueset(valueset).has_text(text)]
 
 
 def screening_fact(
