@@ -28,7 +28,7 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels \
 ENV IMNM_CDS_DATABASE_URL=sqlite:////var/lib/imnm-cds/feedback.sqlite
 VOLUME /var/lib/imnm-cds
 # Port, workers and threads: IMNM_CDS_PORT, IMNM_CDS_WORKERS, IMNM_CDS_THREADS (`docker run -e`).
-ENV IMNM_CDS_PORT=8080 IMNM_CDS_WORKERS=2 IMNM_CDS_THREADS=8
+ENV IMNM_CDS_PORT=8080 IMNM_CDS_WORKERS=2 IMNM_CDS_THREADS=4
 USER 10001
 EXPOSE ${IMNM_CDS_PORT}
 # Readiness, not liveness: unhealthy while the rule engine cannot evaluate (urlopen raises on a 503).
