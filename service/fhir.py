@@ -36,8 +36,7 @@ DATETIME = re.compile(
 )
 # Moments outside these years are read as undated: no clinical record has them, and date arithmetic
 # (a window before now, a supply after a start) would overflow near years 1 and 9999.
-# A day either side, so that years 1000-8999 stay inside with any offset.
-EARLIEST, LATEST = datetime(999, 12, 31, tzinfo=UTC), datetime(9000, 1, 2, tzinfo=UTC)
+YEARS = range(1000, 9000)  # as written: an offset may carry 1000-01-01 into 999 in UTC
 
 
 @dataclass(frozen=True)
@@ -323,13 +322,13 @@ def parse_time(value) -> datetime | None:
     try:
         if partial:
             year, month, day = partial.groups()
-            moment = datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
+            written = datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
         else:
-            parsed = datetime.fromisoformat(value)
-            moment = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            written = datetime.fromisoformat(value)
+        moment = written.astimezone(UTC) if written.tzinfo else written.replace(tzinfo=UTC)
     except (ValueError, OverflowError):  # an offset can carry year 1 or 9999 past the calendar
         return None
-    return moment if EARLIEST <= moment < LATEST else None
+    return moment if written.year in YEARS else None
 
 
 def is_final(data: dict) -> bool:

@@ -40,7 +40,7 @@ def test_evaluate_writes_the_page_and_its_stylesheet_beside_it(tmp_path, capsys)
     html = out.read_text(encoding="utf-8")
     assert '<link rel="stylesheet" href="explain.css">' in html
     assert (tmp_path / "explain.css").read_text(encoding="utf-8").startswith("/*")
-    assert html.count('<article id="card-') == len(printed["cards"]) > 0
+    assert html.count('<article id="card-') == len(printed[str(request)]["cards"]) > 0
     assert "Probability of IMNM" in html
 
 

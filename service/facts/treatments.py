@@ -60,5 +60,6 @@ def immunosuppression_fact(
     if starts:
         fact["days_on"] = days_before(min(starts), now)
         text += f"; current course since {day(min(starts))}"
-    references = [c.resource.reference for courses in tried.values() for c in courses]
-    return fact, text, tuple(dict.fromkeys(references))
+    # Sorted, so the same record sent in another order (a Bulk Data export, say) reads the same.
+    references = sorted({c.resource.reference for courses in tried.values() for c in courses})
+    return fact, text, tuple(references)

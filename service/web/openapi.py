@@ -64,7 +64,7 @@ def _cds_hooks_schemas() -> dict:
 
 NON_BLANK = {"type": "string", "pattern": r"\S"}
 # A FHIR dateTime (service.fhir.DATETIME) the service evaluates at: a real calendar date (format), years
-# 1000-8999 (service.fhir.EARLIEST, LATEST), no leap second.
+# 1000-8999 as written (service.fhir.YEARS), no leap second.
 YEAR = "[1-8][0-9]{3}"
 OFFSET = "(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
 MOMENT = {
