@@ -41,7 +41,7 @@ def without_patient(request: dict) -> dict:
 ROUTE = "/cds-services/<service_id>"
 JSON = "application/json"
 NO_UUID = {**hook_request(), "hookInstance": SECRET}
-HTML = {"Accept": "text/html"}
+IMAGE = {"Accept": "image/png"}  # no answer is an image
 TOO_LARGE = "request-entity-too-large"
 CSV = "text/csv"
 BIG = b" " * (5 << 20 | 1)  # one byte over IMNM_CDS_MAX_BODY_BYTES
@@ -53,7 +53,7 @@ ERRORS = [
     ("GET", f"/nowhere/{SECRET}?code={SECRET}", {}, 404, "unmatched", "not-found", "not-found"),
     ("POST", f"/cds-services/{SECRET}", {"json": {}}, 404, ROUTE, "not-found", "unknown-service"),
     ("GET", f"/evaluate?code={SECRET}", {}, 405, "unmatched", "not-supported", "method-not-allowed"),
-    ("POST", "/evaluate", {"json": {}, "headers": HTML}, 406, "/evaluate", "not-supported", "accept"),
+    ("POST", "/evaluate", {"json": {}, "headers": IMAGE}, 406, "/evaluate", "not-supported", "accept"),
     ("POST", SERVICE, {"json": UNOBTAINABLE}, 412, ROUTE, "processing", "prefetch.patient"),
     ("POST", SERVICE, {"data": BIG, "content_type": JSON}, 413, ROUTE, "too-long", TOO_LARGE),
     ("POST", SERVICE, {"data": "{}", "content_type": CSV}, 415, ROUTE, "not-supported", "content-type"),

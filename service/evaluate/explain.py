@@ -52,9 +52,10 @@ def render(k, evaluation: Evaluation) -> str:
         return PAGES.get_template("explain.html").render(
             evaluation=evaluation, stylesheet=STYLESHEET_NAME, incomplete=True
         )
+    # The cards' conclusions, as the cards were built: each standing for the ones it replaces.
     by_uuid = {
         str(cards.card_uuid(c, facts, evaluation.patient_id)): c
-        for c in outcome.conclusions
+        for c in cards.folded(k, outcome.conclusions)
         if k.cards[c.key].topic in evaluation.topics
     }
     explained = [explain_card(k, card, by_uuid[card["uuid"]], facts) for card in evaluation.cards]
