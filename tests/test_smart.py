@@ -93,8 +93,14 @@ def ehr(fhir_server):
     resources = [r for value in request["prefetch"].values() for r in resources_of(value)]
     store(fhir_server, resources)
     # Someone else's labs, for the FHIR server that answers with them.
-    store(fhir_server, [dict(r, id=f"else-{r['id']}", subject={"reference": "Patient/someone-else"})
-                        for r in resources if r["resourceType"] == "Observation"])
+    store(
+        fhir_server,
+        [
+            dict(r, id=f"else-{r['id']}", subject={"reference": "Patient/someone-else"})
+            for r in resources
+            if r["resourceType"] == "Observation"
+        ],
+    )
     double = Ehr(fhir_server, patient)
     yield double
     double.server.shutdown()
@@ -122,20 +128,21 @@ def settings_for(ehr: Ehr, tmp_path, **extra) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def app(ehr, tmp_path_factory):
+def smart_app(ehr, tmp_path_factory):
     return create_app(settings_for(ehr, tmp_path_factory.mktemp("smart")))
 
 
 @pytest.fixture
-def browser(app, ehr):
+def browser(smart_app, ehr):
     ehr.misbehave = None
-    return app.test_client()
+    return smart_app.test_client()
 
 
 def launch(browser, ehr, card: str = "") -> Response:
     """Launch from the EHR and come back with the code: the answer of the redirect endpoint."""
-    started = browser.get("/smart/launch", query_string={"iss": ehr.base, "launch": "xyz", "card": card},
-                          base_url=PUBLIC)
+    started = browser.get(
+        "/smart/launch", query_string={"iss": ehr.base, "launch": "xyz", "card": card}, base_url=PUBLIC
+    )
     assert started.status_code == 302, started.text
     authorized = requests.get(started.headers["Location"], allow_redirects=False, timeout=10)
     assert authorized.status_code == 302
@@ -144,11 +151,12 @@ def launch(browser, ehr, card: str = "") -> Response:
     return browser.get(f"/smart/redirect?{back.query}", base_url=PUBLIC)
 
 
-def test_the_launch_opens_the_explanation_of_the_patients_cards(app, browser, ehr, fhir_server):
+def test_the_launch_opens_the_explanation_of_the_patients_cards(smart_app, browser, ehr):
     hook = load(SCENARIO / "request.json")
-    hook["prefetch"], hook.pop("extension", None)  # evaluated now, as the launch is
+    hook.pop("extension", None)  # evaluated now, as the launch is
     hook["prefetch"] = {}
-    cards = app.test_client().post("/cds-services/imnm-patient-view", json=authorised(hook, fhir_server))
+    call = authorised(hook, ehr.base, token="ehr-token")
+    cards = smart_app.test_client().post("/cds-services/imnm-patient-view", json=call)
     cards = cards.get_json()["cards"]
     assert cards
     rule = cards[-1]["extension"]["imnm-cds.rules"][0]
@@ -173,7 +181,13 @@ def test_the_launch_opens_the_explanation_of_the_patients_cards(app, browser, eh
 def test_the_state_cookie_is_signed_secure_and_short_lived(browser, ehr):
     started = browser.get("/smart/launch", query_string={"iss": ehr.base, "launch": "xyz"}, base_url=PUBLIC)
     cookie = started.headers["Set-Cookie"]
-    for attribute in ("Secure", "HttpOnly", "SameSite=None", "Path=/smart/", f"Max-Age={smart.STATE_MINUTES * 60}"):
+    for attribute in (
+        "Secure",
+        "HttpOnly",
+        "SameSite=None",
+        "Path=/smart/",
+        f"Max-Age={smart.STATE_MINUTES * 60}",
+    ):
         assert attribute in cookie
     asked = parse_qs(urlsplit(started.headers["Location"]).query)
     assert asked["code_challenge_method"] == ["S256"] and asked["launch"] == ["xyz"]
@@ -222,10 +236,10 @@ def test_a_failing_fhir_server_is_a_clear_page(browser, ehr):
     refused(launch(browser, ehr), 412, "the FHIR server failed (HTTP 500)")
 
 
-def test_cards_link_to_the_app_only_when_it_is_configured(app, client, fhir_server):
-    hook = authorised(load(SCENARIO / "request.json"), fhir_server)
+def test_cards_link_to_the_app_only_when_it_is_configured(smart_app, client):
+    hook = load(SCENARIO / "request.json")
     plain = client.post("/cds-services/imnm-patient-view", json=hook).get_json()["cards"]
-    linked = app.test_client().post("/cds-services/imnm-patient-view", json=hook).get_json()["cards"]
+    linked = smart_app.test_client().post("/cds-services/imnm-patient-view", json=hook).get_json()["cards"]
     assert plain and all(link["type"] != "smart" for c in plain for link in c.get("links", ()))
     for card in linked:
         rule = card["extension"]["imnm-cds.rules"][0]

@@ -31,7 +31,9 @@ def page(html: str) -> Response:
     return Response(html, mimetype="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
 
 
-def install(app: Flask, cors_origins: tuple[str, ...], framed: frozenset[str] = frozenset(), policy: str = "") -> None:
+def install(
+    app: Flask, cors_origins: tuple[str, ...], framed: frozenset[str] = frozenset(), policy: str = ""
+) -> None:
     """Add the security headers, and CORS headers for allowed origins, to every response.
 
     The paths in `framed` (the SMART app's) answer under `policy` instead, and may be framed by EHRs.

@@ -69,9 +69,8 @@ def install(app: Flask, settings: Settings, evaluator: Evaluator) -> None:
             raise Refused(403, f"This EHR's FHIR server is not one this service may use ({refusal}).", "iss")
         endpoints = _discover(iss, settings)
         state, verifier = generate_token(32), generate_token(64)
-        client = _client(settings, verifier)
-        url, _ = client.create_authorization_url(
-            endpoints["authorization_endpoint"], state=state, aud=iss, launch=token
+        url, _ = _client(settings).create_authorization_url(
+            endpoints["authorization_endpoint"], state=state, code_verifier=verifier, aud=iss, launch=token
         )
         kept = {
             "state": state,
@@ -107,7 +106,9 @@ def install(app: Flask, settings: Settings, evaluator: Evaluator) -> None:
         response.delete_cookie(COOKIE, path="/smart/", secure=True, httponly=True, samesite="None")
         return response
 
-    app.add_url_rule(STYLESHEET, "smart_stylesheet", lambda: Response(explain.STYLESHEET, mimetype="text/css"))
+    app.add_url_rule(
+        STYLESHEET, "smart_stylesheet", lambda: Response(explain.STYLESHEET, mimetype="text/css")
+    )
 
     @app.errorhandler(Refused)
     def refused(exc: Refused):
@@ -142,7 +143,7 @@ def _page(html: str, status: int) -> Response:
     return Response(html, status=status, mimetype="text/html")
 
 
-def _client(settings: Settings, verifier: str | None = None) -> OAuth2Session:
+def _client(settings: Settings) -> OAuth2Session:
     client = OAuth2Session(
         settings.smart_client_id,
         redirect_uri=settings.smart_redirect_url,
@@ -152,8 +153,6 @@ def _client(settings: Settings, verifier: str | None = None) -> OAuth2Session:
     )
     client.max_redirects = 0
     client.trust_env = False  # no ~/.netrc or proxy settings from the environment
-    if verifier:
-        client.metadata["code_verifier"] = verifier
     return client
 
 
@@ -161,7 +160,9 @@ def _discover(iss: str, settings: Settings) -> dict:
     """Read the EHR's authorization and token endpoints from its SMART configuration."""
     url = f"{iss.rstrip('/')}/.well-known/smart-configuration"
     try:
-        answer = requests.get(url, timeout=TIMEOUT, allow_redirects=False, headers={"Accept": "application/json"})
+        answer = requests.get(
+            url, timeout=TIMEOUT, allow_redirects=False, headers={"Accept": "application/json"}
+        )
         document = _json(answer)
     except (requests.RequestException, ValueError):
         raise Refused(424, "The EHR's SMART configuration could not be read.", "discovery") from None
@@ -185,7 +186,9 @@ def _json(answer: requests.Response) -> dict:
 def _kept(states: URLSafeTimedSerializer, cookie: str) -> dict:
     """Read the launch's signed state cookie, refusing one too old, altered or missing."""
     if not cookie:
-        raise Refused(400, "This browser brought no launch to finish (cookies blocked, or opened twice).", "no-state")
+        raise Refused(
+            400, "This browser brought no launch to finish (cookies blocked, or opened twice).", "no-state"
+        )
     try:
         return states.loads(cookie, max_age=STATE_MINUTES * 60)
     except SignatureExpired:
@@ -204,7 +207,9 @@ def _exchange(settings: Settings, kept: dict, code: str) -> dict:
     except (OAuthError, requests.RequestException, ValueError):
         raise Refused(403, "The EHR did not give an access token for this launch.", "token") from None
     if not isinstance(token.get("patient"), str) or not token["patient"] or not token.get("access_token"):
-        raise Refused(403, "The EHR's token names no patient: open the app from a patient's chart.", "patient")
+        raise Refused(
+            403, "The EHR's token names no patient: open the app from a patient's chart.", "patient"
+        )
     return token
 
 
