@@ -55,8 +55,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     app.extensions["imnm_cds_feedback"] = store
     _account_for(app, evaluator)
     auth.protect(app, settings)
-    framed = smart.PATHS if settings.smart_client_id else frozenset()
-    headers.install(app, settings.cors_origins, framed, smart.policy(settings))
+    headers.install(app, settings.cors_origins, *smart.framing(settings))
     smart.install(app, settings, evaluator)
     scrape.install(app, settings)
 

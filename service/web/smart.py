@@ -21,7 +21,6 @@ from service.config import Settings
 from service.evaluate import explain
 from service.evaluate.pipeline import Evaluator
 from service.outcome import ApiError
-from service.web import headers
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,12 @@ STATE_MINUTES = 10
 TIMEOUT = (3.05, 10.0)  # connect, read: the EHR's discovery and token endpoints, while a person waits
 LARGEST_ANSWER = 1024 * 1024  # a discovery document or token response is a few kilobytes
 SCOPES = " ".join(
-    ["launch", "openid", "fhirUser"]
-    + sorted({f"patient/{key.resource_type}.read" for key in hooks.PATIENT_VIEW.prefetch})
+    [
+        "launch",
+        "openid",
+        "fhirUser",
+        *sorted({f"patient/{k.resource_type}.read" for k in hooks.PATIENT_VIEW.prefetch}),
+    ]
 )
 ERROR_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>The explanation could not be opened</title>
@@ -117,10 +120,12 @@ def install(app: Flask, settings: Settings, evaluator: Evaluator) -> None:
         return _page(page, exc.status)
 
 
-def policy(settings: Settings) -> str:
-    """Say the pages' policy: data: images, same-origin styles, framed only by the configured EHRs."""
+def framing(settings: Settings) -> tuple[frozenset[str], str]:
+    """Name the app's paths and their policy: data: images, same-origin styles, framed by the EHRs set."""
+    if not settings.smart_client_id:
+        return frozenset(), ""
     ancestors = " ".join(settings.smart_frame_ancestors) or "'none'"
-    return f"default-src 'none'; img-src data:; style-src 'self'; frame-ancestors {ancestors}"
+    return PATHS, f"default-src 'none'; img-src data:; style-src 'self'; frame-ancestors {ancestors}"
 
 
 def link(cards: list[dict], settings: Settings) -> None:
@@ -149,7 +154,7 @@ def _client(settings: Settings) -> OAuth2Session:
         redirect_uri=settings.smart_redirect_url,
         scope=SCOPES,
         code_challenge_method="S256",
-        token_endpoint_auth_method="none",  # a public client: PKCE stands in for a secret
+        token_endpoint_auth_method="none",  # noqa: S106 (a public client: PKCE stands in for a secret)
     )
     client.max_redirects = 0
     client.trust_env = False  # no ~/.netrc or proxy settings from the environment
