@@ -14,9 +14,11 @@ import pytest
 import requests
 from flask import Flask, Response, redirect
 from flask import request as incoming
+from playwright.sync_api import sync_playwright
+from test_browser import chromium
 from werkzeug.serving import make_server
 
-from conftest import FHIR_TOKEN, HOOK_SCENARIOS, authorised, load, resources_of, store
+from conftest import FHIR_TOKEN, HOOK_SCENARIOS, authorised, free_port, load, resources_of, serve, store
 from service.config import ConfigError, Settings
 from service.web import smart
 from service.web.app import create_app
@@ -251,3 +253,47 @@ def test_cards_link_to_the_app_only_when_it_is_configured(smart_app, client):
 def test_the_app_refuses_to_start_without_a_signing_key():
     with pytest.raises(ConfigError, match="IMNM_CDS_SMART_STATE_KEY_FILE"):
         Settings.from_env({}, smart_client_id=CLIENT_ID, public_url=PUBLIC, smart_redirect_url=PUBLIC + "/r")
+
+
+def test_the_launch_in_chromium_from_the_ehr_to_the_card(ehr, tmp_path):
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    key = tmp_path / "state.key"
+    key.write_text("s" * 48)
+    environ = {
+        "IMNM_CDS_PUBLIC_URL": public,
+        "IMNM_CDS_SMART_CLIENT_ID": CLIENT_ID,
+        "IMNM_CDS_SMART_REDIRECT_URL": f"{public}/smart/redirect",
+        "IMNM_CDS_SMART_STATE_KEY_FILE": str(key),
+        "IMNM_CDS_FHIR_SERVERS": ehr.base,
+        "IMNM_CDS_FHIR_ALLOW_HTTP": "true",
+        "IMNM_CDS_DEADLINE_MS": "30000",
+        "IMNM_CDS_FETCH_BUDGET_MS": "20000",
+        "IMNM_CDS_FETCH_CONNECT_TIMEOUT_MS": "5000",
+        "IMNM_CDS_FETCH_READ_TIMEOUT_MS": "10000",
+    }
+    ehr.misbehave = None
+    process, url = serve(tmp_path / "stderr.log", port, **environ)
+    try:
+        hook = load(SCENARIO / "request.json")
+        cards = requests.post(f"{url}/cds-services/imnm-patient-view", json=hook, timeout=30).json()["cards"]
+        (link,) = [link for link in cards[-1]["links"] if link["type"] == "smart"]
+        problems: list[str] = []
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            page = browser.new_page()
+            page.on("console", lambda message: problems.append(message.text))
+            page.on("requestfailed", lambda failed: problems.append(failed.url))
+            # The EHR opens the card's link with iss and launch added.
+            answer = page.goto(f"{link['url']}&iss={ehr.base}&launch=xyz", timeout=60000)
+            assert answer.status == 200 and urlsplit(page.url).path == "/smart/redirect"
+            assert "Go to the card you opened" in page.inner_text("header")
+            page.click("p.opened a")
+            assert urlsplit(page.url).fragment.startswith("card-")
+            assert page.eval_on_selector("article.opened", "e => getComputedStyle(e).display") == "block"
+            page.screenshot(path=str(tmp_path / "launched.png"), full_page=True)
+            browser.close()
+        assert problems == []
+    finally:
+        process.terminate()
+        process.wait(30)
