@@ -180,6 +180,13 @@ def test_the_launch_opens_the_explanation_of_the_patients_cards(smart_app, brows
     assert stylesheet.status_code == 200 and stylesheet.mimetype == "text/css"
 
 
+def test_a_card_not_in_the_record_says_the_draft_order_is_not_on_the_server(browser, ehr):
+    page = launch(browser, ehr, card="statin.rechallenge_after_autoimmune_pattern")
+    assert page.status_code == 200
+    assert "the draft order is not on the FHIR server" in page.text
+    assert "Go to the card you opened" not in page.text
+
+
 def test_the_state_cookie_is_signed_secure_and_short_lived(browser, ehr):
     started = browser.get("/smart/launch", query_string={"iss": ehr.base, "launch": "xyz"}, base_url=PUBLIC)
     cookie = started.headers["Set-Cookie"]

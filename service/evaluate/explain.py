@@ -51,7 +51,12 @@ def render(k, evaluation: Evaluation, opened: str | None = None, read_at: dateti
     read = f"{read_at:%Y-%m-%d %H:%M:%S} UTC" if read_at else None
     if facts is None or outcome is None:  # the deadline passed before the rules ran
         return PAGES.get_template("explain.html").render(
-            evaluation=evaluation, stylesheet=STYLESHEET_NAME, incomplete=True, read=read, focus=None
+            evaluation=evaluation,
+            stylesheet=STYLESHEET_NAME,
+            incomplete=True,
+            read=read,
+            focus=None,
+            missing=False,
         )
     by_uuid = {
         str(cards.card_uuid(c, facts, evaluation.patient_id)): c
@@ -74,6 +79,7 @@ def render(k, evaluation: Evaluation, opened: str | None = None, read_at: dateti
         notes=facts.notes,
         read=read,
         focus=focus,
+        missing=bool(opened) and focus is None,
     )
 
 
