@@ -186,12 +186,18 @@ FIGURES = {
 }
 
 
-@pytest.mark.parametrize("scenario", FIGURES)
-def test_each_fixture_gives_the_probability_worked_by_hand(client, scenario):
+def imnm_card(client, scenario: str) -> dict:
+    """The one IMNM card a fixture gets."""
     request = load(FIXTURES / scenario / "request.json")
     response = client.post(scenario_target(request, ""), json=request)
     assert response.status_code == 200, response.get_data(as_text=True)[:500]
     [card] = [c for c in response.get_json()["cards"] if c["source"]["topic"]["code"] == "imnm-suspected"]
+    return card
+
+
+@pytest.mark.parametrize("scenario", FIGURES)
+def test_each_fixture_gives_the_probability_worked_by_hand(client, scenario):
+    card = imnm_card(client, scenario)
     context, probability = FIGURES[scenario]
     if probability is None:
         assert not {k for k in card["extension"] if "robability" in k}
@@ -202,24 +208,14 @@ def test_each_fixture_gives_the_probability_worked_by_hand(client, scenario):
 
 
 def test_a_classification_card_claims_no_probability_in_its_text(client):
-    request = load(FIXTURES / "worked-example-hmgcr-positive" / "request.json")
-    [card] = [
-        c
-        for c in client.post(scenario_target(request, ""), json=request).get_json()["cards"]
-        if c["source"]["topic"]["code"] == "imnm-suspected"
-    ]
+    card = imnm_card(client, "worked-example-hmgcr-positive")
     assert card["summary"].startswith("IMNM criteria met")
     assert "%" not in card["summary"] and "Probability of IMNM" not in card["detail"]
     assert card["extension"]["imnm-cds.antibodyOutcome"] == "anti-HMGCR positive"
 
 
 def test_a_work_up_card_shows_a_band_and_says_negatives_do_not_exclude(client):
-    request = load(FIXTURES / "hmgcr-negative" / "request.json")
-    [card] = [
-        c
-        for c in client.post(scenario_target(request, ""), json=request).get_json()["cards"]
-        if c["source"]["topic"]["code"] == "imnm-suspected"
-    ]
+    card = imnm_card(client, "hmgcr-negative")
     assert card["summary"].endswith("(IMNM probability low, about 15%)")
     shares = "(about 20% after a statin, 40% otherwise)"
     assert f"Lowered, not excluded: some IMNM is antibody-negative {shares}" in card["detail"]
