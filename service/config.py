@@ -330,6 +330,38 @@ class Settings:
         ),
     )
 
+    smart_client_id: str = field(
+        default="",
+        metadata=about(
+            str.strip,
+            "The client id the EHR registered for the SMART app (the explanation page opened from a card); "
+            "setting it turns the app on, and every card gets a link to `/smart/launch`.",
+        ),
+    )
+    smart_redirect_url: str | None = field(
+        default=None,
+        metadata=about(
+            _base_url,
+            "The redirect URL registered with the EHR: `<public URL>/smart/redirect`. Needed with the app.",
+        ),
+    )
+    smart_state_key_file: Path | None = field(
+        default=None,
+        metadata=about(
+            _file,
+            "A file holding the secret (32 bytes or more) that signs the launch's state cookie; the same "
+            "file for every worker and instance. Needed with the app.",
+        ),
+    )
+    smart_frame_ancestors: tuple[str, ...] = field(
+        default=(),
+        metadata=about(
+            _origins,
+            "Comma-separated origins of EHRs that may show the app in a frame (CSP `frame-ancestors`); "
+            "none: the app cannot be framed.",
+        ),
+    )
+
     def __post_init__(self):
         """Check the settings that only make sense together."""
         if self.production:
@@ -341,8 +373,24 @@ class Settings:
                 )
         if self.auth == "jwt" and not (self.trusted_issuers and self.public_url):
             raise ConfigError("IMNM_CDS_AUTH=jwt needs IMNM_CDS_TRUSTED_ISSUERS and IMNM_CDS_PUBLIC_URL")
+        if self.smart_client_id:
+            self._check_smart()
         if self.fetch_budget_ms >= self.deadline_ms:
             raise ConfigError("IMNM_CDS_FETCH_BUDGET_MS must be less than IMNM_CDS_DEADLINE_MS")
+
+    def _check_smart(self) -> None:
+        """Refuse a SMART app that cannot sign its state, has nowhere to come back to, or no link to give."""
+        missing = [
+            PREFIX + name.upper()
+            for name in ("smart_redirect_url", "smart_state_key_file", "public_url")
+            if not getattr(self, name)
+        ]
+        if missing:
+            raise ConfigError(f"IMNM_CDS_SMART_CLIENT_ID needs {', '.join(missing)}")
+        if "*" in self.smart_frame_ancestors:
+            raise ConfigError("IMNM_CDS_SMART_FRAME_ANCESTORS must list the EHRs' origins, not *")
+        if len(self.smart_state_key_file.read_bytes().strip()) < 32:
+            raise ConfigError("IMNM_CDS_SMART_STATE_KEY_FILE must hold a secret of 32 bytes or more")
 
     def production_problems(self) -> list[str]:
         """List, at once, every setting production mode still needs and how to set it."""
@@ -355,7 +403,7 @@ class Settings:
             problems.append("IMNM_CDS_PUBLIC_URL=<https URL clients call this service at>")
         if self.fhir_allow_http:
             problems.append("IMNM_CDS_FHIR_ALLOW_HTTP=false (plain-http FHIR servers are for development)")
-        plain = _plain_http(self.public_url, *self.fhir_servers)
+        plain = _plain_http(self.public_url, self.smart_redirect_url, *self.fhir_servers)
         if plain:
             problems.append(f"https URLs, not {', '.join(plain)}")
         return problems

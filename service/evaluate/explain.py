@@ -45,12 +45,18 @@ class Chart:
     alt: str
 
 
-def render(k, evaluation: Evaluation) -> str:
-    """Render the explanation page of one evaluation, from its facts and rule outcome."""
+def render(k, evaluation: Evaluation, opened: str | None = None, read_at: datetime | None = None) -> str:
+    """Render the explanation page of one evaluation; `opened` names the rule of the card it came from."""
     facts, outcome = evaluation.facts, evaluation.outcome
+    read = f"{read_at:%Y-%m-%d %H:%M:%S} UTC" if read_at else None
     if facts is None or outcome is None:  # the deadline passed before the rules ran
         return PAGES.get_template("explain.html").render(
-            evaluation=evaluation, stylesheet=STYLESHEET_NAME, incomplete=True
+            evaluation=evaluation,
+            stylesheet=STYLESHEET_NAME,
+            incomplete=True,
+            read=read,
+            focus=None,
+            missing=False,
         )
     # The cards' conclusions, as the cards were built: each standing for the ones it replaces.
     by_uuid = {
@@ -59,6 +65,7 @@ def render(k, evaluation: Evaluation) -> str:
         if k.cards[c.key].topic in evaluation.topics
     }
     explained = [explain_card(k, card, by_uuid[card["uuid"]], facts) for card in evaluation.cards]
+    focus = next((n for n, item in enumerate(explained, 1) if opened and opened in item["rules"]), None)
     suspicion = next((c for c in outcome.conclusions if "steps" in c.params), None)
     screening = next((c for c in outcome.conclusions if c.key == "cancer-screening"), None)
     return PAGES.get_template("explain.html").render(
@@ -71,6 +78,9 @@ def render(k, evaluation: Evaluation) -> str:
         screening=screening_section(k, screening, facts),
         cards=explained,
         notes=facts.notes,
+        read=read,
+        focus=focus,
+        missing=bool(opened) and focus is None,
     )
 
 

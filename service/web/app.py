@@ -24,7 +24,7 @@ from service.logs import ms_since
 from service.outcome import ApiError, Issue, error, operation_outcome
 from service.store import feedback_request
 from service.store.feedback import FeedbackStore, StoreUnavailable
-from service.web import auth, headers, openapi, scrape
+from service.web import auth, headers, openapi, scrape, smart
 
 log = logging.getLogger("service.http")
 access = logging.getLogger("service.access")
@@ -58,7 +58,8 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
     app.extensions["imnm_cds_feedback"] = store
     _account_for(app, evaluator)
     auth.protect(app, settings)
-    headers.install(app, settings.cors_origins)
+    headers.install(app, settings.cors_origins, *smart.framing(settings))
+    smart.install(app, settings, evaluator)
     scrape.install(app, settings)
 
     @app.get("/cds-services")
@@ -71,6 +72,7 @@ def create_app(config: Settings | Mapping | None = None) -> Flask:
         if service is None:
             raise error(404, "not-found", NO_SERVICE, reason="unknown-service")
         evaluation = evaluator.hook(service, _noted(_body(settings)), datetime.now(UTC), auth.caller())
+        smart.link(evaluation.cards, settings)
         _report(service.id, evaluation, evaluator.knowledge_version)
         store.record_cards(service.id, evaluation.cards, datetime.now(UTC), evaluator.knowledge_version)
         return _json(evaluation.response())

@@ -28,13 +28,14 @@ from service.fhir import is_http_url, url_origin
 from service.gather.bindings import Caller
 from service.outcome import error
 from service.store.replay import ReplayStore, ReplayStoreUnavailable
-from service.web import scrape
+from service.web import scrape, smart
 
 log = logging.getLogger(__name__)
 
 # Health checks are for the platform, not CDS clients; CORS preflights carry no credentials by design.
 OPEN_PATHS = frozenset({"/health", "/health/ready", "/explain.css"})  # the page's stylesheet: no data
-NO_JWT_PATHS = OPEN_PATHS | {scrape.PATH}  # /metrics checks its own callers
+# /metrics checks its own callers; the SMART app's browser brings no JWT, it authenticates through OAuth.
+NO_JWT_PATHS = OPEN_PATHS | {scrape.PATH} | smart.PATHS
 DEFAULT_ALGORITHMS = ("RS384", "ES384")  # the spec's RECOMMENDED pair
 # Each algorithm is bound to the key type it may verify with, so a token never picks the family.
 KEY_ALGORITHMS = {

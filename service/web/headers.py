@@ -31,8 +31,13 @@ def page(html: str) -> Response:
     return Response(html, mimetype="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
 
 
-def install(app: Flask, cors_origins: tuple[str, ...]) -> None:
-    """Add the security headers, and CORS headers for allowed origins, to every response."""
+def install(
+    app: Flask, cors_origins: tuple[str, ...], framed: frozenset[str] = frozenset(), policy: str = ""
+) -> None:
+    """Add the security headers, and CORS headers for allowed origins, to every response.
+
+    The paths in `framed` (the SMART app's) answer under `policy` instead, and may be framed by EHRs.
+    """
 
     @app.after_request
     def add_headers(response: Response) -> Response:
@@ -40,6 +45,9 @@ def install(app: Flask, cors_origins: tuple[str, ...]) -> None:
         response.headers.update(SECURITY_HEADERS)
         if page:
             response.headers["Content-Security-Policy"] = PAGE_POLICY
+        if request.path in framed:
+            response.headers["Content-Security-Policy"] = policy
+            del response.headers["X-Frame-Options"]  # superseded by the policy's frame-ancestors
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750 §3, with no error detail
         if isinstance(request.routing_exception, MethodNotAllowed):
