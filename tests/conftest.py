@@ -116,13 +116,13 @@ def whole_suite(request) -> bool:
     return request.config.stash.get(WHOLE_SUITE, False)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def throwaway_database(tmp_path_factory):
-    """Every app and server the tests start keeps feedback in a throwaway SQLite file."""
+@pytest.fixture(autouse=True)
+def throwaway_database(tmp_path_factory, monkeypatch):
+    """Every app and server a test starts keeps feedback in a throwaway SQLite file of that test's own."""
+    # One file shared by the whole session let a test that kills servers or workers mid-write leave it
+    # unreadable for every app built after it ("disk I/O error").
     path = tmp_path_factory.mktemp("database") / "feedback.sqlite"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMNM_CDS_DATABASE_URL", f"sqlite:///{path}")
-        yield
+    monkeypatch.setenv("IMNM_CDS_DATABASE_URL", f"sqlite:///{path}")
 
 
 @functools.cache
