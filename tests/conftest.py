@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -116,11 +117,22 @@ def whole_suite(request) -> bool:
     return request.config.stash.get(WHOLE_SUITE, False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_database():
+    """Apps and servers built once per module or session keep feedback in a throwaway SQLite file."""
+    # Not the default ./imnm-cds.sqlite: a test run must leave the working tree as it found it.
+    with (
+        tempfile.TemporaryDirectory(prefix="imnm-cds-tests-") as folder,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setenv("IMNM_CDS_DATABASE_URL", f"sqlite:///{Path(folder) / 'feedback.sqlite'}")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def throwaway_database(tmp_path_factory, monkeypatch):
     """Every app and server a test starts keeps feedback in a throwaway SQLite file of that test's own."""
-    # One file shared by the whole session let a test that kills servers or workers mid-write leave it
-    # unreadable for every app built after it ("disk I/O error").
+    # A test that kills servers or workers mid-write must not touch the file other tests' apps use.
     path = tmp_path_factory.mktemp("database") / "feedback.sqlite"
     monkeypatch.setenv("IMNM_CDS_DATABASE_URL", f"sqlite:///{path}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from dataclasses import replace
@@ -301,6 +303,34 @@ def test_a_database_that_cannot_be_opened_is_named_with_the_os_error(tmp_path):
         str(refused.value)
         == f"cannot open the feedback database sqlite:///{missing}: No such file or directory"
     )
+
+
+def test_a_folder_in_place_of_the_database_is_named_with_the_os_error(tmp_path):
+    with pytest.raises(StoreError, match=f"sqlite:///{tmp_path}: Is a directory$"):
+        FeedbackStore(f"sqlite:///{tmp_path}")
+
+
+def test_opening_a_store_keeps_the_locks_of_the_apps_already_using_its_file(tmp_path):
+    """Apps opened one after another on one file, while another process comes and goes, all write."""
+    path = tmp_path / "feedback.sqlite"
+    url = f"sqlite:///{path}"
+    FeedbackStore(url)
+    running = sqlite3.connect(path, isolation_level=None)  # an app of this process, mid-service
+    running.execute("CREATE TABLE scratch (x)")
+    running.execute("INSERT INTO scratch VALUES (1)")
+    FeedbackStore(url)
+    other = (
+        f"import sqlite3; db = sqlite3.connect({str(path)!r}, isolation_level=None); "
+        "db.execute('INSERT INTO scratch VALUES (2)'); db.close()"
+    )
+    subprocess.run([sys.executable, "-c", other], check=True)
+    running.execute("INSERT INTO scratch VALUES (3)")
+    # Before, opening a store opened and closed the file, dropping this process's locks: the other
+    # process's close then removed the WAL under the running app, and the next app got "disk I/O error".
+    FeedbackStore(url)
+    later = sqlite3.connect(path, isolation_level=None)
+    later.execute("INSERT INTO scratch VALUES (4)")
+    assert later.execute("SELECT count(*) FROM scratch").fetchone() == (4,)
 
 
 def test_a_postgresql_database_that_refuses_is_named_without_its_password():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import os
@@ -407,10 +408,19 @@ def _check_reachable(url: str, name: str, create: bool) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return
-    if not create and not os.path.isfile(parsed.database):
+    path = parsed.database
+    if not create and not os.path.isfile(path):
         raise StoreError(f"no feedback database at {name} (set IMNM_CDS_DATABASE_URL to the service's)")
+    if os.path.exists(path):
+        # Never open() a file SQLite may hold: closing any descriptor of it drops this process's locks,
+        # and another process may then remove the WAL under our live connections ("disk I/O error").
+        if os.path.isdir(path):
+            raise StoreError(f"cannot open the feedback database {name}: {os.strerror(errno.EISDIR)}")
+        if not os.access(path, os.R_OK | (os.W_OK if create else 0)):
+            raise StoreError(f"cannot open the feedback database {name}: {os.strerror(errno.EACCES)}")
+        return
     try:
-        with open(parsed.database, "ab" if create else "rb"):  # the driver says only "unable to open"
+        with open(path, "ab"):  # create it here, as the driver says only "unable to open"
             pass
     except OSError as exc:
         raise StoreError(f"cannot open the feedback database {name}: {exc.strerror}") from None
