@@ -85,7 +85,9 @@ class Ehr:
         answer = requests.get(
             f"{self.fhir}/{path}?{query}", headers={"Authorization": f"Bearer {FHIR_TOKEN}"}, timeout=10
         )
-        return Response(answer.content, answer.status_code, mimetype="application/fhir+json")
+        # Links (a searchset's next page) point at the EHR's base, not at the server behind it.
+        content = answer.content.replace(self.fhir.encode(), self.base.encode())
+        return Response(content, answer.status_code, mimetype="application/fhir+json")
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +161,7 @@ def test_the_launch_opens_the_explanation_of_the_patients_cards(smart_app, brows
     hook["prefetch"] = {}
     call = authorised(hook, ehr.base, token="ehr-token")
     cards = smart_app.test_client().post("/cds-services/imnm-patient-view", json=call)
+    assert "cards" in cards.get_json(), cards.get_json()
     cards = cards.get_json()["cards"]
     assert cards
     rule = cards[-1]["extension"]["imnm-cds.rules"][0]
