@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -118,14 +117,13 @@ def whole_suite(request) -> bool:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def session_database():
+def session_database(tmp_path_factory):
     """Apps and servers built once per module or session keep feedback in a throwaway SQLite file."""
-    # Not the default ./imnm-cds.sqlite: a test run must leave the working tree as it found it.
-    with (
-        tempfile.TemporaryDirectory(prefix="imnm-cds-tests-") as folder,
-        pytest.MonkeyPatch.context() as patch,
-    ):
-        patch.setenv("IMNM_CDS_DATABASE_URL", f"sqlite:///{Path(folder) / 'feedback.sqlite'}")
+    # Not the default ./imnm-cds.sqlite: a test run must leave the working tree as it found it. The
+    # folder outlives the session, as the session's apps write their last cards when the process exits.
+    path = tmp_path_factory.mktemp("session-database") / "feedback.sqlite"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMNM_CDS_DATABASE_URL", f"sqlite:///{path}")
         yield
 
 
@@ -367,6 +365,8 @@ def hook_request(patient_id: str = "p1", resources=(), **prefetch_overrides) -> 
         "MedicationRequest": "medicationRequests",
         "MedicationStatement": "medicationStatements",
         "AllergyIntolerance": "allergies",
+        "Procedure": "procedures",
+        "ServiceRequest": "serviceRequests",
     }
     prefetch = {
         "patient": {

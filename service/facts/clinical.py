@@ -133,9 +133,15 @@ def clinical_fact(k, name: str, found: list[Mention], now: datetime) -> tuple[di
     noted = [f.noted for f in found if f.noted and f.state == "present"]
     if noted:
         fact["noted_days_ago"] = days_before(max(noted), now)
-    named = next(filter(None, (recorded_name(f.resource.data) for f in found)), None)
-    if named:
-        fact["named"] = named[:MAX_NAMED]
+    # A present record's name before a past one's, the earliest onset first, then the name itself: the
+    # same name whatever order the records came in.
+    recorded = [
+        (f.state != "present", f.onset is None, f.onset or now, name)
+        for f in found
+        if (name := recorded_name(f.resource.data))
+    ]
+    if recorded:
+        fact["named"] = min(recorded)[-1][:MAX_NAMED]
     since = f" since {day(min(onsets))}" if onsets else ""
     text = f"{label} recorded ({fact['state']}{since})"
     return fact, text, tuple(dict.fromkeys(f.resource.reference for f in found))
