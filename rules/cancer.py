@@ -2,6 +2,7 @@
 
 from durable.lang import c, m, pri, when_all
 
+from rules.knowledge import KnowledgeError
 from rules.match import any_name, clinical, finding, muscle_involved, of_type
 
 DIAGNOSES = (
@@ -11,6 +12,14 @@ DIAGNOSES = (
     "diagnosis-antisynthetase",
 )
 ANTIBODY_FACTORS = ("anti-tif1g", "anti-nxp2", "anti-sae1", "anti-hmgcr")
+# The screening panels (the cancer-screening fact's fields), what the card calls them and orders for them.
+PANELS = {
+    "basic": ("basic panel", "basic-screening"),
+    "enhanced": ("enhanced panel", "enhanced-screening"),
+    "pet_ct": ("PET-CT", "pet-ct"),
+    "endoscopy": ("GI endoscopy", "gi-endoscopy"),
+}
+SETTLED = ("done", "declined")
 
 
 def dermatomyositis_feature():
@@ -22,6 +31,8 @@ def define(k, emit):
     """Register the cancer-screening rules in the active ruleset."""
     window = k.value("cancer.window")
     adult_age = k.value("cancer.adult")
+    if k.value("cancer.high-clears") not in ("all", "any"):
+        raise KnowledgeError("cancer.high-clears: 'all' or 'any'")
 
     # Stage 3 (after the IMNM and differential conclusions): is there myositis at all?
 
@@ -67,8 +78,7 @@ def define(k, emit):
             c.on,
             c.done,
             sex=c.pt.sex,
-            basic_done=c.done.basic_done,
-            enhanced_done=c.done.enhanced_done,
+            recorded={panel: getattr(c.done, panel) for panel in PANELS},
             onset=f"{c.on.onset_on}, from the {c.on.source}",
             factors=[],
         )
@@ -153,14 +163,19 @@ def tier(k, params: dict) -> dict | None:
         chosen = "moderate"
     else:
         chosen = "standard"
-    # A panel is left out only when known to be done: "unknown" (no reports available) is offered.
-    orders = [] if params["basic_done"] is True else ["basic-screening"]
-    if chosen != "standard" and params["enhanced_done"] is not True:
-        orders.append("enhanced-screening")
+    recorded = params["recorded"]
+    wanted = ["basic", "enhanced"] if chosen != "standard" else ["basic"]
     if chosen == "high":
-        orders += ["pet-ct", "gi-endoscopy"]
-    if not orders:
-        return None  # every panel this tier calls for is done
+        extra = ("pet_ct", "endoscopy")
+        settled = (all if k.value("cancer.high-clears") == "all" else any)(
+            recorded[p] in SETTLED for p in extra
+        )
+        wanted += [] if settled else extra
+    # A panel is offered unless it is on record: "unknown" (nothing available to tell) is offered too.
+    missing = [p for p in wanted if recorded[p] in ("none", "unknown")]
+    pending = [p for p in wanted if recorded[p] == "ordered"]
+    if not missing and not pending:
+        return None  # every panel this tier calls for is done or declined
     factors = params["factors"]
     reasons = [
         f"{k.param(f'cancer.factors.{f}').attributes['label']} ({k.value(f'cancer.factors.{f}')})"
@@ -168,19 +183,33 @@ def tier(k, params: dict) -> dict | None:
     ]
     known_sex = params["sex"] in ("female", "male")
     known_cancer = "cancer-near-onset" in factors
-    action = k.text("cancer.texts.known-cancer-action" if known_cancer else "cancer.texts.screen-action")
+    if known_cancer:
+        action = k.text("cancer.texts.known-cancer-action")
+    elif missing:
+        action = k.text("cancer.texts.screen-action")
+    else:
+        action = k.text("cancer.texts.follow-up-action")
+    shown = [f"{PANELS[p][0]} {state}" for p, state in recorded.items() if state not in ("none", "unknown")]
     return {
         **params,
         "tier": chosen,
         "tier_label": k.text(f"cancer.texts.{chosen}"),
-        "action": action.format(tier=k.text(f"cancer.texts.{chosen}")),
-        "indicator": "info" if chosen == "standard" else "warning",
-        "orders": orders,
+        "action": action.format(
+            tier=k.text(f"cancer.texts.{chosen}"), pending=", ".join(PANELS[p][0] for p in pending)
+        ),
+        "indicator": k.indicator(
+            "cancer-screening.panel-missing"
+            if missing and chosen != "standard"
+            else "cancer-screening.on-record"
+        ),
+        "orders": [PANELS[p][1] for p in missing],
+        "recorded": f"On record: {'; '.join(shown)}." if shown else "",
         "reasons": reasons or ["no risk factor recorded"],
         "sex_note": "" if known_sex else "Sex is not recorded: sex-specific tests are left out.",
-        "cancer_note": k.text("cancer.texts.cancer-near-onset") if known_cancer else "",
+        "plan": k.text(f"cancer.texts.plan-{'known-cancer' if known_cancer else chosen}"),
         "cited": [
             "cancer.window",
+            *(["cancer.high-clears"] if chosen == "high" else []),
             *(f"cancer.tiers.{n}" for n in needs),
             *(f"cancer.factors.{f}" for f in factors),
         ],

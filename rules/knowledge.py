@@ -169,6 +169,7 @@ class Knowledge:
     valuesets: Mapping[str, ValueSet]
     cards: Mapping[str, CardText]
     orders: Mapping[str, Order]
+    indicators: Mapping[str, str]  # a card's key, or "card.situation" -> info, warning or critical
 
     def __post_init__(self):
         by_code: dict[tuple[str, str], set[str]] = {}
@@ -223,6 +224,13 @@ class Knowledge:
             return self.texts[key]
         except KeyError:
             raise KnowledgeError(f"no text {key!r} in rules/") from None
+
+    def indicator(self, situation: str) -> str:
+        """Return the indicator of a card in a situation (rules/indicators.toml)."""
+        try:
+            return self.indicators[situation]
+        except KeyError:
+            raise KnowledgeError(f"no indicator for {situation!r} in rules/indicators.toml") from None
 
     def valueset(self, id_: str) -> ValueSet:
         """Return a value set by id."""
@@ -279,13 +287,15 @@ def load(overrides: Path | None = None, root: Path | None = None) -> Knowledge:
     valuesets = _load_valuesets(root / "valuesets")
     orders = _load_orders(_fill(_read_toml(root / "orders.toml"), parameters, "orders.toml"))
     wording = _fill(_read_toml(root / "cards.toml"), parameters, "cards.toml")
+    indicators = _load_indicators(_read_toml(root / "indicators.toml"), wording.get("cards", {}))
     return Knowledge(
         sources=MappingProxyType(sources),
         parameters=MappingProxyType(parameters),
         texts=MappingProxyType(texts),
         valuesets=MappingProxyType(valuesets),
-        cards=MappingProxyType(_load_cards(wording, sources, orders)),
+        cards=MappingProxyType(_load_cards(wording, sources, orders, indicators)),
         orders=MappingProxyType(orders),
+        indicators=MappingProxyType(indicators),
     )
 
 
@@ -592,7 +602,20 @@ def service_request(order: Order, patient: str) -> dict:
     }
 
 
-def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[str, Order]) -> dict:
+def _load_indicators(table: dict, cards: dict) -> dict[str, str]:
+    """Check the indicator table: one for every card, each situation of a card, and known values."""
+    for situation, indicator in table.items():
+        if indicator not in INDICATORS or situation.split(".", 1)[0] not in cards:
+            raise KnowledgeError(f"indicators.toml: {situation} = {indicator!r} names no card or indicator")
+    missing = sorted(set(cards) - set(table))
+    if missing:
+        raise KnowledgeError(f"indicators.toml: no indicator for the cards {', '.join(missing)}")
+    return table
+
+
+def _load_cards(
+    wording: dict, sources: Mapping[str, Source], orders: Mapping[str, Order], indicators: Mapping[str, str]
+) -> dict:
     topics = wording.get("topics", {})
     if set(topics) != set(TOPICS):
         raise KnowledgeError(f"cards.toml [topics] must name exactly {TOPICS}")
@@ -606,7 +629,7 @@ def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[st
             key=key,
             topic=entry["topic"],
             topic_display=topics.get(entry["topic"], ""),
-            indicator=entry["indicator"],
+            indicator=indicators[key],
             source=_card_source(key, entry["source"], sources),
             links=tuple(_card_source(key, s, sources) for s in entry.get("links", [])),
             suggestions=tuple(_order(key, o, orders) for o in entry.get("suggestions", [])),
@@ -615,8 +638,8 @@ def _load_cards(wording: dict, sources: Mapping[str, Source], orders: Mapping[st
             override_reasons=tuple((code, reasons[code]) for code in chosen),
             replaces=tuple(entry.get("replaces", [])),
         )
-        if card.topic not in TOPICS or card.indicator not in INDICATORS:
-            raise KnowledgeError(f"card {key}: unknown topic or indicator")
+        if card.topic not in TOPICS:
+            raise KnowledgeError(f"card {key}: unknown topic")
         widest = _render_widest(card.summary)
         if len(widest) >= SUMMARY_LIMIT:
             raise KnowledgeError(

@@ -122,7 +122,8 @@ def define(k, emit):
     )
     def anti_mda5(c):
         with_ild = c.ild.state != "unknown"
-        emit.card(c, "mda5-red-flag", c.mda5, c.ild, indicator="critical" if with_ild else "warning")
+        situation = "with-ild" if with_ild else "without-ild"
+        emit.card(c, "mda5-red-flag", c.mda5, c.ild, indicator=k.indicator(f"mda5-red-flag.{situation}"))
 
     # Escalation: treatment for long enough, and the disease still active (CK not falling, STIR oedema on
     # an MRI taken during treatment, FVC falling). Refractory needs a non-glucocorticoid agent that long.

@@ -2,6 +2,7 @@
 
 from durable.lang import c, m, pri, when_all
 
+from rules.knowledge import INDICATORS
 from rules.match import antibody, any_name, clinical, finding, of_type
 
 SYMPTOMS = ("myalgia", "proximal-weakness", "statin-associated-muscle-symptoms")
@@ -248,19 +249,19 @@ def define(k, emit):
 
     @when_all(pri(2), drafted(), c.why << (antibody("anti-hmgcr") & (m.state == "positive")))
     def rechallenge_after_hmgcr(c):
-        rechallenge(c, "anti-HMGCR antibodies are positive", "critical")
+        rechallenge(c, "anti-HMGCR antibodies are positive", "statin-triggered")
 
     @when_all(pri(2), drafted(), c.why << (clinical("statin-myopathy") & (m.state != "unknown")))
     def rechallenge_after_statin_myopathy(c):
-        rechallenge(c, "anti-HMGCR or statin-associated autoimmune myopathy is recorded", "critical")
+        rechallenge(c, "anti-HMGCR or statin-associated autoimmune myopathy is recorded", "statin-triggered")
 
     @when_all(pri(2), drafted(), c.why << (of_type("statin-allergy") & (m.myopathy == True)))
     def rechallenge_after_statin_allergy(c):
-        rechallenge(c, "a statin allergy with a muscle reaction is recorded", "critical")
+        rechallenge(c, "a statin allergy with a muscle reaction is recorded", "statin-triggered")
 
     @when_all(pri(2), drafted(), c.why << (clinical("diagnosis-imnm") & (m.state != "unknown")))
     def rechallenge_after_imnm(c):
-        rechallenge(c, "an IMNM diagnosis is recorded", "warning")
+        rechallenge(c, "an IMNM diagnosis is recorded", "other-cause")
 
     @when_all(
         pri(2),
@@ -276,9 +277,9 @@ def define(k, emit):
         ),
     )
     def rechallenge_after_autoimmune_pattern(c):
-        rechallenge(c, "muscle injury persisted or progressed after the last statin dose", "warning")
+        rechallenge(c, "muscle injury persisted or progressed after the last statin dose", "other-cause")
 
-    def rechallenge(c, reason, severity):
+    def rechallenge(c, reason, situation):
         if c.draft.count:
             orders = ["remove-draft-statin"]
             emit.card(
@@ -288,7 +289,7 @@ def define(k, emit):
                 c.why,
                 reasons=[reason],
                 orders=orders,
-                severities=[severity],
+                situations=[situation],
             )
         else:  # no statin among the orders, but a drug that cannot be told may be one
             emit.card(
@@ -300,7 +301,7 @@ def define(k, emit):
                 unidentified=c.draft.unidentified,
             )
 
-    emit.finish("statin-rechallenge-risk", most_severe)
+    emit.finish("statin-rechallenge-risk", lambda params: most_severe(k, params))
 
     def sams(c, key, *basis, orders=()):
         """Ask for a statin-muscle-symptoms card; suggest a TSH unless one was checked recently."""
@@ -309,9 +310,10 @@ def define(k, emit):
         emit.card(c, key, c.st, c.ck, c.tsh, *basis, ck_x_uln=c.ck.latest_x_uln, orders=list(orders))
 
 
-def most_severe(params: dict) -> dict:
-    """Give the re-challenge card the indicator of its gravest cause."""
-    return {**params, "indicator": "critical" if "critical" in params["severities"] else "warning"}
+def most_severe(k, params: dict) -> dict:
+    """Give the re-challenge card the indicator of its gravest cause (rules/indicators.toml)."""
+    found = [k.indicator(f"statin-rechallenge-risk.{s}") for s in params["situations"]]
+    return {**params, "indicator": max(found, key=INDICATORS.index)}
 
 
 def kinetics(kin) -> dict:

@@ -79,6 +79,10 @@ READ: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "id", "subject", "status", "category", "code", "specimen", "effective[x]", "issued", "conclusion",
             "conclusionCode", "presentedForm",
         ),
+        "Procedure": ("id", "subject", "status", "code", "performed[x]"),
+        "ServiceRequest": (
+            "id", "subject", "status", "intent", "code", "occurrence[x]", "authoredOn",
+        ),
         "AllergyIntolerance": (
             "id", "patient", "clinicalStatus", "verificationStatus", "code", "reaction", "recordedDate",
         ),

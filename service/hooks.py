@@ -86,8 +86,9 @@ PATIENT_VIEW = Service(
     ),
     usage=(
         "Needs Patient, laboratory Observations and Conditions (send null when there are none). Exam and "
-        "spirometry Observations, medication and DiagnosticReport keys are optional: when omitted, the "
-        "findings, statin exposure, treatment, FVC and biopsy they would show are reported as unknown."
+        "spirometry Observations, medication, DiagnosticReport, Procedure and ServiceRequest keys are "
+        "optional: when omitted, the findings, statin exposure, treatment, FVC, biopsy and cancer screening "
+        "they would show are reported as unknown."
     ),
     prefetch=(
         *RECORD,
@@ -103,6 +104,9 @@ PATIENT_VIEW = Service(
             "MedicationAdministration",
             required=False,
         ),
+        # Cancer-screening tests ordered, done or declined, besides the reports of those done.
+        PrefetchKey("procedures", f"Procedure?patient={PATIENT}", "Procedure", required=False),
+        PrefetchKey("serviceRequests", f"ServiceRequest?patient={PATIENT}", "ServiceRequest", required=False),
     ),
     context=MappingProxyType({"userId": str, "patientId": str}),
     topics=frozenset(TOPICS) - ORDER_TOPICS,

@@ -122,7 +122,8 @@ def test_weight_loss_counts_only_near_onset(client, onset, counted):
 def test_a_cancer_near_onset_is_named_as_paraneoplastic(client):
     lung = condition("ca", None) | {"code": {"coding": [{"system": ICD, "code": "C34.90"}]}}
     card = screening(evaluate(client, *IMNM, HMGCR, lung))
-    assert "paraneoplastic: make sure it is fully staged" in card["detail"]
+    assert card["summary"].startswith("Make sure the cancer recorded near onset is staged and treated")
+    assert "stage and treat the cancer recorded near onset" in card["detail"]
     assert "Condition/ca" in card["extension"]["imnm-cds.evidence"]
 
 
@@ -136,15 +137,19 @@ def test_tier_membership_is_data_a_local_override_can_change(tmp_path):
         )
     )
     assert card["extension"]["imnm-cds.riskTier"] == "high"
-    assert "set locally: Myositis MDT, 2026-01" in card["detail"]
+    assert "set locally (Myositis MDT, 2026-01): anti-HMGCR positive" in card["detail"]
+
+
+def screened(knowledge, *factors, **recorded):
+    from rules.cancer import tier
+
+    panels = {"basic": "none", "enhanced": "none", "pet_ct": "none", "endoscopy": "none", **recorded}
+    return tier(knowledge, {"factors": list(factors), "recorded": panels, "sex": "female"})
 
 
 def test_the_counting_rule_against_hand_worked_cases(knowledge):
-    from rules.cancer import tier
-
-    def counted(*factors, basic=False, enhanced=False):
-        params = {"factors": list(factors), "basic_done": basic, "enhanced_done": enhanced, "sex": "female"}
-        result = tier(knowledge, params)
+    def counted(*factors, **recorded):
+        result = screened(knowledge, *factors, **recorded)
         return result and result["tier"]
 
     assert counted() == "standard"
@@ -152,20 +157,67 @@ def test_the_counting_rule_against_hand_worked_cases(knowledge):
     assert counted("male", "older-onset") == "moderate"  # two intermediate
     assert counted("dysphagia") == "moderate"  # one high
     assert counted("dysphagia", "anti-tif1g") == "high"  # two high
-    assert counted(basic=True) is None  # standard risk, basic panel done
-    assert counted("male", "older-onset", basic=True, enhanced=True) is None
-    assert counted("dysphagia", "anti-tif1g", basic=True, enhanced=True) == "high"  # PET-CT, endoscopy remain
-    # Without reports, whether a panel was done is unknown: it is offered.
+    assert counted(basic="done") is None  # standard risk, basic panel done
+    assert counted("male", "older-onset", basic="done", enhanced="done") is None
+    assert (
+        counted("dysphagia", "anti-tif1g", basic="done", enhanced="done") == "high"
+    )  # PET-CT, endoscopy remain
+    # Without records, whether a panel was done is unknown: it is offered.
     assert counted(basic="unknown") == "standard"
-    assert counted("male", "older-onset", basic=True, enhanced="unknown") == "moderate"
+    assert counted("male", "older-onset", basic="done", enhanced="unknown") == "moderate"
 
 
-def test_without_reports_screening_is_offered_and_said_to_be_unknown(client):
+HIGH = ("dysphagia", "anti-tif1g")
+
+
+def test_screening_warns_while_a_panel_is_missing_then_informs_while_the_rest_are_ordered(knowledge):
+    due = screened(knowledge, *HIGH)
+    assert due["indicator"] == "warning" and due["orders"] == [
+        "basic-screening",
+        "enhanced-screening",
+        "pet-ct",
+        "gi-endoscopy",
+    ]
+    assert due["action"].startswith("Screen now (at diagnosis): High risk")
+    part = screened(knowledge, *HIGH, basic="done", enhanced="ordered")
+    assert part["indicator"] == "warning" and part["orders"] == ["pet-ct", "gi-endoscopy"]
+    ordered = screened(
+        knowledge, *HIGH, basic="done", enhanced="ordered", pet_ct="ordered", endoscopy="ordered"
+    )
+    assert ordered["indicator"] == "info" and ordered["orders"] == []
+    assert ordered["action"].startswith(
+        "Follow up the cancer screening ordered (enhanced panel, PET-CT, GI endoscopy)"
+    )
+    assert ordered["recorded"] == (
+        "On record: basic panel done; enhanced panel ordered; PET-CT ordered; GI endoscopy ordered."
+    )
+    # A declined panel is settled: nothing to order and nothing to follow up.
+    assert screened(knowledge, "male", "older-onset", basic="declined", enhanced="done") is None
+    # Standard risk never warns, even with nothing on record.
+    assert screened(knowledge)["indicator"] == "info"
+
+
+def test_the_high_tier_clears_when_pet_ct_and_endoscopy_are_done_or_declined(knowledge, tmp_path):
+    basics = {"basic": "done", "enhanced": "done"}
+    assert screened(knowledge, *HIGH, **basics, pet_ct="done", endoscopy="declined") is None
+    one = screened(knowledge, *HIGH, **basics, pet_ct="declined")
+    assert one["orders"] == ["gi-endoscopy"] and one["indicator"] == "warning"
+    assert "cancer.high-clears" in one["cited"]
+    overrides = tmp_path / "local.toml"
+    overrides.write_text('[cancer.high-clears]\nvalue = "any"\nsource = "Myositis MDT, 2026-01"\n')
+    from rules.knowledge import load
+
+    either = load(overrides=overrides)
+    assert screened(either, *HIGH, **basics, pet_ct="declined") is None
+    assert screened(either, *HIGH, **basics)["orders"] == ["pet-ct", "gi-endoscopy"]
+
+
+def test_without_reports_or_orders_screening_is_offered_and_said_to_be_unknown(client):
     request = hook_request(resources=[*IMNM, HMGCR])
     request["prefetch"]["patient"] = patient()
     card = screening(client.post(SERVICE, json=request).get_json()["cards"])
     assert card["suggestions"][0]["label"] == "Order the basic cancer screening panel"
-    assert "- cancer screening done: unknown (no diagnostic reports available)" in card["detail"]
+    assert "- cancer screening: unknown (no reports, procedures or orders available)" in card["detail"]
     assert "none recorded" not in card["detail"]
 
 

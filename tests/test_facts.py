@@ -367,11 +367,98 @@ def test_without_diagnostic_reports_biopsy_and_screening_are_unknown_not_absent(
     assert fact(unknown, "biopsy")["reported"] == "unknown"
     assert unknown.basis["biopsy"].text == "muscle biopsy: unknown (no diagnostic reports available)"
     screened = fact(unknown, "cancer-screening")
-    assert screened["basic_done"] == screened["enhanced_done"] == "unknown"
+    assert screened["basic"] == screened["enhanced"] == "unknown"  # Procedure, ServiceRequest not sent
     known = build(knowledge, onset)
     assert fact(known, "biopsy")["reported"] is False
-    assert fact(known, "cancer-screening")["basic_done"] is False
-    assert known.basis["cancer-screening"].text == "cancer screening done: none recorded"
+    assert fact(known, "cancer-screening")["basic"] == "none"
+    assert known.basis["cancer-screening"].text == "cancer screening: none recorded"
+
+
+ALL_RECORDS = ALL | {"Procedure", "ServiceRequest"}
+
+
+def request(id_, code, status="active", intent="order", authored="2024-05-10", **extra):
+    return {
+        "resourceType": "ServiceRequest",
+        "id": id_,
+        "status": status,
+        "intent": intent,
+        "code": code,
+        "subject": {"reference": "Patient/p1"},
+        "authoredOn": authored,
+        **extra,
+    }
+
+
+def procedure(id_, code, status="completed", performed="2024-05-12"):
+    data = {
+        "resourceType": "Procedure",
+        "id": id_,
+        "status": status,
+        "code": code,
+        "subject": {"reference": "Patient/p1"},
+    }
+    return {**data, "performedDateTime": performed} if performed else data
+
+
+def screened(knowledge, *records):
+    return fact(build(knowledge, ck("a", 3000), *records, available=ALL_RECORDS), "cancer-screening")
+
+
+def test_screening_orders_and_procedures_are_read_by_code_or_words(knowledge):
+    coded_ct = {"coding": [{"system": LOINC, "code": "72254-6"}]}
+    assert screened(knowledge, request("ct", coded_ct))["enhanced"] == "ordered"
+    worded_ct = {"text": "CT chest/abdomen/pelvis with IV contrast"}
+    assert screened(knowledge, request("ct", worded_ct))["enhanced"] == "ordered"
+    colonoscopy = {"coding": [{"system": SNOMED, "code": "73761001", "display": "Colonoscopy"}]}
+    egd = {"text": "EGD (esophagogastroduodenoscopy)"}
+    both = screened(knowledge, procedure("c", colonoscopy), procedure("u", egd))
+    assert both["endoscopy"] == "done"
+    # One part alone leaves the endoscopy to be done: the high tier asks for upper and lower.
+    assert screened(knowledge, procedure("c", colonoscopy))["endoscopy"] == "none"
+    assert screened(knowledge, procedure("c", colonoscopy), request("u", egd))["endoscopy"] == "ordered"
+    pet = {"text": "PET/CT skull base to mid-thigh, FDG"}
+    assert screened(knowledge, procedure("p", pet))["pet_ct"] == "done"
+    cxr = {"coding": [{"system": LOINC, "code": "36643-5", "display": "XR Chest 2 Views"}]}
+    preliminary = {**report("No focal consolidation.", code=cxr, status="preliminary"), "id": "cxr"}
+    assert screened(knowledge, preliminary)["basic"] == "ordered"
+
+
+def test_a_not_done_procedure_or_a_revoked_order_is_declined(knowledge):
+    colonoscopy, upper = {"text": "Colonoscopy"}, {"text": "Upper GI endoscopy"}
+    declined = screened(
+        knowledge,
+        procedure("c", colonoscopy, status="not-done", performed=None),
+        request("u", upper, "revoked"),
+    )
+    # Without a date a not-done procedure cannot be placed in the window: it is not counted.
+    assert declined["endoscopy"] == "none"
+    dated = procedure("c", colonoscopy, status="not-done", performed="2024-05-02")
+    assert screened(knowledge, dated, request("u", upper, "revoked"))["endoscopy"] == "declined"
+    # Done beats declined: a test done after one was refused.
+    assert (
+        screened(knowledge, dated, procedure("c2", colonoscopy), procedure("u", upper))["endoscopy"] == "done"
+    )
+
+
+def test_what_does_not_show_screening_is_not_read_as_screening(knowledge):
+    proposed = request("ct", {"text": "CT thorax abdomen pelvis"}, intent="proposal")
+    assert screened(knowledge, proposed)["enhanced"] == "none"  # a proposal is not an order
+    bone = {"text": "PET/CT whole body bone, 18F-NaF"}
+    assert screened(knowledge, procedure("p", bone))["pet_ct"] == "none"
+    swallow = {"text": "Fiberoptic endoscopic evaluation of swallowing"}
+    assert screened(knowledge, procedure("f", swallow))["endoscopy"] == "none"
+    # A CT report that recommends a PET-CT has not done one.
+    ct = {
+        **report("No mass. Recommend FDG PET-CT if CEA rises."),
+        "code": {"text": "CT chest abdomen pelvis"},
+    }
+    recommended = screened(knowledge, ct)
+    assert recommended["enhanced"] == "done" and recommended["pet_ct"] == "none"
+    old = request("ct", {"text": "CT chest abdomen pelvis"}, authored="2019-01-01")
+    assert screened(knowledge, old)["enhanced"] == "none"  # before the window around the onset
+    cancelled = request("ct", {"text": "CT chest abdomen pelvis"}, status="entered-in-error")
+    assert screened(knowledge, cancelled)["enhanced"] == "none"
 
 
 def test_biopsy_text_from_a_plain_text_attachment(knowledge):

@@ -59,6 +59,19 @@ VALID = {
         "medicationCodeableConcept": DRUG,
     },
     "Medication": {"resourceType": "Medication"},
+    "Procedure": {
+        "resourceType": "Procedure",
+        "status": "completed",
+        "code": {"text": "Colonoscopy"},
+        "subject": SUBJECT,
+    },
+    "ServiceRequest": {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "code": {"text": "CT chest abdomen pelvis"},
+        "subject": SUBJECT,
+    },
 }
 VALID[DRAFT_ORDER] = {**VALID["MedicationRequest"], "status": "draft"}
 SECRET = "SECRET-VALUE-42"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 from fhir.resources.R4B.medicationrequest import MedicationRequest
@@ -86,3 +87,10 @@ def test_cards_keep_engineering_defaults_and_raw_ids_to_the_extension(client, sc
     for card in client.post(scenario_target(request, ""), json=request).get_json().get("cards", []):
         assert "Engineering default" not in card["detail"]  # listed by `imnm-cds knowledge-report`
         assert len(card["summary"]) < 140 and not card["summary"].endswith("…")
+        prose, *lists = re.split(
+            r"\n\n(?=\*\*(?:Evidence|Not known|Data not used|How sure):\*\*)", card["detail"]
+        )
+        assert len(prose) <= 600, prose  # a clinician reads it in seconds; the rest is on the page
+        assert lists[-1].startswith("**How sure:** ") and "\n" not in lists[-1]
+        for reference in card["extension"]["imnm-cds.evidence"]:
+            assert reference not in card["detail"]

@@ -125,7 +125,7 @@ def test_wording_quotes_the_values_in_force(tmp_path):
     assert "within 3 weeks of the last dose" in local.cards["sams-high"].detail
     assert "(under 4×)" in shipped.cards["sams-mild"].summary
     assert "(under 5×)" in local.cards["sams-mild"].summary
-    assert "raised in the 1,000 days either side of onset" in local.cards["cancer-screening"].detail
+    assert "raised in the 1,000 days either side of myositis onset" in local.cards["cancer-screening"].detail
     assert local.param("cancer.factors.cancer-near-onset").attributes["label"] == (
         "cancer diagnosed within 1,000 days of onset"
     )
@@ -197,6 +197,19 @@ def test_bad_overrides_fail_the_start(tmp_path, text, problem):
         ("orders.toml", "over [[statin.bands.very-high]]x", "over [[statin.bands.very-high]x", "unclosed"),
         ("cancer.toml", "age [[cancer.older-onset]]", "age [[cancer.factors.male]]", "only a number"),
         ("statin.toml", 'display = "weeks"', 'display = "fortnights"', "display takes"),
+        (
+            "indicators.toml",
+            '"imnm-severe" = "critical"',
+            '"imnm-severe" = "urgent"',
+            "names no card or indicator",
+        ),
+        (
+            "indicators.toml",
+            '"imnm-severe" = "critical"',
+            '"imnm-sever" = "critical"',
+            "names no card or indicator",
+        ),
+        ("indicators.toml", '"imnm-workup" = "info"', "", "no indicator for the cards imnm-workup"),
     ],
 )
 def test_inconsistent_knowledge_fails_the_start(tmp_path, file, old, new, problem):
@@ -228,3 +241,22 @@ def test_every_concept_and_antibody_the_rules_match_on_is_one_the_facts_assert()
     assert matched["clinical"] and matched["antibody"]
     assert matched["clinical"] <= set(CONCEPTS), matched["clinical"] - set(CONCEPTS)
     assert matched["antibody"] <= set(ANTIBODIES), matched["antibody"] - set(ANTIBODIES)
+
+
+def test_the_indicator_table_sets_every_card_and_each_situation_a_rule_tells_apart(tmp_path):
+    shipped = knowledge.load()
+    assert {key: card.indicator for key, card in shipped.cards.items()} == {
+        key: value for key, value in shipped.indicators.items() if "." not in key
+    }
+    assert shipped.indicator("cancer-screening.panel-missing") == "warning"
+    with pytest.raises(KnowledgeError, match=r"no indicator for 'cancer-screening\.later'"):
+        shipped.indicator("cancer-screening.later")
+    copy = tmp_path / "rules"
+    shutil.copytree(RULES, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    table = copy / "indicators.toml"
+    table.write_text(
+        table.read_text().replace(
+            '"mda5-red-flag.without-ild" = "warning"', '"mda5-red-flag.without-ild" = "info"'
+        )
+    )
+    assert knowledge.load(root=copy).indicator("mda5-red-flag.without-ild") == "info"

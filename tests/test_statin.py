@@ -242,7 +242,8 @@ def test_a_recent_tsh_is_not_asked_for_again_and_an_undated_one_is_not_called_mi
     # When it was taken is unknown, so it may not be recent: a TSH is still offered, but not as missing.
     assert [s["label"] for s in undated["suggestions"]][-1] == "Order TSH"
     assert "TSH: not tested" not in undated["detail"]
-    assert "- TSH: undated, not used (Observation/t)" in undated["detail"]
+    assert "- TSH: undated, not used" in undated["detail"]
+    assert "Observation/t" in undated["extension"]["imnm-cds.evidence"]
     assert "- TSH result Observation/t has no date and was not used." in undated["detail"]
 
 
@@ -331,7 +332,8 @@ def test_a_draft_whose_drug_cannot_be_told_is_flagged_for_a_patient_at_risk(clie
     assert card["indicator"] == "warning" and card["source"]["topic"]["code"] == "statin-rechallenge-risk"
     assert "check it is not a statin" in card["summary"] and "suggestions" not in card
     assert "1 of the medication orders being placed name no drug" in card["detail"]
-    assert "(MedicationRequest/d1)" in card["detail"] and "MedicationRequest/d2" not in card["detail"]
+    evidence = card["extension"]["imnm-cds.evidence"]
+    assert "MedicationRequest/d1" in evidence and "MedicationRequest/d2" not in evidence
     not_at_risk = order_request("order-sign", [by_reference("d1", "Medication/absent")])
     assert client.post(url, json=not_at_risk).get_json() == {"cards": []}
     with_a_statin = order_request(

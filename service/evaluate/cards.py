@@ -235,7 +235,7 @@ def probability_section(k, params: Mapping) -> str:
     )
     if "negative" in params["outcome"]:
         shares = ", ".join(f"{s:.0%} {where}" for where, s in params["seronegative_shares"])
-        line += f" Lowered, not excluded: some IMNM is antibody-negative (about {shares}); a biopsy decides."
+        line += f" Lowered, not excluded: IMNM is antibody-negative in about {shares}."
     return line
 
 
@@ -252,24 +252,27 @@ def probability_extension(params: Mapping) -> dict:
 
 
 def basis_section(title: str, items) -> str:
-    lines = [f"- {b.text}" + (f" ({', '.join(b.references)})" if b.references else "") for b in items]
-    return list_section(title, lines, bullets=False)
+    # The resources each line rests on are in the imnm-cds.evidence extension, not in the words.
+    return list_section(title, [b.text for b in items])
 
 
-def list_section(title: str, lines, bullets: bool = True) -> str:
+def list_section(title: str, lines) -> str:
     if not lines:
         return ""
-    return f"**{title}:**\n" + "\n".join(f"- {line}" if bullets else line for line in lines)
+    return f"**{title}:**\n" + "\n".join(f"- {line}" for line in lines)
 
 
 def certainty_section(k, source, cited) -> str:
-    """Say how sure the card's sources are, naming each value that is not verified or set locally."""
-    lines = []
-    for src, names in cited_sources(k, source, cited):
-        if src.verification != "verified":
-            values = f" — {', '.join(names)}" if names else ""
-            lines.append(f"{CAUTION[src.verification]}: {src.label}{values}. {src.note}".rstrip())
-    return list_section("How sure", lines)
+    """Say in one line how sure the card is: its guidance, then each value not verified, by how far."""
+    (guidance, _), *_ = sources = cited_sources(k, source, cited)
+    levels: dict[str, list[str]] = {}
+    for src, names in sources:
+        if src.verification != "verified" and names:
+            level = CAUTION[src.verification] + (f" ({src.label})" if src.verification == "local" else "")
+            levels.setdefault(level, []).extend(n for n in names if n not in levels.get(level, []))
+    parts = [f"guidance {CAUTION.get(guidance.verification, 'verified')}"]
+    parts += [f"{level}: {', '.join(names)}" for level, names in levels.items()]
+    return f"**How sure:** {'; '.join(parts)}."
 
 
 def cited_sources(k, source, cited) -> list[tuple[object, list[str]]]:

@@ -330,7 +330,7 @@ def screening_section(k, conclusion, facts) -> dict | None:
         for m in facts.timeline.markers
         if m.kind == "screening"
     ]
-    section["unknown"] = "unknown" in (screened.get("basic_done"), screened.get("enhanced_done"))
+    section["unknown"] = "unknown" in screened.values()
     if conclusion is not None:
         params = conclusion.params
         section["tier"] = params["tier_label"]

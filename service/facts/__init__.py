@@ -151,7 +151,9 @@ def select(k, resources: Iterable[Resource], drafts: Iterable[Resource] = ()) ->
         ],
         "reports": [r for r in by_type.get("DiagnosticReport", []) if biopsy.relevant(k, r)],
         "imaging": [r for r in by_type.get("DiagnosticReport", []) if imaging.relevant(k, r)],
-        "studies": [r for r in by_type.get("DiagnosticReport", []) if screening.panels(k, r.data)],
+        "studies": [
+            r for kind in screening.RECORDS for r in by_type.get(kind, []) if screening.parts(k, r.data)
+        ],
         "statins": [r for r in records if drugs.is_statin(r.data)],
         "therapy": [r for r in records if treatments.treatment_classes(k, drugs, r.data)],
     }
@@ -230,7 +232,8 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     birth = parse_time(patients[0].data.get("birthDate")) if patients else None
     onset = screening.onset_fact(k, ck_results, {f["name"]: (f, t, r) for f, t, r in concepts}, birth, now)
     reported = "DiagnosticReport" in available
-    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, reported)]
+    recorded = bool(available.intersection(screening.RECORDS))
+    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, recorded)]
     entries.append(biopsy.biopsy_fact(k, selected.reports, now, reported))
     entries += imaging.mri_facts(k, selected.imaging, now, reported)
     unidentified = len(selected.unidentified)

@@ -6,7 +6,18 @@ from datetime import datetime, timedelta
 
 from service.facts.context import report_text
 from service.facts.labs import CkResult
-from service.fhir import Resource, completed_years, day, effective_time, is_final, texts
+from service.fhir import (
+    Resource,
+    as_dict,
+    as_str,
+    codings,
+    completed_years,
+    day,
+    effective_time,
+    is_final,
+    parse_time,
+    texts,
+)
 
 DIAGNOSES = (
     "diagnosis-imnm",
@@ -14,7 +25,35 @@ DIAGNOSES = (
     "diagnosis-dermatomyositis",
     "diagnosis-antisynthetase",
 )
-PANELS = {"basic_done": "chest-radiograph", "enhanced_done": "ct-chest-abdomen-pelvis"}
+# Each screening panel of the cancer-screening card, and the value sets whose records show it done:
+# the basic panel by its chest radiograph, the enhanced by its CT, the endoscopy by both its parts.
+PANELS = {
+    "basic": ("chest-radiograph",),
+    "enhanced": ("ct-chest-abdomen-pelvis",),
+    "pet_ct": ("pet-ct",),
+    "endoscopy": ("upper-gi-endoscopy", "colonoscopy"),
+}
+LABELS = {
+    "basic": "basic panel",
+    "enhanced": "enhanced panel",
+    "pet_ct": "PET-CT",
+    "endoscopy": "GI endoscopy",
+}
+PARTS = tuple(name for names in PANELS.values() for name in names)
+# A report's body is read only for the first panels: elsewhere "PET" or "endoscopy" is often a recommendation.
+READ_IN_BODY = frozenset({"chest-radiograph", "ct-chest-abdomen-pelvis"})
+RECORDS = ("DiagnosticReport", "Procedure", "ServiceRequest")
+ORDERED_INTENTS = frozenset({"order", "original-order", "reflex-order", "filler-order", "instance-order"})
+PROCEDURE_STATUS = {
+    "completed": "done",
+    "not-done": "declined",
+    "preparation": "ordered",
+    "in-progress": "ordered",
+    "on-hold": "ordered",
+}
+REPORT_STATUS = {"registered": "ordered", "partial": "ordered", "preliminary": "ordered"}  # else final
+REQUEST_STATUS = {"completed": "done", "active": "ordered", "on-hold": "ordered"}
+RANKED = ("done", "ordered", "declined")  # the first wins when records of one part differ
 
 
 def onset_fact(
@@ -57,42 +96,91 @@ def episode_start(k, ck_results: list[CkResult]) -> CkResult | None:
     return ck_results[start]
 
 
-def panels(k, data: dict) -> list[str]:
-    """Name the screening panels a final report belongs to (a chest radiograph, a CT of thorax to pelvis)."""
-    if not is_final(data):
-        return []
-    text = "\n".join([*texts(data.get("code")), report_text(data)])
-    # Only the panels' own patterns: a report's text is long, and every other value set's is beside the point.
-    return [name for name, valueset in PANELS.items() if k.valueset(valueset).has_text(text)]
+def parts(k, data: dict) -> list[str]:
+    """Name the screening value sets a report, procedure or order is for, by its code or its words."""
+    concept = data.get("code")
+    title = "\n".join(texts(concept))
+    body = report_text(data) if data.get("resourceType") == "DiagnosticReport" else ""
+    found = []
+    for name in PARTS:
+        valueset = k.valueset(name)
+        if (
+            any(valueset.has_code(system, code) for system, code in codings(concept))
+            or valueset.has_text(title)
+            or (name in READ_IN_BODY and valueset.has_text(body))
+        ):
+            found.append(name)
+    return found
+
+
+def status(data: dict) -> str | None:
+    """Say what a record shows of its panel: done, ordered or declined; None when it shows none of them."""
+    state = as_str(data.get("status"))
+    kind = data.get("resourceType")
+    if kind == "DiagnosticReport":
+        return "done" if is_final(data) else REPORT_STATUS.get(state or "")
+    if kind == "Procedure":
+        return PROCEDURE_STATUS.get(state or "")
+    if state == "revoked":  # a ServiceRequest withdrawn before it was done: declined or cancelled
+        return "declined"
+    return REQUEST_STATUS.get(state or "") if as_str(data.get("intent")) in ORDERED_INTENTS else None
+
+
+def recorded_time(data: dict) -> datetime | None:
+    """Return when a report, procedure or order applies: when done, else when ordered."""
+    if data.get("resourceType") == "DiagnosticReport":
+        return effective_time(data)
+    done = "performed" if data.get("resourceType") == "Procedure" else "occurrence"
+    return (
+        parse_time(data.get(f"{done}DateTime"))
+        or parse_time(as_dict(data.get(f"{done}Period")).get("start"))
+        or parse_time(data.get("authoredOn"))
+    )
+
+
+def panel_status(found: dict[str, str], names: tuple[str, ...]) -> str:
+    """Combine the parts of a panel: done or declined once every part is, ordered once each is on record."""
+    states = [found.get(name) for name in names]
+    if all(state in ("done", "declined") for state in states):
+        return "done" if all(state == "done" for state in states) else "declined"
+    return "ordered" if all(states) else "none"
 
 
 def screening_fact(
-    k, reports: list[Resource], onset: dict, now: datetime, available: bool
+    k, records: list[Resource], onset: dict, now: datetime, available: bool
 ) -> tuple[dict, str, tuple[str, ...]]:
-    """Tell which screening panels were done within the screening window around the onset."""
-    # Without diagnostic reports at all (not sent, not fetched), whether any panel was done is unknown.
+    """Tell which screening panels are done, ordered or declined since the window before the onset."""
+    # Without reports, procedures or orders at all (not sent, not fetched), what was done is unknown.
     fact = {
         "id": "cancer-screening",
         "t": "cancer-screening",
-        **dict.fromkeys(PANELS, False if available else "unknown"),
+        **dict.fromkeys(PANELS, "none" if available else "unknown"),
     }
     if not onset["known"]:
         return fact, "cancer screening: onset unknown", ()
     if not available:
-        return fact, "cancer screening done: unknown (no diagnostic reports available)", ()
+        return fact, "cancer screening: unknown (no reports, procedures or orders available)", ()
     earliest = now - timedelta(days=onset["days_ago"] + k.value("cancer.window"))
-    done = []
-    for resource in reports:
-        time = effective_time(resource.data)
-        found = panels(k, resource.data) if time and time >= earliest else []
-        fact.update(dict.fromkeys(found, True))
-        done += [resource] * bool(found)
-    shown = [name.removesuffix("_done") for name in PANELS if fact[name]]
-    text = "cancer screening done: " + (", ".join(shown) + " panel" if shown else "none recorded")
-    return fact, text, tuple(dict.fromkeys(r.reference for r in done))
+    found: dict[str, str] = {}
+    used = []
+    for resource in records:
+        time, state = recorded_time(resource.data), status(resource.data)
+        if state is None or time is None or time < earliest:
+            continue
+        for name in parts(k, resource.data):
+            found[name] = min(found.get(name, state), state, key=RANKED.index)
+        used.append(resource.reference)
+    fact.update({panel: panel_status(found, names) for panel, names in PANELS.items()})
+    shown = [f"{LABELS[panel]} {fact[panel]}" for panel in PANELS if fact[panel] != "none"]
+    text = "cancer screening: " + (", ".join(shown) if shown else "none recorded")
+    return fact, text, tuple(dict.fromkeys(used))
 
 
-def reading(k, report: Resource) -> tuple[datetime | None, str, str]:
-    """Return a screening report's date, kind and which panel it belongs to."""
-    shown = [name.removesuffix("_done") for name in panels(k, report.data)]
-    return effective_time(report.data), "screening", ", ".join(shown) + " screening panel"
+def reading(k, record: Resource) -> tuple[datetime | None, str, str]:
+    """Return a screening record's date, kind and what it shows: which panel, and in what state."""
+    shown = [panel for panel, names in PANELS.items() if set(names) & set(parts(k, record.data))]
+    return (
+        recorded_time(record.data),
+        "screening",
+        f"{', '.join(LABELS[p] for p in shown)} {status(record.data)}",
+    )
