@@ -174,22 +174,32 @@ def tier(k, params: dict) -> dict | None:
     # A panel is offered unless it is on record: "unknown" (nothing available to tell) is offered too.
     missing = [p for p in wanted if recorded[p] in ("none", "unknown")]
     pending = [p for p in wanted if recorded[p] == "ordered"]
-    if not missing and not pending:
-        return None  # every panel this tier calls for is done or declined
     factors = params["factors"]
+    known_cancer = "cancer-near-onset" in factors
+    if not (missing or pending or known_cancer):
+        return None  # every panel this tier calls for is done or declined
     reasons = [
         f"{k.param(f'cancer.factors.{f}').attributes['label']} ({k.value(f'cancer.factors.{f}')})"
         for f in factors
     ]
     known_sex = params["sex"] in ("female", "male")
-    known_cancer = "cancer-near-onset" in factors
     if known_cancer:
         action = k.text("cancer.texts.known-cancer-action")
     elif missing:
         action = k.text("cancer.texts.screen-action")
     else:
         action = k.text("cancer.texts.follow-up-action")
-    shown = [f"{PANELS[p][0]} {state}" for p, state in recorded.items() if state not in ("none", "unknown")]
+    on_record = [p for p, state in recorded.items() if state not in ("none", "unknown")]
+    by_state = {
+        s: [PANELS[p][0] for p in on_record if recorded[p] == s] for s in ("done", "ordered", "declined")
+    }
+    shown = "; ".join(
+        f"{', '.join(names[:-1])} and {names[-1]} {state}" if len(names) > 1 else f"{names[0]} {state}"
+        for state, names in by_state.items()
+        if names
+    )
+    # The basic and enhanced panels are recognised by their chest radiograph and CT alone.
+    told = k.text("cancer.texts.panel-by-imaging") if {"basic", "enhanced"} & set(on_record) else ""
     return {
         **params,
         "tier": chosen,
@@ -198,12 +208,16 @@ def tier(k, params: dict) -> dict | None:
             tier=k.text(f"cancer.texts.{chosen}"), pending=", ".join(PANELS[p][0] for p in pending)
         ),
         "indicator": k.indicator(
-            "cancer-screening.panel-missing"
+            "cancer-screening.known-cancer"
+            if known_cancer
+            else "cancer-screening.panel-missing"
             if missing and chosen != "standard"
             else "cancer-screening.on-record"
         ),
-        "orders": [PANELS[p][1] for p in missing],
-        "recorded": f"On record: {'; '.join(shown)}." if shown else "",
+        # A known cancer is staged with oncology, not screened for (IMACS: PET-CT and endoscopy are for
+        # patients whose cancer has not been found).
+        "orders": ["referral-oncology"] if known_cancer else [PANELS[p][1] for p in missing],
+        "recorded": f"On record: {shown}. {told}".rstrip() if shown else "",
         "reasons": reasons or ["no risk factor recorded"],
         "sex_note": "" if known_sex else "Sex is not recorded: sex-specific tests are left out.",
         "plan": k.text(f"cancer.texts.plan-{'known-cancer' if known_cancer else chosen}"),

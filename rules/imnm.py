@@ -62,13 +62,15 @@ def define(k, emit):
         emit.finding(c, "imnm-classified", c.ck, c.w, c.hmgcr, c.srp)
         emit.finding(c, "imnm-active", c.ck, c.w, c.hmgcr, c.srp)
         hmgcr = c.hmgcr.state == "positive"
+        exposed = c.statin.exposure in ("current", "past")
+        note = "imnm-current" if c.statin.exposure == "current" else "imnm-note" if hmgcr and exposed else ""
         suspect(
             c,
             "imnm-seropositive",
-            *([c.statin] if hmgcr else []),
+            *([c.statin] if exposed else []),
             classified=True,
             antibody=positive_antibodies(c),
-            statin_note=k.text("statin.texts.imnm-note") if hmgcr else "",
+            statin_note=k.text(f"statin.texts.{note}") if note else "",
             monitoring=k.text("severity.texts.monitoring"),
         )
 

@@ -4,15 +4,14 @@ from durable.lang import c, m, pri, when_all
 
 from rules.match import antibody, any_code, clinical, finding, muscle_involved, of_type
 
-SEVERE_ORDERS = [
-    "referral-neuromuscular",
-    "methylprednisolone-iv",
-    "ivig",
-    "swallow-assessment",
-    "blood-gases",
-    "spirometry",
-    "niv-assessment",
-]
+SEVERE_ORDERS = ["referral-neuromuscular", "methylprednisolone-iv", "ivig"]
+# What each severe feature adds to the severe card: its orders and the sentence saying what to do today.
+SEVERE_PLAN = {
+    "severe-dysphagia": (["swallow-assessment"], "swallow"),
+    "severe-respiratory-failure": (["blood-gases", "spirometry", "niv-assessment"], "breathing"),
+    "severe-fvc": (["blood-gases", "spirometry", "niv-assessment"], "breathing"),
+    "low-fvc": (["blood-gases", "spirometry", "niv-assessment"], "breathing"),
+}
 CARDIAC_ORDERS = ["ecg", "troponin-i"]
 ESCALATION_CARDS = ("treatment-escalation", "treatment-intensify")
 SEVERE_FEATURES = ["severe-dysphagia", "severe-respiratory-failure", "severe-fvc", "severe-ck-rising"]
@@ -81,6 +80,7 @@ def define(k, emit):
         c.sev << ((m.t == "finding") & any_code(SEVERE_FEATURES)),
         c.srp << antibody("anti-srp"),
         c.hmgcr << antibody("anti-hmgcr"),
+        c.statin << of_type("statin"),
     )
     def severe_imnm(c):
         srp = c.srp.state == "positive"
@@ -98,12 +98,26 @@ def define(k, emit):
             c.active,
             c.sev,
             features=[c.sev.severe],
+            severe_codes=[c.sev.code],
             subtype=subtype,
             rituximab=k.text("severity.texts.rituximab-srp" if srp else "severity.texts.rituximab"),
             cardiac=k.text("severity.texts.cardiac") if srp else "",
+            stop_statin=k.text("severity.texts.stop-statin") if c.statin.exposure == "current" else "",
             orders=[*SEVERE_ORDERS, *(CARDIAC_ORDERS if srp else [])],
             cited=[c.sev.cite] if c.sev.cite else [],
         )
+
+    # The low FVC warning folds into the severe card: its breathing assessment comes with it.
+    @when_all(
+        pri(4),
+        c.active << finding("imnm-active"),
+        c.sev << ((m.t == "finding") & any_code(SEVERE_FEATURES)),
+        c.fvc << (of_type("fvc") & (m.tested == True) & (m.latest_pct <= low_fvc)),
+    )
+    def severe_imnm_low_fvc(c):
+        emit.card(c, "imnm-severe", c.fvc, severe_codes=["low-fvc"])
+
+    emit.finish("imnm-severe", lambda params: severe_plan(k, params))
 
     @when_all(
         pri(2),
@@ -246,17 +260,32 @@ def define(k, emit):
     emit.finish("treatment-intensify", lambda params: escalation_step(k, params, refractory=False))
 
 
+def severe_plan(k, params: dict) -> dict:
+    """Add to the severe card only what its features call for: the swallow, the breathing, the FVC line."""
+    codes = set(params["severe_codes"])
+    plans = [SEVERE_PLAN[code] for code in sorted(codes) if code in SEVERE_PLAN]
+    texts = dict.fromkeys(text for _, text in plans)
+    return {
+        **params,
+        "orders": [*params["orders"], *(order for orders, _ in plans for order in orders)],
+        "today": "".join(" " + k.text(f"severity.texts.today-{text}") for text in texts),
+        "fvc_note": k.text("severity.texts.critical-fvc-note") if "severe-fvc" in codes else "",
+    }
+
+
 def escalation_step(k, params: dict, refractory: bool) -> dict | None:
-    """Word the next step: treat a known cancer first, else add the first untried option; None if no card."""
+    """Word the next step: plan it with oncology for a known cancer, else add the first untried option."""
     if "reasons" not in params:
         return None  # a cancer near onset alone asks for no escalation
+    orders = ["referral-neuromuscular"]
     if params.get("cancer"):
         step = k.text("severity.texts.treat-cancer-short")
         next_text = k.text("severity.texts.treat-cancer").format(cancer=params["cancer"])
+        orders.append("referral-oncology")
     else:
         first = params.get("first")
         step = f"add {first}" if first else "review with a specialist"
         next_text = f"{step[:1].upper()}{step[1:]}."
         if refractory:
             next_text += f" {k.text('severity.texts.look-for-cancer')}."
-    return {**params, "step": step, "next_text": next_text}
+    return {**params, "step": step, "next_text": next_text, "orders": orders}

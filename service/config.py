@@ -285,7 +285,7 @@ class Settings:
         metadata=about(_number(int, 1, 100_000), "Most resources fetched for one prefetch key."),
     )
     fetch_threads: int = field(
-        default=9,
+        default=12,
         metadata=about(_number(int, 1, 16), "Prefetch keys one request fetches at once."),
     )
     prefetch_failure: str = field(

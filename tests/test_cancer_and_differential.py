@@ -122,8 +122,9 @@ def test_weight_loss_counts_only_near_onset(client, onset, counted):
 def test_a_cancer_near_onset_is_named_as_paraneoplastic(client):
     lung = condition("ca", None) | {"code": {"coding": [{"system": ICD, "code": "C34.90"}]}}
     card = screening(evaluate(client, *IMNM, HMGCR, lung))
-    assert card["summary"].startswith("Make sure the cancer recorded near onset is staged and treated")
-    assert "stage and treat the cancer recorded near onset" in card["detail"]
+    assert card["summary"].startswith("Known cancer near myositis onset: confirm with oncology it is staged")
+    assert "no screening panel: stage and treat the cancer recorded near onset" in card["detail"]
+    assert [s["label"] for s in card["suggestions"]] == ["Refer to oncology"]
     assert "Condition/ca" in card["extension"]["imnm-cds.evidence"]
 
 
@@ -189,7 +190,8 @@ def test_screening_warns_while_a_panel_is_missing_then_informs_while_the_rest_ar
         "Follow up the cancer screening ordered (enhanced panel, PET-CT, GI endoscopy)"
     )
     assert ordered["recorded"] == (
-        "On record: basic panel done; enhanced panel ordered; PET-CT ordered; GI endoscopy ordered."
+        "On record: basic panel done; enhanced panel, PET-CT and GI endoscopy ordered. "
+        "(A panel counts by its chest radiograph or CT.)"
     )
     # A declined panel is settled: nothing to order and nothing to follow up.
     assert screened(knowledge, "male", "older-onset", basic="declined", enhanced="done") is None

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT
 from service.config import ConfigError, Settings
+from service.hooks import PATIENT_VIEW
 from service.web.app import create_app
 
 
@@ -118,3 +119,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert command in ci
     assert Path(ROOT / ".ci" / "run").stat().st_mode & 0o111
+
+
+def test_by_default_every_patient_view_key_is_fetched_at_once():
+    # One key after another, a FHIR server 25 ms away already takes a call past the fetch budget.
+    assert Settings.from_env({}).fetch_threads == len(PATIENT_VIEW.prefetch)

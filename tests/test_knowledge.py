@@ -125,7 +125,7 @@ def test_wording_quotes_the_values_in_force(tmp_path):
     assert "within 3 weeks of the last dose" in local.cards["sams-high"].detail
     assert "(under 4×)" in shipped.cards["sams-mild"].summary
     assert "(under 5×)" in local.cards["sams-mild"].summary
-    assert "raised in the 1,000 days either side of myositis onset" in local.cards["cancer-screening"].detail
+    assert "raised 1,000 days either side of myositis onset" in local.cards["cancer-screening"].detail
     assert local.param("cancer.factors.cancer-near-onset").attributes["label"] == (
         "cancer diagnosed within 1,000 days of onset"
     )
@@ -190,8 +190,8 @@ def test_bad_overrides_fail_the_start(tmp_path, text, problem):
         ("valuesets/anti-srp.json", '"status": "active"', '"status": 7', "not a valid FHIR R4 ValueSet"),
         (
             "cards.toml",
-            "raised in the [[cancer.window]]",
-            "raised in the [[cancer.windows]]",
+            "raised [[cancer.window]] either side",
+            "raised [[cancer.windows]] either side",
             "not a parameter",
         ),
         ("orders.toml", "over [[statin.bands.very-high]]x", "over [[statin.bands.very-high]x", "unclosed"),

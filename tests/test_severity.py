@@ -115,7 +115,23 @@ def test_anti_srp_with_dysphagia_and_rising_ck_is_one_critical_card_with_inducti
     assert methylprednisolone["medicationCodeableConcept"]["coding"][0]["code"] == "6902"
     assert "doseAndRate" not in str(methylprednisolone)  # no dose is cited
     codes = {c["code"] for r in made.values() for c in r.get("code", {}).get("coding", [])}
-    assert {"24336-0", "29303009", "10839-9", "306275005"} <= codes  # blood gases, ECG, troponin I, NIV
+    assert {"29303009", "10839-9"} <= codes  # ECG, troponin I
+    # Dysphagia and CK rising, no breathing feature: the swallow is assessed, blood gases and NIV are not.
+    assert "Nil by mouth until a swallow assessment." in card["detail"]
+    assert not {"24336-0", "306275005"} & codes and "NIV" not in card["detail"]
+
+
+def test_the_severe_card_adds_breathing_orders_with_a_low_fvc_and_stops_a_current_statin(client):
+    rising = [ck("a", 4000, "2024-05-05T08:00:00Z"), ck("b", 9500, "2024-05-28T08:00:00Z")]
+    weak = condition("w", WEAKNESS, onsetDateTime="2024-04-01")
+    statin = statement("s", "atorvastatin 40 mg tablet", "2022-01-01")
+    cards = evaluate(client, *rising, weak, SRP, statin, fvc("f", 70, "2024-05-20T08:00:00Z"))
+    [card] = imnm_cards(cards)
+    assert card["indicator"] == "critical"
+    codes = {c["code"] for r in orders(card).values() for c in r.get("code", {}).get("coding", [])}
+    assert {"24336-0", "306275005"} <= codes  # blood gases, NIV assessment
+    assert "Nil by mouth" not in card["detail"]  # no dysphagia
+    assert "Stop the statin and do not restart it." in card["detail"]
 
 
 @pytest.mark.parametrize(("pct", "critical"), [(44, True), (49.5, True), (50, False), (58, False)])
@@ -364,6 +380,7 @@ def test_a_cancer_near_onset_is_named_and_treated_first(client):
     cancer["code"]["coding"] = [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C34.11"}]
     cards = evaluate(client, *ON_TREATMENT, *ck_series(9000, 5000, 5200), HMGCR, cancer)
     card = escalation(cards)
-    assert card["summary"].endswith("treat the known cancer first")
-    assert "(Non-small cell lung cancer, right upper lobe) first" in card["detail"]
+    assert card["summary"].endswith("plan cancer treatment and the next step with oncology")
+    assert "Plan cancer treatment (Non-small cell lung cancer, right upper lobe)" in card["detail"]
+    assert "Refer to oncology" in [s["label"] for s in card["suggestions"]]
     assert "occult" not in card["detail"]

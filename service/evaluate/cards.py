@@ -72,12 +72,21 @@ def action_identity(action: dict) -> dict:
 def folded(k, conclusions) -> list[Conclusion]:
     """Let a card stand for the cards it replaces: it takes their rules and evidence, and they go."""
     present = {c.key: c for c in conclusions}
-    replaced = {key for c in conclusions for key in k.cards[c.key].replaces if key in present}
+
+    def stands_for(key: str, found: dict) -> dict:
+        """Collect the present cards a card replaces, directly or through a card it replaces."""
+        for other in k.cards[key].replaces:
+            if other in present and other not in found:
+                found[other] = present[other]
+                stands_for(other, found)
+        return found
+
+    replaced = {key for c in conclusions for key in stands_for(c.key, {})}
     result = []
     for conclusion in conclusions:
         if conclusion.key in replaced:
             continue
-        group = [conclusion, *(present[key] for key in k.cards[conclusion.key].replaces if key in present)]
+        group = [conclusion, *stands_for(conclusion.key, {}).values()]
         # The IMNM probability of a replaced card stays machine-readable on the card that stands for it.
         model = next((c.params for c in group[1:] if c.params.get("probability") is not None), {})
         result.append(
