@@ -29,7 +29,7 @@ def reports(k, seeds: int = 200) -> None:
             started = time.process_time()
             with naming_once():
                 if biopsy.relevant(k, report):
-                    biopsy.biopsy_fact(k, [report], now, True)
+                    biopsy.biopsy_fact(k, [(report, biopsy.features(k, report.data))], now, True)
                 if imaging.relevant(k, report):
                     imaging.mri_facts(k, [report], now, True)
             times.setdefault(report.data["code"]["text"], []).append(time.process_time() - started)

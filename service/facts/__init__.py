@@ -234,7 +234,8 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     reported = "DiagnosticReport" in available
     recorded = bool(available.intersection(screening.RECORDS))
     entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, recorded)]
-    entries.append(biopsy.biopsy_fact(k, selected.reports, now, reported))
+    biopsies = [(r, biopsy.features(k, r.data)) for r in selected.reports]  # each report read once
+    entries.append(biopsy.biopsy_fact(k, biopsies, now, reported))
     entries += imaging.mri_facts(k, selected.imaging, now, reported)
     unidentified = len(selected.unidentified)
     if unidentified:
@@ -264,7 +265,7 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
         treatments=tuple(courses),
         fvc=tuple(fvc),
         markers=tuple(
-            [Marker(*biopsy.reading(k, r), r.reference) for r in selected.reports]
+            [Marker(*biopsy.reading(k, r, found), r.reference) for r, found in biopsies]
             + [Marker(*screening.reading(k, r), r.reference) for r in selected.studies]
         ),
     )

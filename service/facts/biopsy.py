@@ -53,9 +53,9 @@ def level(fact: dict) -> str:
 
 
 def biopsy_fact(
-    k, reports: list[Resource], now: datetime, available: bool
+    k, reports: list[tuple[Resource, dict]], now: datetime, available: bool
 ) -> tuple[dict, str, tuple[str, ...]]:
-    """Return the biopsy fact from the latest muscle-biopsy report; a coded IMNM conclusion is compatible."""
+    """Return the biopsy fact from the latest of the muscle-biopsy reports, each with its features."""
     names = [f.name for f in context.reader(k).features["pathology"]]
     # Without diagnostic reports at all (not sent, not fetched), whether a biopsy was done is unknown.
     fact = {"id": "biopsy", "t": "biopsy", "reported": False if available else "unknown", "level": "unknown"}
@@ -63,12 +63,15 @@ def biopsy_fact(
     if not reports:
         text = "none reported" if available else "unknown (no diagnostic reports available)"
         return fact, f"muscle biopsy: {text}", ()
-    latest = max(
+    latest, found = max(
         reports,
-        key=lambda r: (effective_time(r.data) or datetime.min.replace(tzinfo=now.tzinfo), r.reference),
+        key=lambda read: (
+            effective_time(read[0].data) or datetime.min.replace(tzinfo=now.tzinfo),
+            read[0].reference,
+        ),
     )
     time = effective_time(latest.data)
-    fact.update(features(k, latest.data))
+    fact.update(found)
     fact["reported"] = True
     if time:
         fact["days_ago"] = days_before(time, now)
@@ -84,9 +87,9 @@ def features(k, data: dict) -> dict[str, str]:
     return found
 
 
-def reading(k, report: Resource) -> tuple[datetime | None, str, str]:
-    """Return a biopsy report's date, kind and reading, for the explanation page."""
-    return effective_time(report.data), "biopsy", described(k, features(k, report.data))
+def reading(k, report: Resource, found: dict) -> tuple[datetime | None, str, str]:
+    """Return a biopsy report's date, kind and reading (its features), for the explanation page."""
+    return effective_time(report.data), "biopsy", described(k, found)
 
 
 def described(k, found: dict) -> str:
