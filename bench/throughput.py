@@ -140,20 +140,26 @@ def cut_short(log: Path) -> int:
 
 
 def throughput(
-    sizes: list[int], layouts: list[tuple[int, int]], seconds: float, directory: Path
+    sizes: list[int],
+    layouts: list[tuple[int, int]],
+    seconds: float,
+    directory: Path,
+    connections: list[int] | None = None,
 ) -> list[dict]:
-    """Measure every size under every layout."""
+    """Measure every size under every layout, at each number of connections (default: by size)."""
     rows = []
     for size in sizes:
         body = directory / f"request-{size}.json"
         body.write_text(json.dumps(workload.request(size, 1)))
-        for workers, threads in layouts:
+        for (workers, threads), clients in (
+            (layout, clients) for layout in layouts for clients in connections or [CONNECTIONS[size]]
+        ):
             with serving(workers, threads, directory) as (url, master):
-                wrk(url, body, CONNECTIONS[size], 3, directory)  # warm-up
+                wrk(url, body, clients, 3, directory)  # warm-up
                 pids = worker_pids(master)
                 before = cut_short(directory / "server.log")
                 cpu = {pid: cpu_seconds(pid) for pid in pids}
-                result = wrk(url, body, CONNECTIONS[size], seconds, directory)
+                result = wrk(url, body, clients, seconds, directory)
                 cpu = {pid: cpu_seconds(pid) - used for pid, used in cpu.items()}
                 result["cutShortByDeadline"] = cut_short(directory / "server.log") - before
                 result["workersRestarted"] = worker_pids(master) != pids
@@ -164,11 +170,11 @@ def throughput(
                 "resources": size,
                 "workers": workers,
                 "threads": threads,
-                "connections": CONNECTIONS[size],
+                "connections": clients,
             }
             rows.append(row | result)
             print(
-                f"{size:>5} resources  {workers} workers × {threads} threads  "
+                f"{size:>5} resources  {workers} workers × {threads} threads  {clients} connections  "
                 f"{result['perSecond']:>7.1f} req/s  "
                 f"p50 {result['p50']:.1f} ms  p90 {result['p90']:.1f} ms  p99 {result['p99']:.1f} ms  "
                 f"non-2xx {result['non2xx']}  socket errors {result['socketErrors']}  "
@@ -239,7 +245,10 @@ def memory(requests: int, directory: Path) -> dict:
 
 def failures(results: dict) -> list[str]:
     """Name every run that had a non-2xx answer, a socket error or a restart, and every worker that grew."""
-    runs = {f"{r['resources']} resources, {r['workers']} × {r['threads']}": r for r in results["throughput"]}
+    runs = {
+        f"{r['resources']} resources, {r['workers']} × {r['threads']}, {r['connections']} connections": r
+        for r in results["throughput"]
+    }
     if "memory" in results:
         runs["memory run"] = results["memory"]
     found = [
@@ -262,6 +271,9 @@ def main() -> int:
     parser.add_argument("--memory-requests", type=int, default=100_000, help="0: no memory run")
     parser.add_argument("--sizes", default="100,1000", help="resources per request, comma-separated")
     parser.add_argument("--layouts", default="2x1,2x4,2x8,4x2", help="workers x threads, comma-separated")
+    parser.add_argument(
+        "--connections", help="wrk connections, comma-separated (default: 16 at 100 resources, 8 at 1,000)"
+    )
     parser.add_argument("--quick", action="store_true", help="short runs, to try the script")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -272,7 +284,8 @@ def main() -> int:
         results = {"environment": environment()}
         sizes = [int(size) for size in args.sizes.split(",")]
         layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]
-        results["throughput"] = throughput(sizes, layouts, seconds, directory)
+        connections = [int(n) for n in args.connections.split(",")] if args.connections else None
+        results["throughput"] = throughput(sizes, layouts, seconds, directory, connections)
         if args.memory_requests:
             results["memory"] = memory(5_000 if args.quick else args.memory_requests, directory)
     results["failures"] = failures(results)
