@@ -461,6 +461,14 @@ def test_what_does_not_show_screening_is_not_read_as_screening(knowledge):
     assert screened(knowledge, cancelled)["enhanced"] == "none"
 
 
+def test_the_timeline_shows_what_each_screening_record_shows_and_leaves_out_one_that_shows_nothing(knowledge):
+    ct = request("ct", {"text": "CT chest abdomen pelvis"})
+    mistaken = request("pet", {"text": "FDG PET-CT"}, status="entered-in-error")
+    built = build(knowledge, ck("a", 3000), ct, mistaken, available=ALL_RECORDS)
+    markers = [(m.reading, m.reference) for m in built.timeline.markers if m.kind == "screening"]
+    assert markers == [("enhanced panel ordered", "ServiceRequest/ct")]
+
+
 def test_biopsy_text_from_a_plain_text_attachment(knowledge):
     text = base64.b64encode(b"Muscle biopsy: CD8+ T cells invading non-necrotic fibres.").decode()
     attached = report("x", presentedForm=[{"contentType": "text/plain", "data": text}])

@@ -233,7 +233,8 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
     onset = screening.onset_fact(k, ck_results, {f["name"]: (f, t, r) for f, t, r in concepts}, birth, now)
     reported = "DiagnosticReport" in available
     recorded = bool(available.intersection(screening.RECORDS))
-    entries += [onset, screening.screening_fact(k, selected.studies, onset[0], now, recorded)]
+    studies = screening.readings(k, selected.studies)  # each record read once, for the fact and the page
+    entries += [onset, screening.screening_fact(k, studies, onset[0], now, recorded)]
     biopsies = [(r, biopsy.features(k, r.data)) for r in selected.reports]  # each report read once
     entries.append(biopsy.biopsy_fact(k, biopsies, now, reported))
     entries += imaging.mri_facts(k, selected.imaging, now, reported)
@@ -266,7 +267,10 @@ def from_selected(k, selected: Selected, *, now: datetime, available: frozenset[
         fvc=tuple(fvc),
         markers=tuple(
             [Marker(*biopsy.reading(k, r, found), r.reference) for r, found in biopsies]
-            + [Marker(*screening.reading(k, r), r.reference) for r in selected.studies]
+            + [
+                Marker(*screening.reading(found, state, time), r.reference)
+                for r, state, time, found in studies
+            ]
         ),
     )
     return FactSet(

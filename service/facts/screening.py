@@ -146,8 +146,26 @@ def panel_status(found: dict[str, str], names: tuple[str, ...]) -> str:
     return "ordered" if all(states) else "none"
 
 
+# A screening record as read: the resource, what it shows, when, and the value sets it is for.
+Read = tuple[Resource, str, datetime | None, list[str]]
+
+
+def readings(k, records: list[Resource]) -> list[Read]:
+    """Read each record once: what it shows (done, ordered, declined), when, and which value sets."""
+    found = []
+    for resource in records:
+        state = status(resource.data)
+        if state is not None:  # a cancelled or mistaken record shows nothing
+            found.append((resource, state, recorded_time(resource.data), parts(k, resource.data)))
+    return found
+
+
 def screening_fact(
-    k, records: list[Resource], onset: dict, now: datetime, available: bool
+    k,
+    records: list[Read],
+    onset: dict,
+    now: datetime,
+    available: bool,
 ) -> tuple[dict, str, tuple[str, ...]]:
     """Tell which screening panels are done, ordered or declined since the window before the onset."""
     # Without reports, procedures or orders at all (not sent, not fetched), what was done is unknown.
@@ -163,11 +181,10 @@ def screening_fact(
     earliest = now - timedelta(days=onset["days_ago"] + k.value("cancer.window"))
     found: dict[str, str] = {}
     used = []
-    for resource in records:
-        time, state = recorded_time(resource.data), status(resource.data)
-        if state is None or time is None or time < earliest:
+    for resource, state, time, names in records:
+        if time is None or time < earliest:
             continue
-        for name in parts(k, resource.data):
+        for name in names:
             found[name] = min(found.get(name, state), state, key=RANKED.index)
         used.append(resource.reference)
     fact.update({panel: panel_status(found, names) for panel, names in PANELS.items()})
@@ -176,11 +193,7 @@ def screening_fact(
     return fact, text, tuple(dict.fromkeys(used))
 
 
-def reading(k, record: Resource) -> tuple[datetime | None, str, str]:
-    """Return a screening record's date, kind and what it shows: which panel, and in what state."""
-    shown = [panel for panel, names in PANELS.items() if set(names) & set(parts(k, record.data))]
-    return (
-        recorded_time(record.data),
-        "screening",
-        f"{', '.join(LABELS[p] for p in shown)} {status(record.data)}",
-    )
+def reading(found: list[str], state: str, time: datetime | None) -> tuple[datetime | None, str, str]:
+    """Return a read screening record's date, kind and what it shows: which panel, and in what state."""
+    shown = [panel for panel, names in PANELS.items() if set(names) & set(found)]
+    return time, "screening", f"{', '.join(LABELS[p] for p in shown)} {state}"
