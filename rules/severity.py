@@ -6,11 +6,12 @@ from rules.match import antibody, any_code, clinical, finding, muscle_involved, 
 
 SEVERE_ORDERS = ["referral-neuromuscular", "methylprednisolone-iv", "ivig"]
 # What each severe feature adds to the severe card: its orders and the sentence saying what to do today.
+BREATHING = (["blood-gases", "spirometry", "niv-assessment"], "breathing")
 SEVERE_PLAN = {
     "severe-dysphagia": (["swallow-assessment"], "swallow"),
-    "severe-respiratory-failure": (["blood-gases", "spirometry", "niv-assessment"], "breathing"),
-    "severe-fvc": (["blood-gases", "spirometry", "niv-assessment"], "breathing"),
-    "low-fvc": (["blood-gases", "spirometry", "niv-assessment"], "breathing"),
+    "severe-respiratory-failure": BREATHING,
+    "severe-fvc": BREATHING,
+    "low-fvc": BREATHING,
 }
 CARDIAC_ORDERS = ["ecg", "troponin-i"]
 ESCALATION_CARDS = ("treatment-escalation", "treatment-intensify")
